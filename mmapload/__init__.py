@@ -1,0 +1,20 @@
+"""mmapload: stream safetensors checkpoints onto a device as FP8 with bounded memory.
+
+    from mmapload import stream_quantize
+    model = stream_quantize("path/to/checkpoint", "cuda:0", granularity="block")
+"""
+
+from .errors import (CheckpointError, DeviceError, FileChangedError, HeaderError, MmapLoadError,
+                     NonFiniteError, OptionsError, ShardIndexError)
+from .fp8 import Granularity
+from .options import LoadOptions
+from .result import LoadReport, QuantizedModel, QuantizedTensor
+from .stream import iter_quantized, stream_quantize
+
+__all__ = [
+    "stream_quantize", "iter_quantized",
+    "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadOptions", "Granularity",
+    "MmapLoadError", "CheckpointError", "HeaderError", "ShardIndexError", "OptionsError",
+    "NonFiniteError", "DeviceError", "FileChangedError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,280 @@
+"""Find the shards of a safetensors checkpoint and validate every header before any tensor moves.
+
+Headers are parsed here with stdlib ``json`` (never through the safetensors library), and only the
+8-byte length prefix and the JSON header of each file are read: tensor data is never touched.
+
+Layouts accepted by :func:`open_checkpoint`:
+* a single file, whatever its suffix (a file not named ``*.safetensors`` is accepted if it parses);
+* a folder holding ``model.safetensors.index.json``: the shards are the distinct files its
+  ``weight_map`` names, loaded in file-name order; the map must agree exactly with the shards, and
+  ``*.safetensors`` files it does not name are ignored;
+* a folder without an index: every ``*.safetensors`` file directly inside it (not recursive), in
+  file-name order (this covers a folder holding only ``model.safetensors``).
+
+Problems raise ``HeaderError``, ``ShardIndexError`` or ``CheckpointError`` naming the file, the tensor
+and the byte offsets; ``OSError`` from the file system propagates as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
+
+__all__ = ["DTYPES", "MAX_HEADER_BYTES", "INDEX_NAME", "TensorSpec", "Shard", "Checkpoint",
+           "read_header", "open_checkpoint"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+_ENTRY_KEYS = ["data_offsets", "dtype", "shape"]
+_FIX = "re-download or re-save the checkpoint"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``shard``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: pathlib.Path
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One validated ``.safetensors`` file; ``tensors`` are in file order."""
+
+    path: pathlib.Path
+    data_start: int
+    file_size: int
+    tensors: tuple[TensorSpec, ...]
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """All shards in load order; look tensors up with ``ckpt[name]``, ``ckpt.get(name)``, ``name in ckpt``."""
+
+    root: pathlib.Path
+    shards: tuple[Shard, ...]
+    _by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:  # build the name -> spec dict once; names must be unique
+        by_name: dict[str, TensorSpec] = {}
+        for spec in self.tensors:
+            if (other := by_name.setdefault(spec.name, spec)) is not spec:
+                raise ShardIndexError(f"tensor {spec.name!r} is stored twice: in {other.shard} (bytes "
+                                      f"[{other.start}, {other.end})) and in {spec.shard} (bytes "
+                                      f"[{spec.start}, {spec.end})); remove the stray shard")
+        object.__setattr__(self, "_by_name", by_name)
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return tuple(spec for shard in self.shards for spec in shard.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(spec.nbytes for spec in self._by_name.values())
+
+    @property
+    def largest(self) -> TensorSpec | None:
+        return max(self.tensors, key=lambda spec: spec.nbytes, default=None)
+
+    def __getitem__(self, name: str) -> TensorSpec:
+        if name not in self._by_name:
+            raise KeyError(f"no tensor {name!r} in checkpoint {self.root}")
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def get(self, name: str, default: TensorSpec | None = None) -> TensorSpec | None:
+        return self._by_name.get(name, default)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dup = next(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+        raise ValueError(f"the key {dup!r} appears twice in one object")
+    return out
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_json(raw: bytes, path: pathlib.Path) -> dict:
+    span = f"{path}: header (file bytes [8, {8 + len(raw)}))"
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise HeaderError(f"{span} is not UTF-8 (bad byte at file offset {8 + e.start}); "
+                          f"not a safetensors file, or corrupt: {_FIX}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, a repeated key, an int too long, deep nesting
+        raise HeaderError(f"{span} is not valid JSON ({e}); not a safetensors file, or corrupt: "
+                          f"{_FIX}") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{span} is a JSON {type(header).__name__}, expected an object mapping "
+                          f"tensor names to entries; {_FIX}")
+    return header
+
+
+def _entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> TensorSpec:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or sorted(entry) != _ENTRY_KEYS:
+        got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise HeaderError(f"{where}: header entry must be an object with exactly the keys {_ENTRY_KEYS}, "
+                          f"got {got}; {_FIX}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise HeaderError(f"{where}: unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}; "
+                          "convert the tensor to one of them before saving")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise HeaderError(f"{where}: shape {shape!r} must be a list of non-negative integers; {_FIX}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise HeaderError(f"{where}: data_offsets {offsets!r} must be two non-negative integers "
+                          f"[begin, end]; {_FIX}")
+    begin, end = offsets
+    span = f"data_offsets [{begin}, {end}] (file bytes [{data_start + begin}, {data_start + end}))"
+    if begin > end:
+        raise HeaderError(f"{where}: {span} end before they begin; {_FIX}")
+    need = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != need:
+        raise HeaderError(f"{where}: {dtype} shape {shape} needs {need} bytes but {span} "
+                          f"span {end - begin} bytes; {_FIX}")
+    return TensorSpec(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_layout(path: pathlib.Path, specs: list[TensorSpec], data_start: int, file_size: int) -> None:
+    """Tensors sorted by start must tile the data section exactly: no hole, no overlap, no tail."""
+    pos, prev = data_start, None
+    for spec in specs:
+        here = f"{path}: tensor {spec.name!r} at file bytes [{spec.start}, {spec.end})"
+        if spec.start < pos:
+            raise HeaderError(f"{here} overlaps tensor {prev.name!r} at file bytes [{prev.start}, "
+                              f"{prev.end}); {_FIX}")
+        if spec.start > pos:
+            after = f"after tensor {prev.name!r}" if prev else "at the start of the data section"
+            raise HeaderError(f"{here} leaves a hole of {spec.start - pos} bytes (file bytes [{pos}, "
+                              f"{spec.start})) {after}; safetensors forbids unused bytes: {_FIX}")
+        pos, prev = spec.end, spec
+    if pos != file_size:
+        bad = next((s for s in specs if s.end > file_size), None)
+        last = f"tensor {prev.name!r}" if prev else "its header"
+        what = (f"is truncated: tensor {bad.name!r} at file bytes [{bad.start}, {bad.end}) runs past its end"
+                if bad else f"has {file_size - pos} trailing bytes after {last}")
+        raise HeaderError(f"{path}: file {what}: expected size {pos} bytes, actual size {file_size} bytes "
+                          f"(data section starts at byte {data_start}); {_FIX}")
+
+
+def read_header(path: str | os.PathLike) -> Shard:
+    """Parse and validate one safetensors file's header; reads only its first ``8 + header_len`` bytes."""
+    path = pathlib.Path(path).resolve()
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        if file_size < 8:
+            raise HeaderError(f"{path}: file is {file_size} bytes, too short for the 8-byte header length "
+                              f"of a safetensors file; {_FIX}")
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > MAX_HEADER_BYTES:
+            raise HeaderError(f"{path}: header length {header_len} (file bytes [0, 8)) exceeds the "
+                              f"{MAX_HEADER_BYTES}-byte limit; not a safetensors file, or corrupt")
+        if 8 + header_len > file_size:
+            raise HeaderError(f"{path}: header would span file bytes [8, {8 + header_len}) but the file is "
+                              f"only {file_size} bytes; truncated or not a safetensors file: {_FIX}")
+        raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise FileChangedError(f"{path}: file shrank while its header (file bytes [8, {8 + header_len})) "
+                               f"was read; got {len(raw)} bytes")
+    header, data_start = _parse_json(raw, path), 8 + header_len
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is how serde writes an absent map
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError(f"{path}: __metadata__ must map strings to strings, got {metadata!r}; "
+                          "store other values as JSON text")
+    specs = sorted((_entry(path, name, entry, data_start) for name, entry in header.items()),
+                   key=lambda s: (s.start, s.end, s.name))
+    _check_layout(path, specs, data_start, file_size)
+    return Shard(path, data_start, file_size, tuple(specs), metadata)
+
+
+def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
+    """Load the shards ``index`` names, then check its weight_map against them both ways."""
+    try:
+        doc = json.loads(index.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ShardIndexError(f"{index}: not valid UTF-8 JSON ({e}); re-download the index") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ShardIndexError(f"{index}: needs a non-empty \"weight_map\" object mapping tensor names to "
+                              "shard files; re-download it, or delete it to load every *.safetensors file")
+    for name, shard in weight_map.items():
+        rel = pathlib.PurePath(shard) if isinstance(shard, str) and shard else None
+        if rel is None or rel.is_absolute() or ".." in rel.parts:
+            raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}; expected the "
+                                  "name of a shard file in the index's folder")
+        if not (root / shard).is_file():
+            raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to shard {shard!r}, which is "
+                                  f"missing from {root}; download it or regenerate the index")
+    paths = dict.fromkeys((root / shard).resolve() for shard in sorted(set(weight_map.values())))
+    ckpt = Checkpoint(root, tuple(read_header(p) for p in paths))  # one read per file, in name order
+    for name, shard in weight_map.items():
+        spec = ckpt.get(name)
+        if spec is None:
+            raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but that shard "
+                                  "does not contain it; the index and shards come from different saves")
+        if spec.shard != (root / shard).resolve():
+            raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but it is in "
+                                  f"{spec.shard} (bytes [{spec.start}, {spec.end})); regenerate the index")
+    for spec in ckpt.tensors:
+        if spec.name not in weight_map:
+            raise ShardIndexError(f"{index}: tensor {spec.name!r} in {spec.shard} (bytes [{spec.start}, "
+                                  f"{spec.end})) is absent from weight_map; the index is incomplete")
+    return ckpt
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Discover and validate every shard of ``path`` (a file or a folder); see the module docstring."""
+    root = pathlib.Path(path).resolve()
+    if not root.is_dir():  # a missing path raises FileNotFoundError from open()
+        return Checkpoint(root, (read_header(root),))
+    if (root / INDEX_NAME).is_file():
+        return _indexed(root, root / INDEX_NAME)
+    files = sorted((p for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file()),
+                   key=lambda p: p.name)
+    if not files:
+        raise CheckpointError(f"{root}: folder holds neither {INDEX_NAME} nor any *.safetensors file; "
+                              "point at a safetensors file or a folder of shards")
+    return Checkpoint(root, tuple(read_header(p) for p in files))

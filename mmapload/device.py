@@ -1,0 +1,95 @@
+"""Moving filled ring slots to the device, and what "device" may be.
+
+On the CPU the slot is where the quantizer runs: no copy, no-op events. With CUDA, a
+dedicated copy stream moves each slot into one of two device staging buffers; events gate
+both the staging buffers (copy k+1 waits until the quantizer is done with that buffer) and
+the ring slots (the reader refills a slot only after its copy event has completed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DeviceError
+from .ring import Lease
+
+__all__ = ["resolve_device", "make_mover"]
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {device!r} is not a device torch understands: {e}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"device {device!r}: mmapload supports 'cpu' and 'cuda[:N]'")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} asked for, but CUDA is not available on this machine "
+                          "(no GPU, or a CPU-only torch build); use device='cpu'")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+class _CpuMover:
+    """On the CPU the slot is already where the quantizer runs: no copy, no events."""
+
+    def __init__(self, device: torch.device, stage_bytes: int):
+        self.device = device
+
+    def to_device(self, lease: Lease) -> torch.Tensor:
+        return lease.data
+
+    def done(self, lease: Lease) -> None:
+        lease.release()
+
+    def close(self) -> None:
+        pass
+
+
+class _CudaMover:
+    """Pinned slot -> device staging on a copy stream; events gate staging and slot reuse.
+
+    Two staging buffers alternate, so the copy of batch k+1 overlaps the quantization of
+    batch k. The slot returns to the reader with the copy's event: the reader waits for
+    it before overwriting the slot. Quantization waits for the same event on its stream.
+    """
+
+    def __init__(self, device: torch.device, stage_bytes: int):
+        self.device = device
+        self.compute = torch.cuda.current_stream(device)
+        self.copy = torch.cuda.Stream(device)
+        self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.free = [None, None]   # event: the compute stream is done with staging[k]
+        self.k = 0
+
+    def to_device(self, lease: Lease) -> torch.Tensor:
+        k, n = self.k, lease.item.nbytes
+        buf = self.staging[k]
+        with torch.cuda.stream(self.copy):
+            if self.free[k] is not None:
+                self.copy.wait_event(self.free[k])
+            buf[:n].copy_(lease.data[:n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy)
+        self.compute.wait_event(copied)
+        lease.release(copied)
+        return buf
+
+    def done(self, lease: Lease) -> None:
+        ev = torch.cuda.Event()
+        ev.record(self.compute)
+        self.free[self.k] = ev
+        self.k ^= 1
+
+    def close(self) -> None:
+        self.compute.synchronize()
+        self.staging = []
+
+
+def make_mover(device: torch.device, stage_bytes: int):
+    """The slot mover for ``device``: ``to_device(lease)``, ``done(lease)``, ``close()``."""
+    return (_CudaMover if device.type == "cuda" else _CpuMover)(device, stage_bytes)

@@ -1,0 +1,51 @@
+"""One exception family. Every failure mmapload detects is an ``MmapLoadError``.
+
+``MmapLoadError`` subclasses ``ValueError`` so callers that already catch bad-input
+errors keep working. Messages name the file, the tensor and the byte offsets
+involved, and say what to do about it where there is something to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MmapLoadError",
+    "CheckpointError",
+    "HeaderError",
+    "ShardIndexError",
+    "OptionsError",
+    "NonFiniteError",
+    "DeviceError",
+    "FileChangedError",
+]
+
+
+class MmapLoadError(ValueError):
+    """Base class of every error mmapload raises on bad input or a failed load."""
+
+
+class CheckpointError(MmapLoadError):
+    """The path is not a checkpoint mmapload understands (no shards, wrong suffix)."""
+
+
+class HeaderError(MmapLoadError):
+    """A shard's safetensors header is malformed: length, JSON, dtype, shape or offsets."""
+
+
+class ShardIndexError(MmapLoadError):
+    """``model.safetensors.index.json`` disagrees with the shards it names."""
+
+
+class OptionsError(MmapLoadError):
+    """An option value is invalid, or too small for this checkpoint (e.g. ring_bytes)."""
+
+
+class NonFiniteError(MmapLoadError):
+    """A tensor that would be quantized holds NaN or +-Inf."""
+
+
+class DeviceError(MmapLoadError):
+    """The device cannot be used: CUDA missing, or out of memory while loading."""
+
+
+class FileChangedError(MmapLoadError):
+    """A shard changed (shrank, was truncated or replaced) while it was being read."""

@@ -1,0 +1,139 @@
+"""Read-only memory maps of shards: zero-copy views, read-ahead hints, release behind.
+
+One ``MappedShard`` per file. Views are numpy arrays over the map, so they hold the
+buffer export: the map cannot be closed under a live view (``torch.frombuffer`` does not
+hold it and a closed map then segfaults; numpy raises ``BufferError`` instead).
+
+Resident memory stays bounded because the reader releases what it has copied:
+``madvise(MADV_DONTNEED)`` drops the pages from this process's RSS and
+``posix_fadvise(POSIX_FADV_DONTNEED)`` drops them from the page cache, which a container's
+memory limit would otherwise count against us.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FileChangedError
+
+__all__ = ["MappedShard", "PAGE"]
+
+PAGE = mmap.PAGESIZE
+# Named in Python 3.13+; value 22 on Linux >= 5.14. Pre-faulting a range turns the SIGBUS a
+# truncated file would raise on access into an EFAULT we can report as an error.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _floor(x: int) -> int:
+    return x - x % PAGE
+
+
+def _ceil(x: int) -> int:
+    return _floor(x + PAGE - 1)
+
+
+class MappedShard:
+    """A read-only map of one shard file whose size must stay ``expected_size``."""
+
+    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True):
+        self.path = Path(path)
+        self.size = expected_size
+        self.drop_page_cache = drop_page_cache
+        self._released = 0          # bytes [0, _released) already given back
+        self._populate_ok = True
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._check_size()
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._array = np.frombuffer(self._mm, dtype=np.uint8)
+        self._advise(mmap.MADV_SEQUENTIAL, 0, self.size)
+
+    # -- primitives ------------------------------------------------------------------
+    def _check_size(self) -> None:
+        actual = os.fstat(self._fd).st_size
+        if actual != self.size:
+            raise FileChangedError(
+                f"{self.path}: file is {actual} bytes but its header describes {self.size}; "
+                "it changed after the checkpoint was opened (do not rewrite shards while loading)")
+
+    def _advise(self, option: int, lo: int, hi: int) -> None:
+        lo, hi = _floor(lo), min(_ceil(hi), _ceil(self.size))
+        if hi > lo:
+            try:
+                self._mm.madvise(option, lo, hi - lo)
+            except OSError:
+                pass  # hints only: a kernel that refuses one still reads correctly
+
+    def view(self, lo: int, hi: int) -> np.ndarray:
+        """Zero-copy uint8 view of file bytes [lo, hi). Holds the map open while alive."""
+        if not 0 <= lo <= hi <= self.size:
+            raise ValueError(f"{self.path}: range [{lo}, {hi}) outside the file (0..{self.size})")
+        return self._array[lo:hi]
+
+    def populate(self, lo: int, hi: int) -> None:
+        """Fault [lo, hi) in with one syscall; a file truncated under us becomes an error."""
+        self._check_size()
+        if not self._populate_ok or hi <= lo:
+            return
+        start = _floor(lo)
+        try:
+            self._mm.madvise(_MADV_POPULATE_READ, start, min(_ceil(hi), _ceil(self.size)) - start)
+        except OSError as e:
+            if e.errno == errno.EFAULT:
+                raise FileChangedError(
+                    f"{self.path}: bytes [{lo}, {hi}) can no longer be read (file truncated or "
+                    "replaced while loading)") from None
+            self._populate_ok = False  # EINVAL: kernel older than 5.14; plain faults still work
+
+    # -- what the reader uses -------------------------------------------------------
+    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        """Copy file bytes [lo, hi) into ``dst`` (a uint8 array of hi - lo bytes)."""
+        self.populate(lo, hi)
+        np.copyto(dst, self.view(lo, hi))
+
+    def prefetch(self, lo: int, hi: int) -> None:
+        """Ask the kernel to start reading [lo, hi) into the page cache."""
+        self._advise(mmap.MADV_WILLNEED, lo, hi)
+
+    def release(self, lo: int, hi: int, *, drop_cache: bool | None = None) -> None:
+        """Drop the whole pages inside [lo, hi) from RSS and (optionally) the page cache."""
+        lo, hi = _ceil(lo), _floor(hi)
+        if hi <= lo:
+            return
+        self._advise(mmap.MADV_DONTNEED, lo, hi)
+        if self.drop_page_cache if drop_cache is None else drop_cache:
+            try:
+                os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            except (OSError, AttributeError):
+                pass
+
+    def release_behind(self, upto: int) -> None:
+        """Release everything before ``upto`` not released yet (sequential reader)."""
+        if upto > self._released:
+            self.release(_floor(self._released), upto if upto < self.size else _ceil(self.size))
+            self._released = _floor(upto) if upto < self.size else self.size
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._array = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a view is still alive; the map closes when it is collected
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> "MappedShard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

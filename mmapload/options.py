@@ -1,0 +1,101 @@
+"""Load options: one frozen dataclass, validated when it is built, before any I/O.
+
+The library reads no environment variables and no argv; every knob is a keyword argument
+of ``stream_quantize`` / ``iter_quantized`` that lands here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, fields
+
+import torch
+
+from .checkpoint import TensorSpec
+from .errors import OptionsError
+from .fp8 import Granularity, check_fp8_dtype, parse_granularity
+
+__all__ = ["LoadOptions", "should_quantize", "MAX_SLOT_BYTES", "MIN_RING_BYTES"]
+
+# Slots are at most 32 MiB: several slots in flight give read-ahead and copy/compute overlap,
+# and the device-side staging (sized to a slot) stays small next to the retained weights.
+MAX_SLOT_BYTES = 32 << 20
+_SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
+MIN_RING_BYTES = 4 * _SLOT_ALIGN
+_QUANTIZABLE = frozenset({"F64", "F32", "F16", "BF16"})
+_KEEP_SUBSTRINGS = ("embed", "lm_head", "norm")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    ring_bytes: int = 256 << 20
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn
+    granularity: Granularity | str = Granularity.TENSOR
+    block_size: tuple[int, int] = (128, 128)
+    skip: tuple[str, ...] = ()
+    progress: bool = False
+    drop_page_cache: bool = True
+    error_stats: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        if isinstance(self.ring_bytes, bool) or not isinstance(self.ring_bytes, int):
+            raise OptionsError(f"ring_bytes must be an int number of bytes, got {self.ring_bytes!r}")
+        if self.ring_bytes < MIN_RING_BYTES:
+            raise OptionsError(f"ring_bytes={self.ring_bytes} is below the minimum of {MIN_RING_BYTES}")
+        set_("fp8_dtype", check_fp8_dtype(self.fp8_dtype))
+        set_("granularity", parse_granularity(self.granularity))
+        bs = self.block_size
+        if (not isinstance(bs, (tuple, list)) or len(bs) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)):
+            raise OptionsError(f"block_size must be two positive ints, got {bs!r}")
+        set_("block_size", tuple(bs))
+        skip = self.skip
+        if skip is None:
+            skip = ()
+        elif isinstance(skip, str):
+            skip = (skip,)
+        skip = tuple(skip)
+        if not all(isinstance(p, str) and p for p in skip):
+            raise OptionsError(f"skip must be non-empty name patterns (str), got {self.skip!r}")
+        set_("skip", skip)
+        for name in ("progress", "drop_page_cache", "error_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LoadOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise OptionsError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**kwargs)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes per ring slot: a quarter of the ring, at most MAX_SLOT_BYTES, page-aligned."""
+        s = min(self.ring_bytes // 4, MAX_SLOT_BYTES)
+        return s - s % _SLOT_ALIGN
+
+    @property
+    def n_slots(self) -> int:
+        return self.ring_bytes // self.slot_bytes
+
+
+def _matches(name: str, pattern: str) -> bool:
+    # A pattern with glob characters matches the whole name; a plain one is a substring.
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+def should_quantize(spec: TensorSpec, options: LoadOptions) -> bool:
+    """Floating weights of rank >= 2 are quantized, except embeddings, lm_head, norms, skip."""
+    if spec.dtype not in _QUANTIZABLE or len(spec.shape) < 2 or spec.numel == 0:
+        return False
+    if not spec.name.endswith("weight"):
+        return False
+    lowered = spec.name.lower()
+    if any(s in lowered for s in _KEEP_SUBSTRINGS):
+        return False
+    return not any(_matches(spec.name, p) for p in options.skip)

@@ -1,0 +1,108 @@
+"""Cut a checkpoint into slot-sized batches: pure arithmetic on headers, no I/O.
+
+A *piece* is a byte range of one tensor that travels through one ring slot:
+- a whole small tensor (several are packed into one slot),
+- for a quantized tensor, a run of rows of one ``[out, in]`` matrix (rank-3 MoE weights
+  are cut per expert), cut on block rows for block granularity so each piece quantizes
+  independently and chunked results equal unchunked ones bit for bit,
+- for a big unquantized tensor, a byte range (it is only copied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from .checkpoint import TensorSpec
+from .errors import OptionsError
+
+__all__ = ["Piece", "Batch", "plan_batches", "matrix_dims", "ALIGN"]
+
+ALIGN = 64   # pieces start on 64-byte boundaries inside a slot (any dtype view is legal)
+
+
+@dataclass(frozen=True)
+class Piece:
+    spec: TensorSpec
+    lo: int                # absolute file byte range [lo, hi)
+    hi: int
+    offset: int            # where the bytes land inside the slot
+    quantize: bool
+    expert: int = 0        # quantized: which [out, in] matrix (0 for rank 2)
+    row0: int = 0          # quantized: rows [row0, row1) of that matrix
+    row1: int = 0
+    first: bool = True     # first / last piece of its tensor
+    last: bool = True
+    whole: bool = True     # quantized: the piece holds its whole matrix
+
+    @property
+    def nbytes(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass(frozen=True)
+class Batch:
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Slot bytes in use (up to the end of the last piece)."""
+        last = self.pieces[-1]
+        return last.offset + last.nbytes
+
+
+def matrix_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(experts, rows, cols) of a weight: rank 2 is one matrix; leading dims are experts."""
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, block_rows: int
+              ) -> Iterator[tuple[int, int, dict]]:
+    """(lo, hi, piece fields) per piece of one tensor, in file order."""
+    if not quantize:
+        step = slot_bytes - slot_bytes % spec.itemsize
+        for lo in range(spec.start, max(spec.end, spec.start + 1), step):
+            yield lo, min(lo + step, spec.end), {}
+        return
+    experts, rows, cols = matrix_dims(spec.shape)
+    row_bytes = cols * spec.itemsize
+    per = slot_bytes // row_bytes if rows * row_bytes > slot_bytes else rows
+    per -= per % block_rows if per < rows else 0
+    if per <= 0:
+        need = block_rows * row_bytes
+        raise OptionsError(
+            f"{spec.shard}: tensor {spec.name!r} (bytes {spec.start}..{spec.end}) needs at least "
+            f"{need} bytes per ring slot ({block_rows} row(s) of {row_bytes} bytes), but "
+            f"slots are {slot_bytes} bytes; raise ring_bytes to at least {4 * need}")
+    for e in range(experts):
+        base = spec.start + e * rows * row_bytes
+        for r0 in range(0, rows, per):
+            r1 = min(rows, r0 + per)
+            yield base + r0 * row_bytes, base + r1 * row_bytes, dict(
+                expert=e, row0=r0, row1=r1, whole=(r0 == 0 and r1 == rows))
+
+
+def plan_batches(tensors: Iterable[TensorSpec], quantize: Callable[[TensorSpec], bool],
+                 slot_bytes: int, block_rows: int = 1) -> list[Batch]:
+    """Batches in file order; each fits one slot of ``slot_bytes``.
+
+    Raises ``OptionsError`` up front if a quantized tensor cannot be cut to fit a slot.
+    """
+    batches: list[Batch] = []
+    current: list[Piece] = []
+    used = 0
+    for spec in tensors:
+        q = quantize(spec)
+        segs = list(_segments(spec, q, slot_bytes, block_rows))
+        for i, (lo, hi, extra) in enumerate(segs):
+            offset = -(-used // ALIGN) * ALIGN
+            if current and offset + (hi - lo) > slot_bytes:
+                batches.append(Batch(tuple(current)))
+                current, offset = [], 0
+            current.append(Piece(spec, lo, hi, offset, q, first=(i == 0),
+                                 last=(i == len(segs) - 1), **extra))
+            used = offset + (hi - lo)
+    if current:
+        batches.append(Batch(tuple(current)))
+    return batches

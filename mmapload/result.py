@@ -1,0 +1,144 @@
+"""What a load leaves behind: FP8 tensors with their scales, and a report of the load."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+from .fp8 import Granularity, dequantize
+
+__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "tensor_nbytes"]
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """An FP8 weight: ``data`` (same shape as the source) and its float32 ``scale``.
+
+    ``dequantize()`` gives ``data * scale`` broadcast per granule. ``rel_error`` is
+    ``||w - dequantize()|| / ||w||`` when the load was asked for error statistics.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    orig_dtype: torch.dtype
+    granularity: Granularity = Granularity.TENSOR
+    block_size: tuple[int, int] = (128, 128)
+    rel_error: float | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.data) + tensor_nbytes(self.scale)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in ``dtype`` (default: the checkpoint's dtype)."""
+        return dequantize(self.data, self.scale, self.granularity, self.block_size,
+                          dtype=dtype or self.orig_dtype)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.data.dtype}, "
+                f"scale={tuple(self.scale.shape)}, granularity={self.granularity.value}, "
+                f"orig_dtype={self.orig_dtype}, device={self.device})")
+
+
+@dataclass
+class LoadReport:
+    """Numbers of one load. Bytes are bytes, times are seconds."""
+
+    path: str = ""
+    device: str = "cpu"
+    tensors: int = 0
+    quantized: int = 0
+    bytes_read: int = 0             # checkpoint bytes streamed through the ring
+    retained_bytes: int = 0         # bytes kept on the device (FP8 + scales + kept tensors)
+    seconds: float = 0.0
+    ring_bytes: int = 0
+    slot_bytes: int = 0
+    pinned: bool = False
+    rss_before: int = 0             # host RSS when the load started
+    peak_rss: int = 0               # highest host RSS seen during the load
+    peak_rss_anon: int | None = None
+    peak_rss_file: int | None = None
+    device_peak: int | None = None  # torch.cuda.max_memory_allocated during the load
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["gbps"] = self.gbps
+        return d
+
+    def format(self) -> str:
+        mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
+        lines = [
+            f"checkpoint      {self.path}",
+            f"device          {self.device}",
+            f"tensors         {self.tensors} ({self.quantized} quantized to FP8)",
+            f"read            {mib(self.bytes_read)} in {self.seconds:.2f} s ({self.gbps:.2f} GB/s)",
+            f"retained        {mib(self.retained_bytes)}",
+            f"ring            {mib(self.ring_bytes)} ({self.slot_bytes // 2**20 or self.slot_bytes} "
+            f"{'MiB' if self.slot_bytes >= 2**20 else 'B'} slots, {'pinned' if self.pinned else 'pageable'})",
+            f"host RSS        before {mib(self.rss_before)}, peak {mib(self.peak_rss)} "
+            f"(+{mib(self.peak_rss - self.rss_before)}; anon {mib(self.peak_rss_anon)}, "
+            f"file-backed {mib(self.peak_rss_file)})",
+            f"device peak     {mib(self.device_peak)}",
+        ]
+        if self.stage_seconds:
+            lines.append("stages          " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in self.stage_seconds.items()))
+        return "\n".join(lines)
+
+
+class QuantizedModel(Mapping):
+    """Read-only mapping name -> ``QuantizedTensor`` (FP8 weights) or ``torch.Tensor``."""
+
+    def __init__(self, tensors: dict[str, QuantizedTensor | torch.Tensor], report: LoadReport):
+        self._tensors = dict(tensors)
+        self.report = report
+
+    def __getitem__(self, name: str) -> QuantizedTensor | torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes retained on the device."""
+        return sum(t.nbytes if isinstance(t, QuantizedTensor) else tensor_nbytes(t)
+                   for t in self._tensors.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor: each FP8 weight plus its ``<name>_scale``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self._tensors.items():
+            if isinstance(t, QuantizedTensor):
+                out[name] = t.data
+                out[f"{name}_scale"] = t.scale
+            else:
+                out[name] = t
+        return out
+
+    def __repr__(self) -> str:
+        q = sum(isinstance(t, QuantizedTensor) for t in self._tensors.values())
+        return f"QuantizedModel({len(self)} tensors, {q} FP8, {self.nbytes / 2**20:.1f} MiB retained)"

@@ -1,0 +1,153 @@
+"""A bounded ring of staging slots, filled by one reader thread.
+
+One buffer of ``n_slots * slot_bytes`` bytes, allocated once (pinned when CUDA is
+available, so host->device copies can be asynchronous DMA), cut into equal slots. The
+reader thread takes a free slot, fills it, and hands it to the consumer as a ``Lease``;
+the consumer gives it back with ``lease.release(event)``. The reader waits for that event
+(the consumer's host->device copy) before it overwrites the slot, so a slot is never
+reused while anything still reads it. The ring never grows: callers split big tensors.
+
+This is the only module that starts threads. Every exit of ``staged`` (exhausted,
+exception in either thread, generator closed early, KeyboardInterrupt) joins the thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
+
+import torch
+
+__all__ = ["Ring", "Lease", "staged", "StageTimes"]
+
+T = TypeVar("T")
+
+
+class _Event(Protocol):
+    def synchronize(self) -> None: ...
+
+
+class Ring:
+    """``n_slots`` slots of ``slot_bytes`` each in one allocation."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, *, pin: bool = False):
+        if n_slots < 2 or slot_bytes < 1:
+            raise ValueError(f"a ring needs >= 2 slots of >= 1 byte, got {n_slots} x {slot_bytes}")
+        self.n_slots, self.slot_bytes = n_slots, slot_bytes
+        self.pinned = False
+        nbytes = n_slots * slot_bytes
+        if pin:
+            try:
+                self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                self.pinned = True
+            except RuntimeError as e:  # pinned allocations can fail on huge requests
+                warnings.warn(f"mmapload: pinning a {nbytes}-byte ring failed ({e}); "
+                              "using pageable memory (slower host->device copies)", stacklevel=3)
+        if not self.pinned:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    def slot(self, index: int) -> torch.Tensor:
+        return self.buffer[index * self.slot_bytes:(index + 1) * self.slot_bytes]
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over a load (reader and consumer threads)."""
+
+    fill: float = 0.0          # reader: copying from the source into slots
+    wait_free: float = 0.0     # reader: waiting for a free slot (consumer is the bottleneck)
+    wait_ready: float = 0.0    # consumer: waiting for a filled slot (reader is the bottleneck)
+
+
+@dataclass
+class Lease(Generic[T]):
+    """A filled slot on loan to the consumer. Never hand ``data`` to a caller."""
+
+    item: T
+    data: torch.Tensor         # uint8 view of the slot (whole slot; the item says what is used)
+    extra: Any
+    _index: int
+    _free: "queue.Queue" = field(repr=False)
+    released: bool = False
+
+    def release(self, event: _Event | None = None) -> None:
+        """Give the slot back; the reader waits on ``event`` before refilling it."""
+        if not self.released:
+            self.released = True
+            self._free.put((self._index, event))
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any],
+           times: StageTimes | None = None) -> Iterator[Lease[T]]:
+    """Yield a ``Lease`` per item, in order, filled by ``fill(item, slot)`` on a reader thread.
+
+    ``fill``'s return value travels as ``lease.extra``. A lease the consumer did not
+    release is released when the consumer asks for the next one.
+    """
+    times = times if times is not None else StageTimes()
+    free: queue.Queue = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    for i in range(ring.n_slots):
+        free.put((i, None))
+
+    def reader() -> None:
+        try:
+            for item in items:
+                t0 = time.perf_counter()
+                got = free.get()
+                if got is None or stop.is_set():
+                    return
+                index, event = got
+                if event is not None:
+                    event.synchronize()  # the consumer's copy out of this slot has finished
+                t1 = time.perf_counter()
+                extra = fill(item, ring.slot(index))
+                times.wait_free += t1 - t0
+                times.fill += time.perf_counter() - t1
+                ready.put((item, index, extra))
+                if stop.is_set():
+                    return
+            ready.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+            ready.put(_Failure(e))
+
+    thread = threading.Thread(target=reader, name="mmapload-reader", daemon=True)
+    thread.start()
+    lease = None
+    try:
+        while True:
+            t0 = time.perf_counter()
+            msg = ready.get()
+            times.wait_ready += time.perf_counter() - t0
+            if msg is _DONE:
+                return
+            if isinstance(msg, _Failure):
+                raise msg.exc
+            item, index, extra = msg
+            lease = Lease(item, ring.slot(index), extra, index, free)
+            yield lease
+            lease.release()
+            lease = None
+    finally:
+        stop.set()
+        if lease is not None:
+            lease.release()
+        free.put(None)  # wakes a reader blocked on a free slot
+        thread.join()

@@ -1,0 +1,91 @@
+"""A streaming safetensors writer: the header first, then tensors one at a time.
+
+The header is computable from names, dtypes and shapes alone, so a file can be written
+without ever holding all of its tensors. The file is written under a temporary name and
+renamed into place only by ``commit()``: a failure never leaves a complete-looking file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoint import DTYPES
+
+__all__ = ["SafetensorsWriter", "dtype_name"]
+
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors name; known: {sorted(_NAMES.values())}") from None
+
+
+class SafetensorsWriter:
+    """``SafetensorsWriter(path, [(name, dtype, shape), ...])``, then ``write(name, t)`` in
+    that order, then ``commit()``. Used as a context manager, an exception discards the file."""
+
+    def __init__(self, path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+        offset = 0
+        for name, dtype, shape in entries:
+            if name in header:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            self._order.append((name, dtype, tuple(shape), n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)   # keep the data section 8-byte aligned
+        self.data_bytes = offset
+        self._next = 0
+        self._f = open(self.tmp, "wb")
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise ValueError(f"{self.path}: unexpected tensor {name!r}; all tensors written")
+        want, dtype, shape, n = self._order[self._next]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: expected {want!r} {dtype} {shape}, got {name!r} "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+        if n:
+            t = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._f.write(memoryview(t.numpy()))
+        self._next += 1
+
+    def commit(self) -> Path:
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: only {self._next} of {len(self._order)} tensors written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.discard()
+        elif not self._f.closed:
+            self.commit()

@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmapload.cli import main, parse_size
+
+
+def test_parse_size():
+    assert parse_size("64MiB") == 64 << 20 and parse_size("1.5GiB") == 3 << 29
+    assert parse_size("700M") == 700_000_000 and parse_size("4096") == 4096
+    with pytest.raises(Exception):
+        parse_size("lots")
+
+
+def test_demo_runs_and_prints_the_report():
+    out = subprocess.run([sys.executable, "-m", "mmapload", "demo", "--size", "8MiB",
+                          "--ring-bytes", "1MiB"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "quantized to FP8" in out.stdout and "host RSS" in out.stdout and "generated" in out.stdout
+
+
+def test_quantize_reports_errors_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    assert main(["quantize", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.safetensors" in err and "Traceback" not in err

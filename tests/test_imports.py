@@ -1,0 +1,73 @@
+"""Data flows one way: a module may import only modules below it in this order."""
+
+import ast
+from pathlib import Path
+
+import mmapload
+
+ORDER = [
+    {"errors", "_procmem", "_progress"},          # leaf utilities
+    {"checkpoint"},                               # index: shards and headers
+    {"mapped"},                                   # mmap reader
+    {"ring"},                                     # slots + reader thread
+    {"device"},                                   # slot -> device copies, events
+    {"fp8"},                                      # device quantizer (pure numerics)
+    {"result"},                                   # QuantizedTensor / QuantizedModel
+    {"options", "plan"},                          # what to quantize, how to cut it
+    {"stream"},                                   # wiring
+    {"writer"},                                   # export
+    {"synth"},                                    # generated checkpoints
+    {"cli"},                                      # command line
+    {"__main__", "__init__"},                     # entry points
+]
+RANK = {m: i for i, group in enumerate(ORDER) for m in group}
+PKG = Path(mmapload.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmapload."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("mmapload."))
+    return found
+
+
+def test_every_module_has_a_rank():
+    modules = {p.stem for p in PKG.glob("*.py")}
+    assert modules - set(RANK) == set(), "add new modules to ORDER in tests/test_imports.py"
+
+
+def test_imports_flow_one_way():
+    bad = [f"{path.stem} imports {dep}"
+           for path in PKG.glob("*.py") for dep in _imports(path)
+           if dep in RANK and dep != path.stem and RANK[dep] >= RANK[path.stem]]
+    assert not bad, "imports against the data flow: " + ", ".join(bad)
+
+
+def test_direction_check_catches_a_backward_import(tmp_path):
+    fake = tmp_path / "checkpoint.py"
+    fake.write_text("from .stream import stream_quantize\nfrom mmapload.ring import Ring\n")
+    assert _imports(fake) == {"stream", "ring"}
+    assert all(RANK[d] >= RANK["checkpoint"] for d in _imports(fake))
+
+
+def test_only_ring_starts_threads():
+    for path in PKG.glob("*.py"):
+        text = path.read_text()
+        if path.stem != "ring":
+            assert "threading.Thread(" not in text, f"{path.name} starts a thread"
+
+
+def test_library_reads_no_environment_or_argv():
+    for path in PKG.glob("*.py"):
+        text = path.read_text()
+        assert "os.environ" not in text and "os.getenv" not in text, path.name
+        if path.stem not in ("cli", "__main__"):
+            assert "sys.argv" not in text and "argparse" not in text, path.name

@@ -1,0 +1,75 @@
+import time
+
+import pytest
+import torch
+
+from mmapload.ring import Ring, staged
+
+
+def _fill(item, slot):
+    slot[:4].copy_(torch.tensor(list(item.to_bytes(4, "little")), dtype=torch.uint8))
+    return item * 10
+
+
+def test_yields_every_item_in_order_with_extra(no_thread_leak):
+    ring = Ring(3, 64)
+    got = [(lease.item, int.from_bytes(bytes(lease.data[:4].tolist()), "little"), lease.extra)
+           for lease in staged(range(20), ring, _fill)]
+    assert got == [(i, i, i * 10) for i in range(20)]
+
+
+def test_slot_not_refilled_before_release_event():
+    """The reader must wait for the consumer's event before overwriting a slot."""
+    ring = Ring(2, 16)
+
+    class SlowEvent:
+        done = False
+
+        def synchronize(self):
+            time.sleep(0.02)
+            self.done = True
+
+    by_slot, checks, seen = {}, [], []
+
+    def fill(item, slot):
+        ev = by_slot.get(slot.data_ptr())
+        if ev is not None:
+            checks.append(ev.done)
+        slot[0] = item
+
+    for lease in staged(range(8), ring, fill):
+        seen.append(int(lease.data[0]))
+        ev = SlowEvent()
+        by_slot[lease.data.data_ptr()] = ev
+        lease.release(ev)
+    assert seen == list(range(8))
+    assert len(checks) >= 5 and all(checks)
+
+
+def test_reader_exception_surfaces_in_consumer(no_thread_leak):
+    def fill(item, slot):
+        if item == 3:
+            raise OSError("disk on fire")
+        return None
+
+    with pytest.raises(OSError, match="disk on fire"):
+        for _ in staged(range(10), Ring(2, 8), fill):
+            pass
+
+
+def test_early_close_joins_reader(no_thread_leak):
+    gen = staged(range(1000), Ring(2, 8), lambda i, s: None)
+    next(gen)
+    gen.close()
+
+
+def test_consumer_exception_joins_reader(no_thread_leak):
+    with pytest.raises(RuntimeError):
+        for lease in staged(range(1000), Ring(2, 8), lambda i, s: None):
+            if lease.item == 2:
+                raise RuntimeError("consumer failed")
+
+
+def test_ring_rejects_too_few_slots():
+    with pytest.raises(ValueError):
+        Ring(1, 64)
