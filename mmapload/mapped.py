@@ -15,9 +15,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import FileChangedError
 
@@ -77,6 +79,17 @@ class MappedShard:
         if not 0 <= lo <= hi <= self.size:
             raise ValueError(f"{self.path}: range [{lo}, {hi}) outside the file (0..{self.size})")
         return self._array[lo:hi]
+
+    def tensor(self, lo: int, hi: int) -> torch.Tensor:
+        """Zero-copy uint8 tensor of file bytes [lo, hi), read-only by contract.
+
+        Through numpy so the buffer export is held. torch warns (once per process) that the
+        array is not writable; nothing here writes to it, so that warning is noise.
+        """
+        view = self.view(lo, hi)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(view)
 
     def populate(self, lo: int, hi: int) -> None:
         """Fault [lo, hi) in with one syscall; a file truncated under us becomes an error."""

@@ -19,7 +19,7 @@ from ._progress import Progress
 from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .device import make_mover, resolve_device
 from .errors import NonFiniteError
-from .fp8 import Granularity, Quantizer, amax_2d, merge_amax, scale_from_amax, scale_shape
+from .fp8 import Granularity, Quantizer, merge_amax, scale_from_amax, scale_shape
 from .mapped import MappedShard
 from .options import LoadOptions, should_quantize
 from .plan import Batch, Piece, matrix_dims, plan_batches
@@ -87,11 +87,11 @@ class _Pipeline:
         for w0 in range(lo, hi, step):
             w1 = min(hi, w0 + step)
             shard.populate(w0, w1)
-            raw = shard.view(w0, w1)
+            raw = shard.tensor(w0, w1)
             if w0 % 64:
-                raw = raw.copy()  # an unaligned map offset: typed views need alignment
-            x = torch.from_numpy(raw).view(spec.torch_dtype).view(-1, cols)
-            part = amax_2d(x, Granularity.TENSOR, self.opts.block_size)
+                raw = raw.clone()  # an unaligned map offset: typed views need alignment
+            x = raw.view(spec.torch_dtype).view(-1, cols)
+            part = self._prepass_quantizer.amax_2d(x)
             amax = part if amax is None else merge_amax(amax, part)
             del x, raw
             shard.release(w0, w1, drop_cache=False)
@@ -183,6 +183,8 @@ class _Pipeline:
             ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")
             self.report.pinned = ring.pinned
             self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=dev)
+            # the reader thread's own (quantizers are not thread-safe), for per-tensor amax pre-passes
+            self._prepass_quantizer = Quantizer(opts.fp8_dtype, Granularity.TENSOR, device="cpu")
             mover = make_mover(dev, stage_bytes)
             building: _Building | None = None
             stages = staged(self.batches, ring, self._fill, self.times)

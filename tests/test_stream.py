@@ -213,3 +213,12 @@ def test_cuda_matches_cpu_bit_for_bit(tmp_path):
             assert torch.equal(g.scale.cpu(), t.scale)
         else:
             assert torch.equal(g.cpu(), t)
+
+
+def test_keyboard_interrupt_mid_stream_stops_reader(tmp_path, no_thread_leak):
+    tensors = {f"l{i}.weight": torch.randn(64, 64) for i in range(40)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        for name, _ in iter_quantized(tmp_path / "m.safetensors", ring_bytes=64 << 10):
+            if name == "l3.weight":
+                raise KeyboardInterrupt

@@ -1,0 +1,74 @@
+"""The pipeline gives exactly the whole-tensor quantizer's results, chunked or not."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmapload import QuantizedTensor, stream_quantize
+from mmapload.fp8 import quantize, relative_error
+
+RING_SMALL = 4 * (68 << 10)  # 68 KiB slots: one block row (128 rows) of each weight fits,
+                             # and every weight (each expert) travels in several chunks
+RING_BIG = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    g = torch.Generator().manual_seed(11)
+    t = {
+        "a.weight": torch.randn(300, 200, generator=g).bfloat16(),          # ragged blocks
+        "b.weight": (torch.randn(300, 257, generator=g) * 3).to(torch.float16),
+        "experts.weight": torch.randn(4, 600, 64, generator=g).bfloat16(),  # MoE [E, out, in]
+        "c.weight": torch.randn(400, 96, generator=g),                      # float32
+    }
+    t["a.weight"][290, 5] = 77.0          # the per-tensor amax lives in the last chunk
+    t["experts.weight"][2, 590, 3] = -50.0
+    path = tmp_path_factory.mktemp("num") / "m.safetensors"
+    save_file(t, path)
+    return path, t
+
+
+def _plan(path, ring, granularity):
+    from mmapload.checkpoint import open_checkpoint
+    from mmapload.options import LoadOptions, should_quantize
+    from mmapload.plan import plan_batches
+    o = LoadOptions(ring_bytes=ring, granularity=granularity)
+    rows = 128 if granularity == "block" else 1
+    return plan_batches(open_checkpoint(path).tensors, lambda s: should_quantize(s, o), o.slot_bytes, rows)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_chunked_and_unchunked_equal_the_whole_tensor_quantizer(ckpt, granularity, fp8):
+    path, tensors = ckpt
+    small = stream_quantize(path, ring_bytes=RING_SMALL, granularity=granularity, fp8_dtype=fp8)
+    big = stream_quantize(path, ring_bytes=RING_BIG, granularity=granularity, fp8_dtype=fp8)
+    chunked = {p.spec.name for b in _plan(path, RING_SMALL, granularity) for p in b.pieces if not p.whole}
+    assert chunked == set(tensors)
+    for name, w in tensors.items():
+        q, s = quantize(w, granularity, fp8)
+        for model in (small, big):
+            got = model[name]
+            assert isinstance(got, QuantizedTensor) and got.data.dtype == fp8
+            assert got.scale.shape == s.shape, (name, got.scale.shape, s.shape)
+            assert torch.equal(got.scale, s), name
+            assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)), name
+
+
+def test_expert_scale_shapes(ckpt):
+    path, _ = ckpt
+    shapes = {g: tuple(stream_quantize(path, granularity=g)["experts.weight"].scale.shape)
+              for g in ("tensor", "channel", "block")}
+    assert shapes == {"tensor": (4, 1, 1), "channel": (4, 600, 1), "block": (4, 5, 1)}
+
+
+def test_error_stats_match_a_direct_computation(ckpt):
+    path, tensors = ckpt
+    for g in ("tensor", "block"):
+        model = stream_quantize(path, ring_bytes=RING_SMALL, granularity=g, error_stats=True)
+        for name, w in tensors.items():
+            qt = model[name]
+            want = relative_error(w, qt.data, qt.scale, g)
+            assert qt.rel_error == pytest.approx(want, rel=1e-4), name
+            assert 0 < qt.rel_error < 0.1
+    assert stream_quantize(path)["a.weight"].rel_error is None   # off by default
