@@ -37,14 +37,19 @@ def resolve_device(device) -> torch.device:
 class _CpuMover:
     """On the CPU the slot is already where the quantizer runs: no copy, no events."""
 
-    def __init__(self, device: torch.device, stage_bytes: int):
+    def __init__(self, device: torch.device, stage_bytes: int, hold_bytes: int = 0):
         self.device = device
 
     def to_device(self, lease: Lease) -> torch.Tensor:
         return lease.data
 
+    def hold(self, x: torch.Tensor, elem_offset: int) -> tuple[torch.Tensor, bool]:
+        """Keep ``x`` readable until released: on the CPU it stays in its slot (keep the lease)."""
+        return x, True
+
     def done(self, lease: Lease) -> None:
-        lease.release()
+        if not lease.kept:
+            lease.release()
 
     def close(self) -> None:
         pass
@@ -58,8 +63,10 @@ class _CudaMover:
     it before overwriting the slot. Quantization waits for the same event on its stream.
     """
 
-    def __init__(self, device: torch.device, stage_bytes: int):
+    def __init__(self, device: torch.device, stage_bytes: int, hold_bytes: int = 0):
         self.device = device
+        # per-tensor scales of matrices bigger than a slot: pieces wait here for the amax
+        self.held = torch.empty(hold_bytes, dtype=torch.uint8, device=device) if hold_bytes else None
         self.compute = torch.cuda.current_stream(device)
         self.copy = torch.cuda.Stream(device)
         self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -79,6 +86,12 @@ class _CudaMover:
         lease.release(copied)
         return buf
 
+    def hold(self, x: torch.Tensor, elem_offset: int) -> tuple[torch.Tensor, bool]:
+        """Copy ``x`` out of the staging buffer; its slot can go back to the reader now."""
+        dst = self.held.view(x.dtype)[elem_offset:elem_offset + x.numel()].view(x.shape)
+        dst.copy_(x)
+        return dst, False
+
     def done(self, lease: Lease) -> None:
         ev = torch.cuda.Event()
         ev.record(self.compute)
@@ -87,9 +100,9 @@ class _CudaMover:
 
     def close(self) -> None:
         self.compute.synchronize()
-        self.staging = []
+        self.staging, self.held = [], None
 
 
-def make_mover(device: torch.device, stage_bytes: int):
-    """The slot mover for ``device``: ``to_device(lease)``, ``done(lease)``, ``close()``."""
-    return (_CudaMover if device.type == "cuda" else _CpuMover)(device, stage_bytes)
+def make_mover(device: torch.device, stage_bytes: int, hold_bytes: int = 0):
+    """The slot mover for ``device``: ``to_device``, ``hold``, ``done``, ``close``."""
+    return (_CudaMover if device.type == "cuda" else _CpuMover)(device, stage_bytes, hold_bytes)

@@ -77,6 +77,7 @@ class Lease(Generic[T]):
     _index: int
     _free: "queue.Queue" = field(repr=False)
     released: bool = False
+    kept: bool = False         # the consumer still reads it: not released automatically
 
     def release(self, event: _Event | None = None) -> None:
         """Give the slot back; the reader waits on ``event`` before refilling it."""
@@ -98,7 +99,7 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any
     """Yield a ``Lease`` per item, in order, filled by ``fill(item, slot)`` on a reader thread.
 
     ``fill``'s return value travels as ``lease.extra``. A lease the consumer did not
-    release is released when the consumer asks for the next one.
+    release (nor mark ``kept``) is released when the consumer asks for the next one.
     """
     times = times if times is not None else StageTimes()
     free: queue.Queue = queue.Queue()
@@ -143,7 +144,8 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any
             item, index, extra = msg
             lease = Lease(item, ring.slot(index), extra, index, free)
             yield lease
-            lease.release()
+            if not lease.kept:
+                lease.release()
             lease = None
     finally:
         stop.set()

@@ -16,38 +16,17 @@ import torch
 
 from ._procmem import read_mem
 from ._progress import Progress
-from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .device import make_mover, resolve_device
-from .errors import NonFiniteError
-from .fp8 import Granularity, Quantizer, merge_amax, scale_from_amax, scale_shape
+from .assemble import Assembler, Loaded
+from .fp8 import Granularity, Quantizer, merge_amax
 from .mapped import MappedShard
 from .options import LoadOptions, should_quantize
 from .plan import Batch, Piece, matrix_dims, plan_batches
-from .result import LoadReport, QuantizedModel, QuantizedTensor, tensor_nbytes
+from .result import LoadReport, QuantizedModel
 from .ring import Ring, StageTimes, staged
 
 __all__ = ["stream_quantize", "iter_quantized"]
-
-Loaded = QuantizedTensor | torch.Tensor
-
-
-class _Building:
-    """A tensor whose pieces are still arriving."""
-
-    def __init__(self, spec: TensorSpec, quantize: bool, opts: LoadOptions, device: torch.device):
-        self.spec, self.quantize = spec, quantize
-        self.err2 = self.ref2 = 0.0
-        if quantize:
-            self.out = torch.empty(spec.shape, dtype=opts.fp8_dtype, device=device)
-            self.scale = torch.empty(scale_shape(spec.shape, opts.granularity, opts.block_size),
-                                     dtype=torch.float32, device=device)
-            e, rows, cols = matrix_dims(spec.shape)
-            self.out3 = self.out.view(e, rows, cols)
-            self.scale3 = self.scale.view(e, *self.scale.shape[-2:]) if self.scale.dim() >= 2 \
-                else self.scale.view(1, 1, 1)
-        else:
-            self.out = torch.empty(spec.shape, dtype=spec.torch_dtype, device=device)
-            self.bytes = self.out.reshape(-1).view(torch.uint8)
 
 
 class _Pipeline:
@@ -61,6 +40,30 @@ class _Pipeline:
                                  slot_bytes=opts.slot_bytes)
         self.times = StageTimes()
         self._peak = [0, 0, 0]   # rss, anon, file
+        self.prepass, self.hold_bytes = self._choose_per_tensor_mode()
+
+    def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
+        """Per-tensor scales of matrices cut into pieces: which the reader pre-passes.
+
+        CUDA holds every such matrix on the device (the buffer is the largest one, within
+        the device contract's "largest tensor" allowance). The CPU holds a matrix in its
+        ring slots when it spans fewer batches than the ring has slots; bigger ones get
+        their amax from a pre-pass over the map.
+        """
+        if self.opts.granularity is not Granularity.TENSOR:
+            return set(), 0
+        spans: dict[tuple[str, int], int] = {}
+        sizes: dict[tuple[str, int], int] = {}
+        for batch in self.batches:
+            for p in batch.pieces:
+                if p.quantize and not p.whole:
+                    key = (p.spec.name, p.expert)
+                    spans[key] = spans.get(key, 0) + 1
+                    _, rows, cols = matrix_dims(p.spec.shape)
+                    sizes[key] = rows * cols * p.spec.itemsize
+        if self.device.type == "cuda":
+            return set(), -(-max(sizes.values(), default=0) // 64) * 64
+        return {k for k, n in spans.items() if n > self.opts.n_slots - 1}, 0
 
     # -- reader thread -----------------------------------------------------------------
     def _sample(self) -> None:
@@ -103,8 +106,7 @@ class _Pipeline:
         window = 2 * self.opts.slot_bytes
         for i, piece in enumerate(batch.pieces):
             shard = self.shards[piece.spec.shard]
-            if (piece.quantize and not piece.whole and piece.row0 == 0
-                    and self.opts.granularity is Granularity.TENSOR):
+            if piece.row0 == 0 and (piece.spec.name, piece.expert) in self.prepass:
                 prepass[i] = self._prepass_amax(shard, piece)
             if piece.hi + window > self.prefetched.get(shard, 0):
                 start = max(piece.hi, self.prefetched.get(shard, 0))
@@ -114,53 +116,6 @@ class _Pipeline:
             self._sample()
             shard.release_behind(piece.hi)
         return prepass
-
-    # -- consumer ----------------------------------------------------------------------
-    def _quantize_piece(self, b: _Building, piece: Piece, x: torch.Tensor, prepass) -> None:
-        opts, gran = self.opts, self.opts.granularity
-        if gran is Granularity.TENSOR:
-            amax = prepass.to(self.device) if prepass is not None else \
-                self.quantizer.amax_2d(x) if piece.whole else None
-            if amax is None:  # a later chunk: the scale was set by the first one
-                scale = b.scale3[piece.expert, 0, 0]
-            else:
-                scale = b.scale3[piece.expert, 0, 0]
-                scale.copy_(scale_from_amax(amax, opts.fp8_dtype))
-        else:
-            amax = self.quantizer.amax_2d(x)
-            if gran is Granularity.CHANNEL:
-                scale = b.scale3[piece.expert, piece.row0:piece.row1]
-            else:
-                br = opts.block_size[0]
-                scale = b.scale3[piece.expert, piece.row0 // br:-(-piece.row1 // br)]
-            scale.copy_(scale_from_amax(amax, opts.fp8_dtype))
-        if amax is not None and not bool(torch.isfinite(amax).all()):
-            spec = piece.spec
-            raise NonFiniteError(
-                f"{spec.shard}: tensor {spec.name!r} (bytes {spec.start}..{spec.end}; rows "
-                f"{piece.row0}..{piece.row1} of matrix {piece.expert}) contains NaN or Inf; the "
-                f"checkpoint is corrupt, or pass skip=[{spec.name!r}] to load it unquantized")
-        out = b.out3[piece.expert, piece.row0:piece.row1]
-        self.quantizer.quantize_2d_into(x, scale, out)
-        if opts.error_stats:
-            from .fp8 import dequantize
-            deq = dequantize(out, scale, gran, opts.block_size, dtype=torch.float32)
-            xf = x.float()
-            b.err2 += float((xf - deq).pow_(2).sum())
-            b.ref2 += float(xf.pow(2).sum())
-
-    def _finish(self, b: _Building) -> Loaded:
-        r = self.report
-        r.tensors += 1
-        if not b.quantize:
-            r.retained_bytes += tensor_nbytes(b.out)
-            return b.out
-        r.quantized += 1
-        rel = (b.err2 ** 0.5 / b.ref2 ** 0.5 if b.ref2 > 0 else 0.0) if self.opts.error_stats else None
-        qt = QuantizedTensor(b.out, b.scale, b.spec.torch_dtype, self.opts.granularity,
-                             self.opts.block_size, rel)
-        r.retained_bytes += qt.nbytes
-        return qt
 
     def run(self) -> Iterator[tuple[str, Loaded]]:
         opts, dev = self.opts, self.device
@@ -172,7 +127,7 @@ class _Pipeline:
         stage_bytes = max((b.nbytes for b in self.batches), default=0)
         self.shards: dict[Path, MappedShard] = {}
         self.prefetched: dict[MappedShard, int] = {}
-        ring = mover = stages = None
+        ring = mover = stages = asm = None
         progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
         tq = 0.0
         try:
@@ -182,32 +137,21 @@ class _Pipeline:
                 return
             ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")
             self.report.pinned = ring.pinned
-            self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=dev)
             # the reader thread's own (quantizers are not thread-safe), for per-tensor amax pre-passes
             self._prepass_quantizer = Quantizer(opts.fp8_dtype, Granularity.TENSOR, device="cpu")
-            mover = make_mover(dev, stage_bytes)
-            building: _Building | None = None
+            mover = make_mover(dev, stage_bytes, self.hold_bytes)
+            asm = Assembler(opts, dev, mover)
             stages = staged(self.batches, ring, self._fill, self.times)
             for lease in stages:
                 data = mover.to_device(lease)
                 t1 = time.perf_counter()
                 finished = []
                 for i, piece in enumerate(lease.item.pieces):
-                    if piece.first:
-                        building = _Building(piece.spec, piece.quantize, opts, dev)
-                    raw = data[piece.offset:piece.offset + piece.nbytes]
-                    if piece.quantize:
-                        _, _, cols = matrix_dims(piece.spec.shape)
-                        x = raw.view(piece.spec.torch_dtype).view(-1, cols)
-                        self._quantize_piece(building, piece, x, lease.extra.get(i))
-                    else:
-                        o = piece.lo - piece.spec.start
-                        building.bytes[o:o + piece.nbytes].copy_(raw)
+                    done = asm.add(lease, piece, data, lease.extra.get(i))
+                    if done is not None:
+                        finished.append((piece.spec.name, done))
                     self.report.bytes_read += piece.nbytes
                     progress.update(piece.nbytes)
-                    if piece.last:
-                        finished.append((piece.spec.name, self._finish(building)))
-                        building = None
                 mover.done(lease)
                 tq += time.perf_counter() - t1
                 self._sample()
@@ -223,6 +167,8 @@ class _Pipeline:
             self.shards.clear()
             del ring
             r = self.report
+            if asm is not None:
+                r.tensors, r.quantized, r.retained_bytes = asm.tensors, asm.quantized, asm.retained_bytes
             r.seconds = time.perf_counter() - t0
             r.peak_rss, r.peak_rss_anon, r.peak_rss_file = self._peak
             if dev.type == "cuda":

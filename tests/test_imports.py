@@ -14,6 +14,7 @@ ORDER = [
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"options", "plan"},                          # what to quantize, how to cut it
+    {"assemble"},                                 # pieces -> finished tensors
     {"stream"},                                   # wiring
     {"writer"},                                   # export
     {"synth"},                                    # generated checkpoints

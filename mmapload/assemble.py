@@ -1,0 +1,144 @@
+"""Consumer side: pieces on the device become finished tensors, in file order.
+
+Per-channel and block scales are local to a piece, so each piece is quantized as it lands.
+A per-tensor scale needs the amax of the whole matrix before the first element is cast.
+For a matrix cut into several pieces there are two ways, chosen per matrix up front:
+- *hold*: keep its pieces until the last one has landed, merging amaxes, then cast them all.
+  On the CPU the pieces stay in their ring slots (the leases are kept; the plan guarantees
+  the matrix spans fewer batches than the ring has slots). On CUDA they are copied into one
+  device buffer (at most the largest such matrix) and the slots go back at once.
+- *pre-pass*: the reader computed the amax from the map beforehand (``prepass`` below),
+  for matrices too big to hold on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import TensorSpec
+from .errors import NonFiniteError
+from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax, scale_shape
+from .options import LoadOptions
+from .plan import Piece, matrix_dims
+from .result import QuantizedTensor, tensor_nbytes
+
+__all__ = ["Assembler"]
+
+Loaded = QuantizedTensor | torch.Tensor
+
+
+class _Building:
+    """A tensor whose pieces are still arriving."""
+
+    def __init__(self, spec: TensorSpec, quantize: bool, opts: LoadOptions, device: torch.device):
+        self.spec, self.quantize = spec, quantize
+        self.err2 = self.ref2 = 0.0
+        self.held: list[tuple[torch.Tensor, Piece]] = []
+        self.amax: torch.Tensor | None = None
+        if quantize:
+            self.out = torch.empty(spec.shape, dtype=opts.fp8_dtype, device=device)
+            self.scale = torch.empty(scale_shape(spec.shape, opts.granularity, opts.block_size),
+                                     dtype=torch.float32, device=device)
+            e, rows, cols = matrix_dims(spec.shape)
+            self.rows, self.cols = rows, cols
+            self.out3 = self.out.view(e, rows, cols)
+            self.scale3 = self.scale.view(e, *self.scale.shape[-2:]) if self.scale.dim() >= 2 \
+                else self.scale.view(1, 1, 1)
+        else:
+            self.out = torch.empty(spec.shape, dtype=spec.torch_dtype, device=device)
+            self.bytes = self.out.reshape(-1).view(torch.uint8)
+
+
+class Assembler:
+    """``add(lease, piece, data, prepass)`` per piece; returns a finished tensor or None."""
+
+    def __init__(self, opts: LoadOptions, device: torch.device, mover):
+        self.opts, self.device, self.mover = opts, device, mover
+        self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=device)
+        self._b: _Building | None = None
+        self._kept: list = []          # leases held for the matrix being assembled
+        self.retained_bytes = self.tensors = self.quantized = 0
+
+    def add(self, lease, piece: Piece, data: torch.Tensor, prepass) -> Loaded | None:
+        if piece.first:
+            self._b = _Building(piece.spec, piece.quantize, self.opts, self.device)
+        b = self._b
+        raw = data[piece.offset:piece.offset + piece.nbytes]
+        if not piece.quantize:
+            o = piece.lo - piece.spec.start
+            b.bytes[o:o + piece.nbytes].copy_(raw)
+        else:
+            x = raw.view(piece.spec.torch_dtype).view(-1, b.cols)
+            if self.opts.granularity is Granularity.TENSOR and not piece.whole:
+                self._hold_or_prepass(lease, b, piece, x, prepass)
+            else:
+                self._quantize(b, piece, x, self.quantizer.amax_2d(x))
+        return self._finish(b) if piece.last else None
+
+    # -- per piece -------------------------------------------------------------------
+    def _scale_view(self, b: _Building, piece: Piece) -> torch.Tensor:
+        g = self.opts.granularity
+        if g is Granularity.TENSOR:
+            return b.scale3[piece.expert, 0, 0]
+        if g is Granularity.CHANNEL:
+            return b.scale3[piece.expert, piece.row0:piece.row1]
+        br = self.opts.block_size[0]
+        return b.scale3[piece.expert, piece.row0 // br:-(-piece.row1 // br)]
+
+    def _set_scale(self, b: _Building, piece: Piece, amax: torch.Tensor) -> None:
+        if not bool(torch.isfinite(amax).all()):
+            spec = piece.spec
+            raise NonFiniteError(
+                f"{spec.shard}: tensor {spec.name!r} (bytes {spec.start}..{spec.end}, matrix "
+                f"{piece.expert}) contains NaN or Inf; the checkpoint is corrupt, or pass "
+                f"skip=[{spec.name!r}] to load it unquantized")
+        self._scale_view(b, piece).copy_(scale_from_amax(amax, self.opts.fp8_dtype))
+
+    def _quantize(self, b: _Building, piece: Piece, x: torch.Tensor, amax) -> None:
+        """Cast one piece; ``amax`` None means its scale is already set."""
+        if amax is not None:
+            self._set_scale(b, piece, amax)
+        scale = self._scale_view(b, piece)
+        out = b.out3[piece.expert, piece.row0:piece.row1]
+        self.quantizer.quantize_2d_into(x, scale, out)
+        if self.opts.error_stats:
+            deq = dequantize(out, scale, self.opts.granularity, self.opts.block_size, dtype=torch.float32)
+            xf = x.float()
+            b.err2 += float((xf - deq).pow_(2).sum())
+            b.ref2 += float(xf.pow(2).sum())
+
+    def _hold_or_prepass(self, lease, b: _Building, piece: Piece, x: torch.Tensor, prepass) -> None:
+        if prepass is not None or (piece.row0 > 0 and not b.held):   # pre-pass mode
+            self._quantize(b, piece, x, prepass.to(self.device) if prepass is not None else None)
+            return
+        kept, needs_lease = self.mover.hold(x, piece.row0 * b.cols)
+        if needs_lease:
+            lease.kept = True
+            if not self._kept or self._kept[-1] is not lease:
+                self._kept.append(lease)
+        part = self.quantizer.amax_2d(x)
+        b.amax = part if b.amax is None else merge_amax(b.amax, part)
+        b.held.append((kept, piece))
+        if piece.row1 == b.rows:           # the matrix is complete: its scale is known
+            self._set_scale(b, piece, b.amax)
+            for kx, kp in b.held:
+                self._quantize(b, kp, kx, None)
+            b.held, b.amax = [], None
+            for kl in self._kept:
+                kl.kept = False
+                if kl is not lease:        # the current one goes back after its other pieces
+                    kl.release()
+            self._kept = []
+
+    def _finish(self, b: _Building) -> Loaded:
+        self._b = None
+        self.tensors += 1
+        if not b.quantize:
+            self.retained_bytes += tensor_nbytes(b.out)
+            return b.out
+        self.quantized += 1
+        rel = (b.err2 ** 0.5 / b.ref2 ** 0.5 if b.ref2 > 0 else 0.0) if self.opts.error_stats else None
+        qt = QuantizedTensor(b.out, b.scale, b.spec.torch_dtype, self.opts.granularity,
+                             self.opts.block_size, rel)
+        self.retained_bytes += qt.nbytes
+        return qt
