@@ -13,10 +13,11 @@ For a matrix cut into several pieces there are two ways, chosen per matrix up fr
 
 from __future__ import annotations
 
+import psutil
 import torch
 
 from .checkpoint import TensorSpec
-from .errors import NonFiniteError
+from .errors import DeviceError, NonFiniteError
 from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax, scale_shape
 from .options import LoadOptions
 from .plan import Piece, matrix_dims
@@ -60,6 +61,28 @@ class Assembler:
         self.retained_bytes = self.tensors = self.quantized = 0
 
     def add(self, lease, piece: Piece, data: torch.Tensor, prepass) -> Loaded | None:
+        try:
+            return self._add(lease, piece, data, prepass)
+        except RuntimeError as e:   # torch.OutOfMemoryError (CUDA) or the CPU allocator's
+            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+                self._b = None
+                raise self._oom(piece) from e
+            raise
+
+    def _oom(self, piece: Piece) -> DeviceError:
+        spec, dev = piece.spec, self.device
+        need = spec.numel * (self.opts.fp8_dtype.itemsize if piece.quantize else spec.itemsize)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(dev)[0]
+        else:
+            free = psutil.virtual_memory().available
+        return DeviceError(
+            f"out of memory on {dev} while loading tensor {spec.name!r} from {spec.shard} (bytes "
+            f"{spec.start}..{spec.end}): it needs {need:,} bytes, {free:,} are free after "
+            f"{self.retained_bytes:,} bytes retained so far; use a bigger device, or skip= it")
+
+    def _add(self, lease, piece: Piece, data: torch.Tensor, prepass) -> Loaded | None:
         if piece.first:
             self._b = _Building(piece.spec, piece.quantize, self.opts, self.device)
         b = self._b

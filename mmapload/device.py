@@ -13,7 +13,7 @@ import torch
 from .errors import DeviceError
 from .ring import Lease
 
-__all__ = ["resolve_device", "make_mover"]
+__all__ = ["resolve_device", "mover_class"]
 
 
 def resolve_device(device) -> torch.device:
@@ -36,6 +36,8 @@ def resolve_device(device) -> torch.device:
 
 class _CpuMover:
     """On the CPU the slot is already where the quantizer runs: no copy, no events."""
+
+    copies = False   # pieces stay in their slots: holding one means keeping its lease
 
     def __init__(self, device: torch.device, stage_bytes: int, hold_bytes: int = 0):
         self.device = device
@@ -62,6 +64,8 @@ class _CudaMover:
     batch k. The slot returns to the reader with the copy's event: the reader waits for
     it before overwriting the slot. Quantization waits for the same event on its stream.
     """
+
+    copies = True    # pieces are copied off the slot: held ones go to a device buffer
 
     def __init__(self, device: torch.device, stage_bytes: int, hold_bytes: int = 0):
         self.device = device
@@ -103,6 +107,8 @@ class _CudaMover:
         self.staging, self.held = [], None
 
 
-def make_mover(device: torch.device, stage_bytes: int, hold_bytes: int = 0):
-    """The slot mover for ``device``: ``to_device``, ``hold``, ``done``, ``close``."""
-    return (_CudaMover if device.type == "cuda" else _CpuMover)(device, stage_bytes, hold_bytes)
+def mover_class(device: torch.device) -> type:
+    """The slot mover for ``device``: ``Mover(device, stage_bytes, hold_bytes)`` with
+    ``to_device(lease)``, ``hold(x, elem_offset)``, ``done(lease)``, ``close()`` and the
+    class attribute ``copies`` (True when pieces are copied off their slots)."""
+    return _CudaMover if device.type == "cuda" else _CpuMover

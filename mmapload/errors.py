@@ -44,7 +44,13 @@ class NonFiniteError(MmapLoadError):
 
 
 class DeviceError(MmapLoadError):
-    """The device cannot be used: CUDA missing, or out of memory while loading."""
+    """The device cannot be used: CUDA missing, or out of memory while loading.
+
+    After an out-of-memory error from ``stream_quantize(..., keep_partial=True)``,
+    ``partial`` holds the ``QuantizedModel`` of the tensors loaded before it.
+    """
+
+    partial = None
 
 
 class FileChangedError(MmapLoadError):

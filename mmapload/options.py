@@ -17,9 +17,10 @@ from .fp8 import Granularity, check_fp8_dtype, parse_granularity
 
 __all__ = ["LoadOptions", "should_quantize", "MAX_SLOT_BYTES", "MIN_RING_BYTES"]
 
-# Slots are at most 32 MiB: several slots in flight give read-ahead and copy/compute overlap,
-# and the device-side staging (sized to a slot) stays small next to the retained weights.
-MAX_SLOT_BYTES = 32 << 20
+# Slots are at most 16 MiB: several slots in flight give read-ahead and copy/compute overlap,
+# and on CUDA the two staging buffers (2 x a slot) plus the quantizer's scratch (16 MiB) stay
+# inside the device contract's 64 MiB of transient memory.
+MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
 _QUANTIZABLE = frozenset({"F64", "F32", "F16", "BF16"})
@@ -36,6 +37,7 @@ class LoadOptions:
     progress: bool = False
     drop_page_cache: bool = True
     error_stats: bool = False
+    keep_partial: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -59,7 +61,7 @@ class LoadOptions:
         if not all(isinstance(p, str) and p for p in skip):
             raise OptionsError(f"skip must be non-empty name patterns (str), got {self.skip!r}")
         set_("skip", skip)
-        for name in ("progress", "drop_page_cache", "error_stats"):
+        for name in ("progress", "drop_page_cache", "error_stats", "keep_partial"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -17,7 +17,9 @@ import torch
 from ._procmem import read_mem
 from ._progress import Progress
 from .checkpoint import Checkpoint, open_checkpoint
-from .device import make_mover, resolve_device
+from . import device as _device
+from .device import resolve_device
+from .errors import DeviceError
 from .assemble import Assembler, Loaded
 from .fp8 import Granularity, Quantizer, merge_amax
 from .mapped import MappedShard
@@ -45,7 +47,7 @@ class _Pipeline:
     def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
         """Per-tensor scales of matrices cut into pieces: which the reader pre-passes.
 
-        CUDA holds every such matrix on the device (the buffer is the largest one, within
+        A copying mover (CUDA) holds every such matrix on the device (the buffer is the largest one, within
         the device contract's "largest tensor" allowance). The CPU holds a matrix in its
         ring slots when it spans fewer batches than the ring has slots; bigger ones get
         their amax from a pre-pass over the map.
@@ -61,7 +63,7 @@ class _Pipeline:
                     spans[key] = spans.get(key, 0) + 1
                     _, rows, cols = matrix_dims(p.spec.shape)
                     sizes[key] = rows * cols * p.spec.itemsize
-        if self.device.type == "cuda":
+        if _device.mover_class(self.device).copies:
             return set(), -(-max(sizes.values(), default=0) // 64) * 64
         return {k for k, n in spans.items() if n > self.opts.n_slots - 1}, 0
 
@@ -139,7 +141,7 @@ class _Pipeline:
             self.report.pinned = ring.pinned
             # the reader thread's own (quantizers are not thread-safe), for per-tensor amax pre-passes
             self._prepass_quantizer = Quantizer(opts.fp8_dtype, Granularity.TENSOR, device="cpu")
-            mover = make_mover(dev, stage_bytes, self.hold_bytes)
+            mover = _device.mover_class(dev)(dev, stage_bytes, self.hold_bytes)
             asm = Assembler(opts, dev, mover)
             stages = staged(self.batches, ring, self._fill, self.times)
             for lease in stages:
@@ -198,8 +200,21 @@ def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
 
     Options: ring_bytes (256 MiB), fp8_dtype (torch.float8_e4m3fn), granularity
     ("tensor" | "channel" | "block"), block_size ((128, 128)), skip (extra name patterns
-    kept unquantized), progress (False), drop_page_cache (True), error_stats (False).
+    kept unquantized), progress (False), drop_page_cache (True), error_stats (False),
+    keep_partial (False: on a device out-of-memory error, free what was loaded; True: the
+    ``DeviceError`` carries it as ``.partial``, a ``QuantizedModel``).
     """
     pipe = _pipeline(path, device, options)
-    tensors = dict(pipe.run())
+    tensors: dict[str, Loaded] = {}
+    try:
+        for name, t in pipe.run():
+            tensors[name] = t
+    except DeviceError as e:
+        if pipe.opts.keep_partial:
+            e.partial = QuantizedModel(tensors, pipe.report)
+        else:   # free what was retained so far
+            tensors.clear()
+            if pipe.device.type == "cuda":
+                torch.cuda.empty_cache()
+        raise
     return QuantizedModel(tensors, pipe.report)

@@ -1,0 +1,139 @@
+"""The copy-stream / event protocol, exercised on the CPU with an emulated DMA engine, and
+the real CUDA path where a GPU exists."""
+
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mmapload
+from mmapload import QuantizedTensor, stream_quantize
+from mmapload import device as device_mod
+from mmapload.fp8 import quantize
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class _DelayedCopy:
+    """An 'async copy' that lands 2 ms later, like DMA; synchronize() waits for it."""
+
+    def __init__(self, src, dst, n):
+        self._t = threading.Thread(target=self._run, args=(src, dst, n), name="fake-dma")
+        self._t.start()
+
+    @staticmethod
+    def _run(src, dst, n):
+        time.sleep(0.002)
+        dst[:n].copy_(src[:n])
+
+    def synchronize(self):
+        self._t.join()
+
+
+class _EmulatedDmaMover:
+    """The CUDA mover's protocol on the CPU: staging buffers, slot released with the copy's
+    event, held pieces copied to a separate buffer. If the ring refilled a slot before its
+    event completed, the delayed copy would pick up the next batch's bytes."""
+
+    copies = True
+
+    def __init__(self, device, stage_bytes, hold_bytes=0):
+        self.staging = [torch.empty(stage_bytes, dtype=torch.uint8) for _ in range(2)]
+        self.held = torch.empty(hold_bytes, dtype=torch.uint8)
+        self.k = 0
+
+    def to_device(self, lease):
+        buf = self.staging[self.k]
+        ev = _DelayedCopy(lease.data, buf, lease.item.nbytes)
+        lease.release(ev)           # the reader must wait on ev before refilling the slot
+        ev.synchronize()            # the compute stream waits for the copy
+        time.sleep(0.001)           # a slow consumer: the reader races ahead
+        return buf
+
+    def hold(self, x, elem_offset):
+        dst = self.held.view(x.dtype)[elem_offset:elem_offset + x.numel()].view(x.shape)
+        dst.copy_(x)
+        return dst, False
+
+    def done(self, lease):
+        self.k ^= 1
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_event_protocol_with_emulated_dma(tmp_path, monkeypatch, granularity, no_thread_leak):
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"l{i}.weight": torch.randn(256, 160, generator=g).bfloat16() for i in range(12)}
+    tensors["emb.embed.weight"] = torch.randn(700, 64, generator=g).bfloat16()
+    save_file(tensors, tmp_path / "m.safetensors")
+    monkeypatch.setattr(device_mod, "mover_class", lambda dev: _EmulatedDmaMover)
+    model = stream_quantize(tmp_path / "m.safetensors", ring_bytes=4 * (48 << 10), granularity=granularity)
+    for name, w in tensors.items():
+        got = model[name]
+        if isinstance(got, QuantizedTensor):
+            q, s = quantize(w, granularity)
+            assert torch.equal(got.scale, s), name
+            assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)), name
+        else:
+            assert torch.equal(got, w), name
+
+
+@cuda
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_cuda_equals_cpu_bit_for_bit(tmp_path, granularity):
+    g = torch.Generator().manual_seed(4)
+    tensors = {"a.weight": torch.randn(1000, 700, generator=g).bfloat16(),
+               "experts.weight": torch.randn(3, 300, 256, generator=g).bfloat16(),
+               "n.norm.weight": torch.randn(700, generator=g)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    for ring in (64 << 10 if granularity != "block" else 4 * (200 << 10), 64 << 20):
+        cpu = stream_quantize(tmp_path / "m.safetensors", "cpu", ring_bytes=ring, granularity=granularity)
+        gpu = stream_quantize(tmp_path / "m.safetensors", "cuda", ring_bytes=ring, granularity=granularity)
+        assert gpu.report.pinned
+        for name, t in cpu.items():
+            d = gpu[name]
+            if isinstance(t, QuantizedTensor):
+                assert d.data.is_cuda
+                assert torch.equal(d.data.cpu().view(torch.uint8), t.data.view(torch.uint8)), name
+                assert torch.equal(d.scale.cpu(), t.scale), name
+            else:
+                assert torch.equal(d.cpu(), t), name
+
+
+@cuda
+def test_cuda_device_peak_contract(gib_checkpoint):
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = stream_quantize(gib_checkpoint, "cuda", ring_bytes=64 << 20)
+    from mmapload.checkpoint import open_checkpoint
+    largest = open_checkpoint(gib_checkpoint).largest.nbytes
+    peak = model.report.device_peak - base
+    print(f"device peak {peak / 2**20:.0f} MiB, retained {model.nbytes / 2**20:.0f} MiB, "
+          f"ratio {peak / model.nbytes:.3f}")
+    assert peak <= model.nbytes + largest + (64 << 20)
+
+
+@cuda
+def test_cuda_early_close_and_errors_release_device_memory(tmp_path, no_thread_leak):
+    tensors = {f"l{i}.weight": torch.randn(512, 512) for i in range(20)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    gen = mmapload.iter_quantized(tmp_path / "m.safetensors", "cuda", ring_bytes=1 << 20)
+    next(gen)
+    gen.close()
+    del gen
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    with pytest.raises(KeyError):
+        for name, _ in mmapload.iter_quantized(tmp_path / "m.safetensors", "cuda", ring_bytes=1 << 20):
+            if name == "l4.weight":
+                raise KeyError(name)
+    import gc
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
