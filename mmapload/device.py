@@ -75,10 +75,13 @@ class _CudaMover:
         self.copy = torch.cuda.Stream(device)
         self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self.free = [None, None]   # event: the compute stream is done with staging[k]
-        self.k = 0
+        self.k = 0                 # the staging buffer the next copy goes to
+        self._buffer_of: dict[int, int] = {}
 
     def to_device(self, lease: Lease) -> torch.Tensor:
         k, n = self.k, lease.item.nbytes
+        self.k ^= 1
+        self._buffer_of[id(lease)] = k
         buf = self.staging[k]
         with torch.cuda.stream(self.copy):
             if self.free[k] is not None:
@@ -99,8 +102,7 @@ class _CudaMover:
     def done(self, lease: Lease) -> None:
         ev = torch.cuda.Event()
         ev.record(self.compute)
-        self.free[self.k] = ev
-        self.k ^= 1
+        self.free[self._buffer_of.pop(id(lease))] = ev
 
     def close(self) -> None:
         self.compute.synchronize()

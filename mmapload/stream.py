@@ -42,6 +42,7 @@ class _Pipeline:
                                  slot_bytes=opts.slot_bytes)
         self.times = StageTimes()
         self._peak = [0, 0, 0]   # rss, anon, file
+        self._tq = 0.0           # consumer seconds (quantize + copies out of the slots)
         self.prepass, self.hold_bytes = self._choose_per_tensor_mode()
 
     def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
@@ -119,6 +120,21 @@ class _Pipeline:
             shard.release_behind(piece.hi)
         return prepass
 
+    def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
+        """Quantize / copy every piece of one batch; yield the tensors it completes."""
+        t1 = time.perf_counter()
+        finished = []
+        for i, piece in enumerate(lease.item.pieces):
+            done = asm.add(lease, piece, data, lease.extra.get(i))
+            if done is not None:
+                finished.append((piece.spec.name, done))
+            self.report.bytes_read += piece.nbytes
+            progress.update(piece.nbytes)
+        mover.done(lease)
+        self._tq += time.perf_counter() - t1
+        self._sample()
+        yield from finished
+
     def run(self) -> Iterator[tuple[str, Loaded]]:
         opts, dev = self.opts, self.device
         t0 = time.perf_counter()
@@ -131,7 +147,6 @@ class _Pipeline:
         self.prefetched: dict[MappedShard, int] = {}
         ring = mover = stages = asm = None
         progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
-        tq = 0.0
         try:
             for s in self.ckpt.shards:
                 self.shards[s.path] = MappedShard(s.path, s.file_size, drop_page_cache=opts.drop_page_cache)
@@ -144,20 +159,20 @@ class _Pipeline:
             mover = _device.mover_class(dev)(dev, stage_bytes, self.hold_bytes)
             asm = Assembler(opts, dev, mover)
             stages = staged(self.batches, ring, self._fill, self.times)
+            # A copying mover (CUDA) looks one batch ahead: batch k+1's copy is queued on the
+            # copy stream before batch k is quantized, so the two overlap. (On the CPU the
+            # look-ahead would only pin one more slot, which held matrices may need.)
+            pending = None
             for lease in stages:
                 data = mover.to_device(lease)
-                t1 = time.perf_counter()
-                finished = []
-                for i, piece in enumerate(lease.item.pieces):
-                    done = asm.add(lease, piece, data, lease.extra.get(i))
-                    if done is not None:
-                        finished.append((piece.spec.name, done))
-                    self.report.bytes_read += piece.nbytes
-                    progress.update(piece.nbytes)
-                mover.done(lease)
-                tq += time.perf_counter() - t1
-                self._sample()
-                yield from finished
+                if not mover.copies:
+                    yield from self._consume(asm, mover, lease, data, progress)
+                    continue
+                if pending is not None:
+                    yield from self._consume(asm, mover, *pending, progress)
+                pending = (lease, data)
+            if pending is not None:
+                yield from self._consume(asm, mover, *pending, progress)
         finally:
             if stages is not None:
                 stages.close()  # joins the reader thread, also on exceptions and early close
@@ -176,7 +191,7 @@ class _Pipeline:
             if dev.type == "cuda":
                 r.device_peak = torch.cuda.max_memory_allocated(dev)
             r.stage_seconds = {"read": self.times.fill, "reader_wait": self.times.wait_free,
-                               "consumer_wait": self.times.wait_ready, "quantize": tq}
+                               "consumer_wait": self.times.wait_ready, "quantize": self._tq}
 
 
 def _pipeline(path, device, options: dict) -> _Pipeline:

@@ -46,6 +46,7 @@ class _EmulatedDmaMover:
 
     def to_device(self, lease):
         buf = self.staging[self.k]
+        self.k ^= 1                 # the stream looks one batch ahead: alternate buffers here
         ev = _DelayedCopy(lease.data, buf, lease.item.nbytes)
         lease.release(ev)           # the reader must wait on ev before refilling the slot
         ev.synchronize()            # the compute stream waits for the copy
@@ -58,7 +59,7 @@ class _EmulatedDmaMover:
         return dst, False
 
     def done(self, lease):
-        self.k ^= 1
+        pass
 
     def close(self):
         pass
