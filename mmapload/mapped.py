@@ -1,9 +1,11 @@
-"""Read-only memory maps of shards: zero-copy views, read-ahead hints, release behind.
+"""Reading shards: read-only memory maps (default), with read-ahead and release-behind.
 
-One ``MappedShard`` per file. Views are numpy arrays over the map, so they hold the
-buffer export: the map cannot be closed under a live view (``torch.frombuffer`` does not
-hold it and a closed map then segfaults; numpy raises ``BufferError`` instead).
+``ShardReader`` is what the reader thread sees, whatever the I/O mode: ``copy_into`` a slot,
+``window`` for a transient look at file bytes, ``prefetch`` ahead, ``release_behind`` what
+was copied. ``MappedShard`` maps the file; pread.py has the pread and O_DIRECT readers.
 
+Views of a map are numpy arrays, so they hold the buffer export: the map cannot be closed
+under a live view (``torch.frombuffer`` does not hold it and a closed map then segfaults).
 Resident memory stays bounded because the reader releases what it has copied:
 ``madvise(MADV_DONTNEED)`` drops the pages from this process's RSS and
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` drops them from the page cache, which a container's
@@ -23,7 +25,7 @@ import torch
 
 from .errors import FileChangedError
 
-__all__ = ["MappedShard", "PAGE"]
+__all__ = ["ShardReader", "MappedShard", "PAGE"]
 
 PAGE = mmap.PAGESIZE
 # Named in Python 3.13+; value 22 on Linux >= 5.14. Pre-faulting a range turns the SIGBUS a
@@ -39,32 +41,88 @@ def _ceil(x: int) -> int:
     return _floor(x + PAGE - 1)
 
 
-class MappedShard:
-    """A read-only map of one shard file whose size must stay ``expected_size``."""
+class ShardReader:
+    """One shard file whose size must stay ``expected_size``; subclasses say how to read."""
+
+    _open_flags = 0
 
     def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True):
         self.path = Path(path)
         self.size = expected_size
         self.drop_page_cache = drop_page_cache
         self._released = 0          # bytes [0, _released) already given back
-        self._populate_ok = True
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | self._open_flags)
         try:
             self._check_size()
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         except BaseException:
             os.close(self._fd)
             raise
-        self._array = np.frombuffer(self._mm, dtype=np.uint8)
-        self._advise(mmap.MADV_SEQUENTIAL, 0, self.size)
 
-    # -- primitives ------------------------------------------------------------------
     def _check_size(self) -> None:
         actual = os.fstat(self._fd).st_size
         if actual != self.size:
             raise FileChangedError(
                 f"{self.path}: file is {actual} bytes but its header describes {self.size}; "
                 "it changed after the checkpoint was opened (do not rewrite shards while loading)")
+
+    def _fadvise(self, lo: int, hi: int, advice: int) -> None:
+        if hi > lo:
+            try:
+                os.posix_fadvise(self._fd, lo, hi - lo, advice)
+            except (OSError, AttributeError):
+                pass  # hints only
+
+    # -- what the reader thread uses -------------------------------------------------
+    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        """Copy file bytes [lo, hi) into ``dst`` (a uint8 array of hi - lo bytes)."""
+        raise NotImplementedError
+
+    def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
+        """File bytes [lo, hi) as a uint8 tensor, valid until the next call (may use scratch)."""
+        self.copy_into(lo, hi, scratch[:hi - lo])
+        return torch.from_numpy(scratch[:hi - lo])
+
+    def prefetch(self, lo: int, hi: int) -> None:
+        """Ask the kernel to start reading [lo, hi) into the page cache."""
+        self._fadvise(lo, min(hi, self.size), os.POSIX_FADV_WILLNEED)
+
+    def release(self, lo: int, hi: int, *, drop_cache: bool | None = None) -> None:
+        """Drop the whole pages inside [lo, hi) from the page cache (if asked)."""
+        lo, hi = _ceil(lo), _floor(hi)
+        if hi > lo and (self.drop_page_cache if drop_cache is None else drop_cache):
+            self._fadvise(lo, hi, os.POSIX_FADV_DONTNEED)
+
+    def release_behind(self, upto: int) -> None:
+        """Release everything before ``upto`` not released yet (sequential reader)."""
+        if upto > self._released:
+            self.release(_floor(self._released), upto if upto < self.size else _ceil(self.size))
+            self._released = _floor(upto) if upto < self.size else self.size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MappedShard(ShardReader):
+    """A read-only map of the shard: zero-copy windows, page faults for reads."""
+
+    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True):
+        super().__init__(path, expected_size, drop_page_cache=drop_page_cache)
+        self._populate_ok = True
+        try:
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            super().close()
+            raise
+        self._array = np.frombuffer(self._mm, dtype=np.uint8)
+        self._advise(mmap.MADV_SEQUENTIAL, 0, self.size)
 
     def _advise(self, option: int, lo: int, hi: int) -> None:
         lo, hi = _floor(lo), min(_ceil(hi), _ceil(self.size))
@@ -106,33 +164,23 @@ class MappedShard:
                     "replaced while loading)") from None
             self._populate_ok = False  # EINVAL: kernel older than 5.14; plain faults still work
 
-    # -- what the reader uses -------------------------------------------------------
     def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
-        """Copy file bytes [lo, hi) into ``dst`` (a uint8 array of hi - lo bytes)."""
         self.populate(lo, hi)
         np.copyto(dst, self.view(lo, hi))
 
+    def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
+        self.populate(lo, hi)
+        return self.tensor(lo, hi)  # zero-copy; the caller releases [lo, hi) from RSS after
+
     def prefetch(self, lo: int, hi: int) -> None:
-        """Ask the kernel to start reading [lo, hi) into the page cache."""
         self._advise(mmap.MADV_WILLNEED, lo, hi)
 
     def release(self, lo: int, hi: int, *, drop_cache: bool | None = None) -> None:
         """Drop the whole pages inside [lo, hi) from RSS and (optionally) the page cache."""
-        lo, hi = _ceil(lo), _floor(hi)
-        if hi <= lo:
-            return
-        self._advise(mmap.MADV_DONTNEED, lo, hi)
-        if self.drop_page_cache if drop_cache is None else drop_cache:
-            try:
-                os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-            except (OSError, AttributeError):
-                pass
-
-    def release_behind(self, upto: int) -> None:
-        """Release everything before ``upto`` not released yet (sequential reader)."""
-        if upto > self._released:
-            self.release(_floor(self._released), upto if upto < self.size else _ceil(self.size))
-            self._released = _floor(upto) if upto < self.size else self.size
+        a, b = _ceil(lo), _floor(hi)
+        if b > a:
+            self._advise(mmap.MADV_DONTNEED, a, b)
+        super().release(lo, hi, drop_cache=drop_cache)
 
     def close(self) -> None:
         if self._fd < 0:
@@ -142,11 +190,4 @@ class MappedShard:
             self._mm.close()
         except BufferError:
             pass  # a view is still alive; the map closes when it is collected
-        os.close(self._fd)
-        self._fd = -1
-
-    def __enter__(self) -> "MappedShard":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()

@@ -15,7 +15,7 @@ from .checkpoint import TensorSpec
 from .errors import OptionsError
 from .fp8 import Granularity, check_fp8_dtype, parse_granularity
 
-__all__ = ["LoadOptions", "should_quantize", "MAX_SLOT_BYTES", "MIN_RING_BYTES"]
+__all__ = ["LoadOptions", "should_quantize", "MAX_SLOT_BYTES", "MIN_RING_BYTES", "IO_MODES"]
 
 # Slots are at most 16 MiB: several slots in flight give read-ahead and copy/compute overlap,
 # and on CUDA the two staging buffers (2 x a slot) plus the quantizer's scratch (16 MiB) stay
@@ -23,6 +23,7 @@ __all__ = ["LoadOptions", "should_quantize", "MAX_SLOT_BYTES", "MIN_RING_BYTES"]
 MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
+IO_MODES = ("mmap", "pread", "direct")
 _QUANTIZABLE = frozenset({"F64", "F32", "F16", "BF16"})
 _KEEP_SUBSTRINGS = ("embed", "lm_head", "norm")
 
@@ -38,6 +39,7 @@ class LoadOptions:
     drop_page_cache: bool = True
     error_stats: bool = False
     keep_partial: bool = False
+    io: str = "mmap"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -61,6 +63,8 @@ class LoadOptions:
         if not all(isinstance(p, str) and p for p in skip):
             raise OptionsError(f"skip must be non-empty name patterns (str), got {self.skip!r}")
         set_("skip", skip)
+        if self.io not in IO_MODES:
+            raise OptionsError(f"io must be one of {IO_MODES}, got {self.io!r}")
         for name in ("progress", "drop_page_cache", "error_stats", "keep_partial"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -12,18 +12,20 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from . import device as _device
 from ._procmem import read_mem
 from ._progress import Progress
+from .assemble import Assembler, Loaded
 from .checkpoint import Checkpoint, open_checkpoint
-from . import device as _device
 from .device import resolve_device
 from .errors import DeviceError
-from .assemble import Assembler, Loaded
 from .fp8 import Granularity, Quantizer, merge_amax
-from .mapped import MappedShard
+from .mapped import ShardReader
 from .options import LoadOptions, should_quantize
+from .pread import open_reader
 from .plan import Batch, Piece, matrix_dims, plan_batches
 from .result import LoadReport, QuantizedModel
 from .ring import Ring, StageTimes, staged
@@ -76,12 +78,13 @@ class _Pipeline:
         p[1] = max(p[1], m.anon or 0)
         p[2] = max(p[2], m.file or 0)
 
-    def _prepass_amax(self, shard: MappedShard, piece: Piece) -> torch.Tensor:
+    def _prepass_amax(self, shard: ShardReader, piece: Piece, scratch: np.ndarray) -> torch.Tensor:
         """Per-tensor amax of a matrix too big for one slot, read straight from the map.
 
-        The cast of the first chunk needs the amax of all of them. Reading the map in
-        slot-sized windows and dropping each window from our RSS (but not from the page
-        cache, so the copy pass that follows is a warm read) keeps host memory bounded.
+        The cast of the first chunk needs the amax of all of them. Reading the file in
+        slot-sized windows (zero-copy from a map; into the still-free slot otherwise) and
+        dropping each window from our RSS, but not from the page cache, so the copy pass
+        that follows is a warm read, keeps host memory bounded.
         """
         spec = piece.spec
         _, rows, cols = matrix_dims(spec.shape)
@@ -92,9 +95,8 @@ class _Pipeline:
         amax = None
         for w0 in range(lo, hi, step):
             w1 = min(hi, w0 + step)
-            shard.populate(w0, w1)
-            raw = shard.tensor(w0, w1)
-            if w0 % 64:
+            raw = shard.window(w0, w1, scratch)
+            if raw.data_ptr() % 64:
                 raw = raw.clone()  # an unaligned map offset: typed views need alignment
             x = raw.view(spec.torch_dtype).view(-1, cols)
             part = self._prepass_quantizer.amax_2d(x)
@@ -110,7 +112,7 @@ class _Pipeline:
         for i, piece in enumerate(batch.pieces):
             shard = self.shards[piece.spec.shard]
             if piece.row0 == 0 and (piece.spec.name, piece.expert) in self.prepass:
-                prepass[i] = self._prepass_amax(shard, piece)
+                prepass[i] = self._prepass_amax(shard, piece, slot_np)  # the slot is still free
             if piece.hi + window > self.prefetched.get(shard, 0):
                 start = max(piece.hi, self.prefetched.get(shard, 0))
                 shard.prefetch(start, piece.hi + 2 * window)
@@ -143,13 +145,15 @@ class _Pipeline:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         stage_bytes = max((b.nbytes for b in self.batches), default=0)
-        self.shards: dict[Path, MappedShard] = {}
-        self.prefetched: dict[MappedShard, int] = {}
+        self.shards: dict[Path, ShardReader] = {}
+        self.prefetched: dict[ShardReader, int] = {}
         ring = mover = stages = asm = None
         progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
         try:
             for s in self.ckpt.shards:
-                self.shards[s.path] = MappedShard(s.path, s.file_size, drop_page_cache=opts.drop_page_cache)
+                self.shards[s.path] = open_reader(opts.io, s.path, s.file_size,
+                                                  drop_page_cache=opts.drop_page_cache,
+                                                  max_read=opts.slot_bytes)
             if not self.batches:
                 return
             ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")

@@ -9,6 +9,7 @@ ORDER = [
     {"errors", "_procmem", "_progress"},          # leaf utilities
     {"checkpoint"},                               # index: shards and headers
     {"mapped"},                                   # mmap reader
+    {"pread"},                                    # pread / O_DIRECT readers
     {"ring"},                                     # slots + reader thread
     {"device"},                                   # slot -> device copies, events
     {"fp8"},                                      # device quantizer (pure numerics)
@@ -16,7 +17,8 @@ ORDER = [
     {"options", "plan"},                          # what to quantize, how to cut it
     {"assemble"},                                 # pieces -> finished tensors
     {"stream"},                                   # wiring
-    {"writer"},                                   # export
+    {"writer"},                                   # streaming safetensors writer
+    {"export"},                                   # convert: FP8 checkpoint on disk
     {"synth"},                                    # generated checkpoints
     {"cli"},                                      # command line
     {"__main__", "__init__"},                     # entry points

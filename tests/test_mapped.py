@@ -62,3 +62,37 @@ def test_writer_and_synth_output_reads_back_with_safetensors(tmp_path):
             n += 1
     assert n == len(ours) and not list(tmp_path.glob(".*partial"))
     assert abs(sum(f.stat().st_size for f in files) - (3 << 20)) < (3 << 20) * 0.35
+
+
+@pytest.mark.parametrize("io", ["pread", "direct"])
+def test_truncated_file_with_syscall_readers_is_an_error(tmp_path, io, no_thread_leak):
+    tensors = {f"l{i}.weight": torch.randn(128, 128) for i in range(16)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    gen = mmapload.iter_quantized(path, ring_bytes=64 << 10, io=io)
+    next(gen)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(mmapload.FileChangedError, match="m.safetensors"):
+        for _ in gen:
+            pass
+
+
+def test_direct_falls_back_to_pread_with_a_warning_where_refused(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import mmapload.pread as pread_mod
+    real = os.preadv
+
+    def refusing_preadv(fd, bufs, offset):       # what a filesystem without O_DIRECT does
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(pread_mod.os, "preadv", refusing_preadv)
+    tensors = {"a.weight": torch.randn(300, 200), "b": torch.arange(10)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="O_DIRECT"):
+        model = mmapload.stream_quantize(tmp_path / "m.safetensors", io="direct")
+    ref = mmapload.stream_quantize(tmp_path / "m.safetensors")
+    assert torch.equal(model["b"], tensors["b"])
+    assert torch.equal(model["a.weight"].data.view(torch.uint8), ref["a.weight"].data.view(torch.uint8))

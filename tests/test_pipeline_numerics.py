@@ -104,3 +104,19 @@ def test_error_stats_match_a_direct_computation(ckpt):
             assert qt.rel_error == pytest.approx(want, rel=1e-4), name
             assert 0 < qt.rel_error < 0.1
     assert stream_quantize(path)["a.weight"].rel_error is None   # off by default
+
+
+@pytest.mark.parametrize("io", ["pread", "direct"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_every_io_mode_gives_identical_results(ckpt, io, granularity):
+    path, tensors = ckpt
+    ref = stream_quantize(path, ring_bytes=RING_SMALL, granularity=granularity, io="mmap")
+    for ring in (RING_SMALL, 128 << 10 if granularity != "block" else RING_SMALL):
+        got = stream_quantize(path, ring_bytes=ring, granularity=granularity, io=io)
+        for name, t in ref.items():
+            g = got[name]
+            if isinstance(t, QuantizedTensor):
+                assert torch.equal(g.scale, t.scale), name
+                assert torch.equal(g.data.view(torch.uint8), t.data.view(torch.uint8)), name
+            else:
+                assert torch.equal(g, t), name

@@ -1,0 +1,113 @@
+"""Readers that copy with system calls instead of page faults.
+
+``PreadShard`` (``io="pread"``): ``preadv`` straight into the ring slot. For network
+filesystems, where page-by-page faults are slow, and immune to SIGBUS when a file shrinks
+under us (a short read becomes an error).
+
+``DirectShard`` (``io="direct"``): ``O_DIRECT`` reads that bypass the page cache, so the
+cache does not grow at all. O_DIRECT wants the file offset, the length and the buffer
+address aligned to the device's logical block; reads go through a page-aligned bounce
+buffer covering the aligned superset of the range, then one memcpy into the slot. Where
+the filesystem refuses O_DIRECT (tmpfs, some overlays) it falls back to pread with a warning.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FileChangedError
+from .mapped import PAGE, ShardReader
+
+__all__ = ["PreadShard", "DirectShard", "open_reader"]
+
+
+class PreadShard(ShardReader):
+    def _read(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n == 0:
+                self._check_size()  # the file shrank: say so, with both sizes
+                raise FileChangedError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            done += n
+
+    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        if hi > lo:
+            self._read(lo, memoryview(dst).cast("B"))
+
+
+class DirectShard(PreadShard):
+    _open_flags = getattr(os, "O_DIRECT", 0)
+
+    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True,
+                 max_read: int = 16 << 20):
+        try:
+            super().__init__(path, expected_size, drop_page_cache=drop_page_cache)
+        except OSError as e:
+            if not self._open_flags or isinstance(e, FileNotFoundError):
+                raise
+            self._warn(e)
+            self._open_flags = 0
+            super().__init__(path, expected_size, drop_page_cache=drop_page_cache)
+        self._bounce = mmap.mmap(-1, max_read + 2 * PAGE)     # anonymous: page-aligned
+        self._bounce_np = np.frombuffer(self._bounce, dtype=np.uint8)
+        self._direct = bool(self._open_flags)
+
+    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        if hi <= lo:
+            return
+        if not self._direct:
+            return super().copy_into(lo, hi, dst)
+        start = lo - lo % PAGE
+        end = min(-(-hi // PAGE) * PAGE, -(-self.size // PAGE) * PAGE)
+        step = len(self._bounce_np) - len(self._bounce_np) % PAGE
+        for a in range(start, end, step):       # one read per bounce-buffer load
+            b = min(end, a + step)
+            try:
+                got = os.preadv(self._fd, [memoryview(self._bounce)[:b - a]], a)
+            except OSError as e:
+                self._fall_back(e)
+                return super().copy_into(lo, hi, dst)
+            want = min(b, self.size) - a
+            if got < want:
+                self._check_size()
+                raise FileChangedError(f"{self.path}: unexpected end of file at byte {a + got}")
+            s, t = max(lo, a), min(hi, b)
+            dst[s - lo:t - lo] = self._bounce_np[s - a:t - a]
+
+    def _warn(self, e: OSError) -> None:
+        warnings.warn(f"mmapload: O_DIRECT on {self.path} refused ({e}); using pread "
+                      "(the page cache will hold what is read)", stacklevel=3)
+
+    def _fall_back(self, e: OSError) -> None:
+        self._warn(e)
+        self._direct = False
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def prefetch(self, lo: int, hi: int) -> None:
+        if not self._direct:
+            super().prefetch(lo, hi)   # O_DIRECT has no kernel read-ahead to ask for
+
+    def close(self) -> None:
+        self._bounce_np = None
+        try:
+            self._bounce.close()
+        except BufferError:
+            pass
+        super().close()
+
+
+def open_reader(io: str, path: Path, expected_size: int, *, drop_page_cache: bool,
+                max_read: int) -> ShardReader:
+    from .mapped import MappedShard
+    if io == "mmap":
+        return MappedShard(path, expected_size, drop_page_cache=drop_page_cache)
+    if io == "pread":
+        return PreadShard(path, expected_size, drop_page_cache=drop_page_cache)
+    return DirectShard(path, expected_size, drop_page_cache=drop_page_cache, max_read=max_read)
