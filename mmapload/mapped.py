@@ -77,6 +77,12 @@ class ShardReader:
         """Copy file bytes [lo, hi) into ``dst`` (a uint8 array of hi - lo bytes)."""
         raise NotImplementedError
 
+    def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
+        """Copy consecutive file bytes from ``lo`` into each of ``dsts`` in turn."""
+        for d in dsts:
+            self.copy_into(lo, lo + len(d), d)
+            lo += len(d)
+
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
         """File bytes [lo, hi) as a uint8 tensor, valid until the next call (may use scratch)."""
         self.copy_into(lo, hi, scratch[:hi - lo])
@@ -167,6 +173,12 @@ class MappedShard(ShardReader):
     def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
         self.populate(lo, hi)
         np.copyto(dst, self.view(lo, hi))
+
+    def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
+        self.populate(lo, lo + sum(len(d) for d in dsts))   # one fault-in for the run
+        for d in dsts:
+            np.copyto(d, self.view(lo, lo + len(d)))
+            lo += len(d)
 
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
         self.populate(lo, hi)

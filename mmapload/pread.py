@@ -40,6 +40,16 @@ class PreadShard(ShardReader):
         if hi > lo:
             self._read(lo, memoryview(dst).cast("B"))
 
+    def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
+        """One vectored read scatters a file-contiguous run into its slot places."""
+        bufs = [memoryview(d).cast("B") for d in dsts if len(d)]
+        got = os.preadv(self._fd, bufs, lo) if bufs else 0
+        for b in bufs:                 # a short read: finish buffer by buffer
+            if got < len(b):
+                self._read(lo + got, b[got:])
+                got = len(b)
+            lo, got = lo + len(b), got - len(b)
+
 
 class DirectShard(PreadShard):
     _open_flags = getattr(os, "O_DIRECT", 0)
@@ -79,6 +89,28 @@ class DirectShard(PreadShard):
                 raise FileChangedError(f"{self.path}: unexpected end of file at byte {a + got}")
             s, t = max(lo, a), min(hi, b)
             dst[s - lo:t - lo] = self._bounce_np[s - a:t - a]
+
+    def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
+        """One aligned O_DIRECT read of the whole run, then scatter (if it fits the bounce)."""
+        total = sum(len(d) for d in dsts)
+        if not self._direct:
+            return super().copy_ranges(lo, dsts)
+        if total + 2 * PAGE > len(self._bounce_np):
+            return ShardReader.copy_ranges(self, lo, dsts)   # piece by piece through the bounce
+        start = lo - lo % PAGE
+        end = min(-(-(lo + total) // PAGE) * PAGE, -(-self.size // PAGE) * PAGE)
+        try:
+            got = os.preadv(self._fd, [memoryview(self._bounce)[:end - start]], start)
+        except OSError as e:
+            self._fall_back(e)
+            return super().copy_ranges(lo, dsts)
+        if got < min(end, self.size) - start:
+            self._check_size()
+            raise FileChangedError(f"{self.path}: unexpected end of file at byte {start + got}")
+        at = lo - start
+        for d in dsts:
+            d[:] = self._bounce_np[at:at + len(d)]
+            at += len(d)
 
     def _warn(self, e: OSError) -> None:
         warnings.warn(f"mmapload: O_DIRECT on {self.path} refused ({e}); using pread "

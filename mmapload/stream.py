@@ -107,19 +107,25 @@ class _Pipeline:
 
     def _fill(self, batch: Batch, slot: torch.Tensor) -> dict[int, torch.Tensor]:
         slot_np = slot.numpy()
-        prepass: dict[int, torch.Tensor] = {}
-        window = 2 * self.opts.slot_bytes
-        for i, piece in enumerate(batch.pieces):
-            shard = self.shards[piece.spec.shard]
-            if piece.row0 == 0 and (piece.spec.name, piece.expert) in self.prepass:
-                prepass[i] = self._prepass_amax(shard, piece, slot_np)  # the slot is still free
-            if piece.hi + window > self.prefetched.get(shard, 0):
-                start = max(piece.hi, self.prefetched.get(shard, 0))
-                shard.prefetch(start, piece.hi + 2 * window)
-                self.prefetched[shard] = piece.hi + 2 * window
-            shard.copy_into(piece.lo, piece.hi, slot_np[piece.offset:piece.offset + piece.nbytes])
+        pieces = batch.pieces
+        # pre-passes first: a syscall reader uses the (still empty) slot as its window
+        prepass = {i: self._prepass_amax(self.shards[p.spec.shard], p, slot_np)
+                   for i, p in enumerate(pieces)
+                   if p.row0 == 0 and (p.spec.name, p.expert) in self.prepass}
+        start = 0
+        for end in range(1, len(pieces) + 1):      # one read per file-contiguous run
+            if end < len(pieces) and pieces[end].spec.shard == pieces[start].spec.shard \
+                    and pieces[end].lo == pieces[end - 1].hi:
+                continue
+            run, start = pieces[start:end], end
+            shard, hi = self.shards[run[0].spec.shard], run[-1].hi
+            ahead = self.prefetched.get(shard, 0)
+            if hi + 2 * self.opts.slot_bytes > ahead:   # keep ~2-4 slots of read-ahead going
+                shard.prefetch(max(hi, ahead), hi + 4 * self.opts.slot_bytes)
+                self.prefetched[shard] = hi + 4 * self.opts.slot_bytes
+            shard.copy_ranges(run[0].lo, [slot_np[p.offset:p.offset + p.nbytes] for p in run])
             self._sample()
-            shard.release_behind(piece.hi)
+            shard.release_behind(hi)
         return prepass
 
     def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
