@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 import tempfile
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import MmapLoadError
+from .options import IO_MODES
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -26,18 +29,20 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress: bool = True) -> None:
+    p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N (default {device})")
     p.add_argument("--ring-bytes", type=parse_size, default=256 << 20, help="ring buffer size (256MiB)")
     p.add_argument("--granularity", default="tensor", choices=["tensor", "channel", "block"])
     p.add_argument("--fp8", default="e4m3", choices=sorted(_FP8), help="FP8 format (e4m3)")
     p.add_argument("--skip", action="append", default=[], help="name pattern kept unquantized")
-    p.add_argument("--progress", action="store_true", help="show a progress line on stderr")
+    p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
+    if progress:
+        p.add_argument("--progress", action="store_true", help="show a progress line on stderr")
 
 
 def _load_kwargs(a: argparse.Namespace) -> dict:
     return dict(ring_bytes=a.ring_bytes, granularity=a.granularity, fp8_dtype=_FP8[a.fp8],
-                skip=tuple(a.skip), progress=a.progress)
+                skip=tuple(a.skip), progress=getattr(a, "progress", False), io=a.io)
 
 
 def _quantize(path, a: argparse.Namespace) -> int:
@@ -61,6 +66,93 @@ def _demo(a: argparse.Namespace) -> int:
         return _quantize(ckpt, a)
 
 
+def _inspect(a: argparse.Namespace) -> int:
+    from .project import project
+    p = project(a.checkpoint, a.device, top=a.top, **_load_kwargs(a))
+    print(json.dumps(p.as_dict(a.device_memory), indent=2) if a.json else p.format(a.device_memory))
+    return 0
+
+
+# -- profile: each loader in a fresh process, sampled by mmapload.profile ----------------------
+from .loaders import STRATEGIES  # noqa: E402 - grouped with the profile command it serves
+
+
+def _strategies(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown strategy {bad or text!r}; "
+                                         f"choose from {','.join(STRATEGIES)}")
+    return names
+
+
+def _seconds(text: str) -> float:
+    v = float(text)
+    if not 1e-4 <= v <= 60:
+        raise argparse.ArgumentTypeError(f"{text} is not an interval in seconds (1e-4 to 60)")
+    return v
+
+
+def _profile(a: argparse.Namespace) -> int:
+    from .checkpoint import open_checkpoint
+    from .loaders import drop_cache, run_in_fresh_process
+    from .profile import Sample, plot, write_csv
+    if a.cold and not hasattr(os, "posix_fadvise"):
+        print("mmapload: error: --cold needs posix_fadvise (Linux)", file=sys.stderr)
+        return 2
+    ckpt = open_checkpoint(a.checkpoint)   # validate before spawning anything
+    shards = [str(s.path) for s in ckpt.shards]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(checkpoint=str(ckpt.root), device=a.device, ring_bytes=a.ring_bytes, fp8=a.fp8,
+               granularity=a.granularity, skip=a.skip, io=a.io, interval=a.interval, progress=a.progress,
+               threads=a.threads)
+    runs, results = {}, {}
+    for name in a.strategies:
+        if a.cold:
+            drop_cache(shards)
+        print(f"profiling {name} in a fresh process ...", flush=True)
+        try:
+            res = run_in_fresh_process({**cfg, "strategy": name})
+        except RuntimeError as e:
+            print(f"mmapload: error: {e}", file=sys.stderr)
+            return 2
+        runs[name] = [Sample(*row) for row in res.pop("samples")]
+        results[name] = {**res, "samples": len(runs[name])}
+    summary = {"checkpoint": str(ckpt.root), "checkpoint_bytes": ckpt.total_bytes, "device": a.device,
+               "ring_bytes": a.ring_bytes, "granularity": a.granularity, "fp8": a.fp8, "io": a.io,
+               "cache": "cold" if a.cold else "warm", "interval": a.interval, "threads": a.threads,
+               "strategies": results}
+    write_csv(out / "timeline.csv", runs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n" + _table(results))
+    wrote = ["timeline.csv", "summary.json"]
+    try:
+        plot(out / "memory.png", runs, dpi=a.dpi, title=(
+            f"{Path(ckpt.root).name}: {ckpt.total_bytes / 2**30:.2f} GiB, device {a.device}, ring "
+            f"{a.ring_bytes / 2**20:.0f} MiB, {'cold' if a.cold else 'warm'} page cache"
+            + (f", {a.threads} torch thread{'s' * (a.threads > 1)}" if a.threads else "")))
+        wrote.append("memory.png")
+    except ImportError:
+        print("memory.png not drawn: matplotlib is missing (pip install mmapload[plot])")
+    print(f"wrote {', '.join(wrote)} to {out}")
+    return 0
+
+
+def _table(results: dict) -> str:
+    mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
+    cols = ["strategy", "seconds", "base RSS", "peak RSS", "peak-base", "peak anon", "peak file",
+            "page cache", "dev alloc", "dev reserved", "retained"]
+    rows = [[n, f"{r['seconds']:.2f}", mib(r["baseline_rss"]), mib(r["peak_rss"]),
+             mib(r["peak_rss"] - r["baseline_rss"]), mib(r["peak_anon"]), mib(r["peak_file"]),
+             mib(r["peak_page_cache"]), mib(r["peak_dev_alloc"]), mib(r["peak_dev_reserved"]),
+             mib(r["retained_bytes"])] for n, r in results.items()]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
+                                for i, (v, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(cols), *(line(r) for r in rows), "(MiB; seconds of the load alone)"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmapload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,10 +163,34 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("quantize", help="stream_quantize a checkpoint and print the report")
     p.add_argument("checkpoint")
     _add_load_options(p)
+    p = sub.add_parser("inspect", help="totals and projected memory of a load, from the headers only")
+    p.add_argument("checkpoint")
+    _add_load_options(p, device="cuda", progress=False)   # plans a GPU load; needs no GPU
+    p.add_argument("--device-memory", type=parse_size, help="answer whether the load fits (e.g. 80GiB)")
+    p.add_argument("--top", type=int, default=5, help="how many of the largest tensors to list (5)")
+    p.add_argument("--json", action="store_true", help="print the projection as JSON")
+    p = sub.add_parser("profile", help="host RSS, page cache and device memory of each loader over "
+                       "a load, side by side (fresh process per loader)")
+    p.add_argument("checkpoint")
+    _add_load_options(p)
+    p.add_argument("--strategies", type=_strategies, default=list(STRATEGIES),
+                   help=f"comma-separated, from {','.join(STRATEGIES)} (all)")
+    p.add_argument("--out", metavar="DIR", default="mmapload-profile",
+                   help="where timeline.csv, summary.json and memory.png go (./mmapload-profile)")
+    p.add_argument("--cold", action="store_true", help="drop the checkpoint from the page cache "
+                   "before each loader (default: warm, the cache as the previous loader left it)")
+    p.add_argument("--interval", type=_seconds, default=0.01, help="seconds between samples (0.01)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in every loader's process "
+                   "(default: torch's own choice)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of memory.png (100)")
     a = parser.parse_args(argv)
     try:
         if a.command == "demo":
             return _demo(a)
+        if a.command == "inspect":
+            return _inspect(a)
+        if a.command == "profile":
+            return _profile(a)
         return _quantize(a.checkpoint, a)
     except (MmapLoadError, FileNotFoundError) as e:
         print(f"mmapload: error: {e}", file=sys.stderr)

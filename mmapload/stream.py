@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import device as _device
+from . import profile as _profile
 from ._procmem import read_mem
 from ._progress import Progress
 from .assemble import Assembler, Loaded
@@ -130,6 +131,7 @@ class _Pipeline:
 
     def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
         """Quantize / copy every piece of one batch; yield the tensors it completes."""
+        _profile.mark("quantize")
         t1 = time.perf_counter()
         finished = []
         for i, piece in enumerate(lease.item.pieces):
@@ -146,6 +148,7 @@ class _Pipeline:
     def run(self) -> Iterator[tuple[str, Loaded]]:
         opts, dev = self.opts, self.device
         t0 = time.perf_counter()
+        _profile.mark("open")
         self.report.rss_before = read_mem().rss
         self._sample()
         if dev.type == "cuda":
@@ -168,6 +171,7 @@ class _Pipeline:
             self._prepass_quantizer = Quantizer(opts.fp8_dtype, Granularity.TENSOR, device="cpu")
             mover = _device.mover_class(dev)(dev, stage_bytes, self.hold_bytes)
             asm = Assembler(opts, dev, mover)
+            _profile.mark("read")
             stages = staged(self.batches, ring, self._fill, self.times)
             # A copying mover (CUDA) looks one batch ahead: batch k+1's copy is queued on the
             # copy stream before batch k is quantized, so the two overlap. (On the CPU the
@@ -184,6 +188,7 @@ class _Pipeline:
             if pending is not None:
                 yield from self._consume(asm, mover, *pending, progress)
         finally:
+            _profile.mark("done")
             if stages is not None:
                 stages.close()  # joins the reader thread, also on exceptions and early close
             progress.close()

@@ -1,0 +1,321 @@
+"""Memory over time: host RSS (anonymous / file-backed), the page cache held by given files,
+device memory, and the phase the loader is in.
+
+    with MemorySampler(interval=0.01, device="cuda:0", files=shard_paths) as s:
+        model = stream_quantize(path, "cuda:0")
+    s.samples, s.peak("rss"), s.peaks(), s.markers
+
+A daemon thread samples every ``interval`` seconds, plus at start, stop and each phase change.
+The page cache is ``mincore`` over a never-touched read-only map of each file (nothing added
+to RSS), 256 MiB per call; at about 1 ms per GiB it is sampled at most every
+``cache_interval`` seconds and carried in between. ``mark(phase)`` records a marker in every
+running sampler (thread-safe; one tuple check when none runs; a repeated phase is ignored).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ._procmem import read_mem
+from .errors import DeviceError, OptionsError
+
+__all__ = ["Sample", "MemorySampler", "mark", "page_cache_bytes", "write_csv", "plot", "METRICS"]
+
+METRICS = ("rss", "anon", "file", "page_cache", "dev_alloc", "dev_reserved")
+LABELS = {"rss": "host RSS", "anon": "anonymous RSS", "file": "file-backed RSS",
+          "page_cache": "checkpoint in page cache", "dev_alloc": "device allocated",
+          "dev_reserved": "device reserved"}
+_WINDOW_PAGES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading; bytes, or None where the platform / device cannot tell."""
+
+    t: float                    # seconds since the sampler started
+    rss: int
+    anon: int | None            # anonymous resident bytes (heap, ring, tensors)
+    file: int | None            # file-backed resident bytes (mapped shards, libraries)
+    page_cache: int | None      # bytes of the sampled files resident in the page cache
+    dev_alloc: int | None       # torch.cuda.memory_allocated
+    dev_reserved: int | None    # torch.cuda.memory_reserved
+    phase: str                  # the last marked phase ("" before the first)
+
+
+_active: tuple["MemorySampler", ...] = ()
+_registry = threading.Lock()
+
+
+def mark(phase: str) -> None:
+    """Record ``phase`` in every running sampler; a no-op when none runs."""
+    targets = _active  # a tuple swapped whole under the lock: safe to read without it
+    for s in targets:
+        s._mark(phase)
+
+
+class _CacheProbe:
+    """Bytes of some files resident in the page cache: ``mincore`` on read-only maps."""
+
+    def __init__(self, paths: list[Path]):
+        self._libc = libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self._maps: list[tuple[int, int, Path]] = []
+        self._vec = (ctypes.c_ubyte * _WINDOW_PAGES)()
+        self._np = np.frombuffer(self._vec, dtype=np.uint8)
+        try:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    size = os.fstat(fd).st_size
+                    if size == 0:
+                        continue
+                    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                finally:
+                    os.close(fd)  # the map keeps the file
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    raise OSError(ctypes.get_errno(), f"mmap of {path} for mincore failed")
+                self._maps.append((addr, size, path))
+        except BaseException:
+            self.close()
+            raise
+
+    def resident(self) -> int:
+        total, page = 0, mmap.PAGESIZE
+        for addr, size, path in self._maps:
+            pages = -(-size // page)
+            count = 0
+            for p0 in range(0, pages, _WINDOW_PAGES):
+                n = min(_WINDOW_PAGES, pages - p0)
+                length = min(n * page, size - p0 * page)
+                if self._libc.mincore(addr + p0 * page, length, self._vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
+                count += int(np.count_nonzero(self._np[:n] & 1))
+            total += min(count * page, size)
+        return total
+
+    def close(self) -> None:
+        for addr, size, _ in self._maps:
+            self._libc.munmap(addr, size)
+        self._maps = []
+
+
+def page_cache_bytes(files: Iterable[str | os.PathLike]) -> int:
+    """Bytes of ``files`` resident in the page cache right now (mincore; Unix only)."""
+    probe = _CacheProbe(_expand(files))
+    try:
+        return probe.resident()
+    finally:
+        probe.close()
+
+
+def _expand(files: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """Paths; a folder stands for the ``*.safetensors`` files directly inside it."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    out: list[Path] = []
+    for f in files:
+        p = Path(f)
+        out += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    return out
+
+
+def _cuda(device):
+    """``torch.device`` of a CUDA device to watch, or None for the CPU / no device."""
+    if device is None or str(device) == "cpu":
+        return None
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {device!r} is not a device torch understands: {e}") from None
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise DeviceError(f"cannot watch device {device!r}: only 'cpu' and an available "
+                          "'cuda[:N]' have memory counters")
+    return dev
+
+
+class _Ticker(threading.Thread):
+    def __init__(self, sampler: "MemorySampler"):
+        super().__init__(name="mmapload-sampler", daemon=True)
+        self.sampler = sampler
+
+    def run(self) -> None:
+        self.sampler._loop()
+
+
+class MemorySampler:
+    """Sample process memory in a background thread while the ``with`` body runs.
+
+    ``files``: paths (a folder: its ``*.safetensors``) whose page-cache residency is
+    sampled; none: ``page_cache`` is None. ``device``: "cuda[:N]" to sample its memory.
+    A sampler runs once; ``samples`` and ``markers`` stay readable after it stops.
+    """
+
+    def __init__(self, interval: float = 0.01, device=None, files=(), cache_interval: float = 0.1):
+        for name, v, low in (("interval", interval, 1e-4), ("cache_interval", cache_interval, 0.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+                raise OptionsError(f"{name} must be a number of seconds >= {low}, got {v!r}")
+        self.interval, self.cache_interval = float(interval), float(cache_interval)
+        self.device = _cuda(device)
+        self.files = _expand(files)
+        self.samples: list[Sample] = []
+        self.markers: list[tuple[float, str]] = []
+        self.error: BaseException | None = None   # what stopped the sampling thread, if anything
+        self._phase, self._cache, self._cache_at = "", None, -math.inf
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: _Ticker | None = None
+        self._probe: _CacheProbe | None = None
+        self._t0 = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "MemorySampler":
+        global _active
+        if self._thread is not None:
+            raise RuntimeError("a MemorySampler runs once; make a new one")
+        if self.files:
+            self._probe = _CacheProbe(self.files)
+        self._t0 = time.perf_counter()
+        self._thread = _Ticker(self)
+        self._take(cache=True)
+        with _registry:
+            _active = _active + (self,)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        global _active
+        with _registry:
+            _active = tuple(s for s in _active if s is not self)
+        if self._thread is None or self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        try:
+            if self.error is None:
+                self._take(cache=True)
+        finally:
+            if self._probe is not None:
+                self._probe.close()
+
+    def __enter__(self) -> "MemorySampler":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop()
+        if self.error is not None and exc_type is None:
+            raise self.error
+
+    # -- sampling ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                now = time.perf_counter()
+                self._take(cache=now - self._cache_at >= self.cache_interval)
+        except BaseException as e:  # noqa: BLE001 - re-raised by __exit__
+            self.error = e
+
+    def _take(self, cache: bool) -> None:
+        if cache and self._probe is not None:
+            self._cache_at = time.perf_counter()
+            self._cache = self._probe.resident()
+        alloc = reserved = None
+        if self.device is not None:
+            import torch
+            alloc = torch.cuda.memory_allocated(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+        with self._lock:  # t and phase under the lock: samples stay in time order
+            m = read_mem()
+            self.samples.append(Sample(time.perf_counter() - self._t0, m.rss, m.anon, m.file,
+                                       self._cache, alloc, reserved, self._phase))
+
+    def _mark(self, phase: str) -> None:
+        with self._lock:
+            if phase == self._phase:
+                return
+            self._phase = phase
+            self.markers.append((time.perf_counter() - self._t0, phase))
+        self._take(cache=False)
+
+    # -- results -----------------------------------------------------------------------
+    def peak(self, metric: str = "rss") -> int | None:
+        """Largest value of ``metric`` (one of METRICS) over the samples; None if never known."""
+        if metric not in METRICS:
+            raise OptionsError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        vals = [v for s in self.samples if (v := getattr(s, metric)) is not None]
+        return max(vals) if vals else None
+
+    def peaks(self) -> dict[str, int | None]:
+        return {m: self.peak(m) for m in METRICS}
+
+
+# -- output ------------------------------------------------------------------------------
+def write_csv(path, runs: dict[str, list[Sample]]) -> None:
+    """One row per sample per run: ``strategy, t, rss, ..., phase`` (bytes; empty = unknown)."""
+    cols = [f.name for f in fields(Sample)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(",".join(["strategy"] + cols) + "\n")
+        for name, samples in runs.items():
+            for s in samples:
+                vals = ["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                        for v in (getattr(s, c) for c in cols)]
+                f.write(",".join([name] + vals) + "\n")
+
+
+def plot(path, runs: dict[str, list[Sample]], *, title: str = "", dpi: int = 100) -> None:
+    """One panel per known metric, runs overlaid, GiB over seconds, each run's peak marked.
+
+    Needs matplotlib (``pip install mmapload[plot]``); raises ImportError without it.
+    """
+    from matplotlib.figure import Figure   # no pyplot: no global backend or figure state
+    shown = [m for m in METRICS if any(getattr(s, m) is not None for v in runs.values() for s in v)]
+    ncols = 2 if len(shown) > 1 else 1
+    nrows = -(-len(shown) // ncols)
+    fig = Figure(figsize=(5.2 * ncols, 2.5 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    tmax = max((s.t for v in runs.values() for s in v), default=0.0)
+    for ax, metric in zip(axes, shown):
+        top = 0.0
+        for k, (name, samples) in enumerate(runs.items()):
+            pts = [(s.t, getattr(s, metric) / 2**30) for s in samples if getattr(s, metric) is not None]
+            if not pts:
+                continue
+            ts, gib = zip(*pts)
+            line, = ax.plot(ts, gib, lw=1.2, label=name)
+            i = max(range(len(gib)), key=gib.__getitem__)
+            ax.plot([ts[i]], [gib[i]], "o", ms=3.5, color=line.get_color())
+            right = ts[i] > 0.85 * tmax          # label left of a peak at the right edge
+            ax.annotate(f"{gib[i]:.2f}", (ts[i], gib[i]), xytext=(-3 if right else 3, 2 + 8 * k),
+                        textcoords="offset points", fontsize=7, color=line.get_color(),
+                        ha="right" if right else "left")
+            top = max(top, gib[i])
+        ax.set_title(LABELS[metric], fontsize=9)
+        ax.set_ylabel("GiB", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, top * (1.1 + 0.08 * len(runs)) or 1)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    for ax in axes[max(0, len(shown) - ncols):len(shown)]:
+        ax.set_xlabel("seconds", fontsize=8)
+    if shown:
+        axes[0].legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=dpi)

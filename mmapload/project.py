@@ -1,0 +1,264 @@
+"""What a load will need, from the headers alone: ``project(path, device, **options)``.
+
+Reads only the headers (``open_checkpoint``), so it takes milliseconds on a 100 GB
+checkpoint, and needs no GPU to project a CUDA load. The memory model follows what
+stream.py / assemble.py / device.py allocate; every term is an upper bound:
+
+Host peak, above the RSS the process had before the load (with torch imported and, for
+CUDA, the CUDA context already created):
+  CPU device:  ring (n_slots x slot_bytes)
+             + retained bytes (the outputs live in host RAM)
+             + reader buffers, by ``io``: mmap 2 x slot_bytes (the mapped run or pre-pass
+               window, released behind the reader, plus the copy of an unaligned pre-pass
+               window); pread 0 (it reads into the slot); direct one bounce buffer of
+               slot_bytes + 2 pages per shard (each is kept until the load ends)
+             + 2 quantizers' scratch (1 MiB float32 each: consumer and reader pre-pass)
+             + amax grids (20 bytes per granule row of the largest piece, reader and consumer)
+             + error_stats temporaries (12 bytes per element of the largest piece), if on
+             + HOST_MARGIN
+  CUDA device: ring rounded up to a power of two (torch's pinned-memory allocator does)
+             + reader buffers as above, mmap only 1 x slot_bytes (no pre-pass on CUDA)
+             + 1 MiB reader scratch + HOST_MARGIN
+Device peak (CUDA; what ``torch.cuda.max_memory_allocated`` can reach during the load):
+    retained bytes, each tensor rounded up to the allocator's 512 bytes
+  + 2 staging buffers (each the largest batch, <= slot_bytes)
+  + hold buffer (the largest per-tensor-scaled matrix that is cut into pieces)
+  + quantizer scratch (4M float32 = 16 MiB) + amax grids + error_stats temporaries
+On the CPU the device is host RAM: ``device_peak`` is None and ``fits`` uses the host peak.
+
+HOST_MARGIN (64 MiB) covers what the model does not itemise: malloc arenas and the torch
+allocator's caching, the Python objects of the results, page rounding. Measured (fresh
+processes, 2-core CPU machine, 128 MiB-1 GiB llama-shaped checkpoints, rings of 4-256 MiB,
+every granularity and io mode, with and without pre-passes): peak RSS above baseline came
+to at most 15 MiB more than the itemised terms, so the margin leaves about 50 MiB of headroom.
+``fits`` also reserves on the device CUDA_CONTEXT (512 MiB) and DEVICE_MARGIN (64 MiB, for
+caching-allocator segments reserved beyond what is allocated): estimates, not measured here.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import TensorSpec, open_checkpoint
+from .errors import DeviceError
+from .fp8 import Granularity, scale_shape
+from .options import LoadOptions, should_quantize
+from .plan import matrix_dims, plan_batches
+
+__all__ = ["Projection", "TensorGroup", "project", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
+
+HOST_MARGIN = 64 << 20
+DEVICE_MARGIN = 64 << 20
+CUDA_CONTEXT = 512 << 20
+_CPU_SCRATCH = 4 << 18        # fp8._default_scratch: 256K float32 on the CPU
+_CUDA_SCRATCH = 4 << 22       # 4M float32 on CUDA
+_PAGE = mmap.PAGESIZE
+_CUDA_ROUND = 512             # the CUDA caching allocator's size granularity
+_NAMES = 3                    # example names kept per group
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    count: int = 0
+    nbytes: int = 0                      # bytes in the checkpoint
+    names: tuple[str, ...] = ()          # the first few, in file order
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Totals of a checkpoint and the memory a load with ``options`` on ``device`` needs."""
+
+    path: str
+    device: str
+    options: LoadOptions
+    total_bytes: int
+    tensors: int
+    shards: tuple[tuple[str, int, int], ...]          # (file name, tensors, bytes)
+    dtypes: dict[str, tuple[int, int]]                # dtype -> (tensors, bytes)
+    largest: tuple[TensorSpec, ...]
+    quantized: TensorGroup
+    kept: TensorGroup
+    fp8_bytes: int                                    # FP8 data of the quantized tensors
+    scale_bytes: int                                  # their float32 scales
+    ring_bytes: int                                   # n_slots x slot_bytes
+    stage_bytes: int                                  # largest batch
+    hold_bytes: int                                   # CUDA hold buffer
+    prepass: int                                      # CPU: matrices read twice (amax pre-pass)
+    host_terms: dict[str, int] = field(default_factory=dict)
+    device_terms: dict[str, int] | None = None
+
+    @property
+    def retained_bytes(self) -> int:
+        """What the loaded model keeps: FP8 data + scales + the kept tensors."""
+        return self.fp8_bytes + self.scale_bytes + self.kept.nbytes
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host_terms.values())
+
+    @property
+    def device_peak(self) -> int | None:
+        return None if self.device_terms is None else sum(self.device_terms.values())
+
+    def needed(self) -> int:
+        """Memory the device must offer: host peak on the CPU; on CUDA the device peak
+        plus CUDA_CONTEXT and DEVICE_MARGIN."""
+        if self.device_peak is None:
+            return self.host_peak
+        return self.device_peak + CUDA_CONTEXT + DEVICE_MARGIN
+
+    def fits(self, device_memory: int) -> bool:
+        return self.needed() <= device_memory
+
+    def as_dict(self, device_memory: int | None = None) -> dict:
+        o = self.options
+        return {
+            "path": self.path, "device": self.device, "total_bytes": self.total_bytes,
+            "tensors": self.tensors,
+            "options": {"ring_bytes": o.ring_bytes, "slot_bytes": o.slot_bytes, "n_slots": o.n_slots,
+                        "granularity": o.granularity.value, "fp8_dtype": str(o.fp8_dtype),
+                        "skip": list(o.skip), "io": getattr(o, "io", "mmap")},
+            "shards": [{"file": f, "tensors": n, "bytes": b} for f, n, b in self.shards],
+            "dtypes": {d: {"tensors": n, "bytes": b} for d, (n, b) in self.dtypes.items()},
+            "largest": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes}
+                        for s in self.largest],
+            "quantized": vars(self.quantized) | {"names": list(self.quantized.names)},
+            "kept": vars(self.kept) | {"names": list(self.kept.names)},
+            "fp8_bytes": self.fp8_bytes, "scale_bytes": self.scale_bytes,
+            "retained_bytes": self.retained_bytes,
+            "stage_bytes": self.stage_bytes, "hold_bytes": self.hold_bytes, "prepass": self.prepass,
+            "host_peak": self.host_peak, "host_terms": self.host_terms,
+            "device_peak": self.device_peak, "device_terms": self.device_terms, "needed": self.needed(),
+            "device_memory": device_memory,
+            "fits": None if device_memory is None else self.fits(device_memory),
+        }
+
+    def format(self, device_memory: int | None = None) -> str:
+        o, g = self.options, lambda b: _size(b)
+        terms = lambda d: " + ".join(f"{k} {g(v)}" for k, v in d.items() if v)  # noqa: E731
+        few = lambda grp: f"  e.g. {', '.join(grp.names)}" if grp.names else ""  # noqa: E731
+        lines = [f"checkpoint   {self.path}: {len(self.shards)} shard(s), {self.tensors} tensors, "
+                 f"{g(self.total_bytes)}"]
+        lines += [f"  shard      {f}: {n} tensors, {g(b)}" for f, n, b in self.shards]
+        lines += [f"  dtype      {d}: {n} tensors, {g(b)}" for d, (n, b) in sorted(self.dtypes.items())]
+        lines += [f"  largest    {s.name} {s.dtype} {list(s.shape)}: {g(s.nbytes)}" for s in self.largest]
+        lines += [
+            f"quantized    {self.quantized.count} tensors, {g(self.quantized.nbytes)} -> FP8 "
+            f"{g(self.fp8_bytes)} + scales {g(self.scale_bytes)} ({o.granularity.value})"
+            f"{few(self.quantized)}",
+            f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)}{few(self.kept)}",
+            f"retained     {g(self.retained_bytes)}",
+            f"plan         ring {g(self.ring_bytes)} = {o.n_slots} x {g(o.slot_bytes)} slots, largest batch "
+            f"{g(self.stage_bytes)}" + (f", {self.prepass} matrices read twice (amax pre-pass)"
+                                       if self.prepass else ""),
+            f"host peak    {g(self.host_peak)} above baseline ({terms(self.host_terms)})",
+        ]
+        if self.device_terms is not None:
+            lines.append(f"device peak  {g(self.device_peak)} ({terms(self.device_terms)})")
+        if device_memory is not None:
+            extra = "" if self.device_terms is None else (
+                f" (device peak + CUDA context {g(CUDA_CONTEXT)} + margin {g(DEVICE_MARGIN)})")
+            verdict = "fits" if self.fits(device_memory) else "does NOT fit"
+            lines.append(f"{verdict:<12} {self.device}: needs {g(self.needed())}{extra} "
+                         f"of {g(device_memory)}")
+        return "\n".join(lines)
+
+
+def _size(b: int) -> str:
+    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if b >= 1 << k:
+            return f"{b / (1 << k):,.2f} {unit}"
+    return f"{b} B"
+
+
+def _group(specs: list[TensorSpec]) -> TensorGroup:
+    return TensorGroup(len(specs), sum(s.nbytes for s in specs), tuple(s.name for s in specs[:_NAMES]))
+
+
+def _round(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
+    """Project a load of ``path`` onto ``device`` ("cpu" or "cuda[:N]", which need not
+    exist here) with ``options`` (as for ``stream_quantize``); reads only headers.
+    Raises what ``open_checkpoint`` and ``LoadOptions`` raise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {device!r} is not a device torch understands: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r}: mmapload supports 'cpu' and 'cuda[:N]'")
+    opts = LoadOptions.from_kwargs(**options)
+    ckpt = open_checkpoint(path)
+    specs = ckpt.tensors
+    quant = {s.name for s in specs if should_quantize(s, opts)}
+    gran, (br, bc) = opts.granularity, opts.block_size
+    block_rows = br if gran is Granularity.BLOCK else 1
+    batches = plan_batches(specs, lambda s: s.name in quant, opts.slot_bytes, block_rows)
+
+    dtypes: dict[str, tuple[int, int]] = {}
+    for s in specs:
+        n, b = dtypes.get(s.dtype, (0, 0))
+        dtypes[s.dtype] = (n + 1, b + s.nbytes)
+    qspecs = [s for s in specs if s.name in quant]
+    kspecs = [s for s in specs if s.name not in quant]
+    scale_elems = {s.name: math.prod(scale_shape(s.shape, gran, opts.block_size)) for s in qspecs}
+
+    # the plan: staging, held / pre-passed matrices, the largest piece and its amax grid
+    spans: dict[tuple[str, int], int] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    piece_elems = grid_elems = 0
+    for batch in batches:
+        for p in batch.pieces:
+            if not p.quantize:
+                continue
+            _, rows, cols = matrix_dims(p.spec.shape)
+            piece_elems = max(piece_elems, (p.row1 - p.row0) * cols)
+            if gran is Granularity.BLOCK:   # int grid + its row padding + float copy
+                grid_elems = max(grid_elems, (p.row1 - p.row0 + br) * -(-cols // bc))
+            else:
+                grid_elems = max(grid_elems, p.row1 - p.row0)
+            if gran is Granularity.TENSOR and not p.whole:
+                key = (p.spec.name, p.expert)
+                spans[key] = spans.get(key, 0) + 1
+                sizes[key] = rows * cols * p.spec.itemsize
+    stage = max((b.nbytes for b in batches), default=0)
+    slot, ring = opts.slot_bytes, opts.n_slots * opts.slot_bytes
+    grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
+    fp8_bytes = sum(s.numel for s in qspecs)
+    scale_bytes = 4 * sum(scale_elems.values())
+    kept_bytes = sum(s.nbytes for s in kspecs)
+
+    io = getattr(opts, "io", "mmap")
+    reader = {"mmap": (2 if dev.type == "cpu" else 1) * slot, "pread": 0,
+              "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
+    if dev.type == "cpu":
+        prepass = sum(n > opts.n_slots - 1 for n in spans.values())
+        hold = 0
+        host = {"ring": ring, "retained": fp8_bytes + scale_bytes + kept_bytes,
+                f"reader ({io})": reader, "quantizer scratch": 2 * _CPU_SCRATCH,
+                "amax grids": 2 * grids, "error stats": err, "margin": HOST_MARGIN}
+        device_terms = None
+    else:
+        prepass = 0
+        hold = _round(max(sizes.values(), default=0), 64)
+        host = {"ring (pinned)": 1 << (ring - 1).bit_length(), f"reader ({io})": reader,
+                "quantizer scratch": _CPU_SCRATCH, "margin": HOST_MARGIN}
+        retained = (sum(_round(s.numel, _CUDA_ROUND) + _round(4 * scale_elems[s.name], _CUDA_ROUND)
+                        for s in qspecs) + sum(_round(s.nbytes, _CUDA_ROUND) for s in kspecs))
+        device_terms = {"retained": retained, "staging": 2 * _round(stage, _CUDA_ROUND),
+                        "hold buffer": _round(hold, _CUDA_ROUND), "quantizer scratch": _CUDA_SCRATCH,
+                        "amax grids": grids, "error stats": err}
+    return Projection(
+        path=str(ckpt.root), device=str(dev), options=opts, total_bytes=ckpt.total_bytes,
+        tensors=len(specs), shards=tuple((s.path.name, len(s.tensors), sum(t.nbytes for t in s.tensors))
+                                         for s in ckpt.shards),
+        dtypes=dtypes, largest=tuple(sorted(specs, key=lambda s: -s.nbytes)[:top]),
+        quantized=_group(qspecs), kept=_group(kspecs), fp8_bytes=fp8_bytes, scale_bytes=scale_bytes,
+        ring_bytes=ring, stage_bytes=stage, hold_bytes=hold, prepass=prepass,
+        host_terms=host, device_terms=device_terms)
