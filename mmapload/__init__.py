@@ -10,9 +10,10 @@ from .fp8 import Granularity
 from .options import LoadOptions
 from .result import LoadReport, QuantizedModel, QuantizedTensor
 from .stream import iter_quantized, stream_quantize
+from .export import convert
 
 __all__ = [
-    "stream_quantize", "iter_quantized",
+    "stream_quantize", "iter_quantized", "convert",
     "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadOptions", "Granularity",
     "MmapLoadError", "CheckpointError", "HeaderError", "ShardIndexError", "OptionsError",
     "NonFiniteError", "DeviceError", "FileChangedError",

@@ -66,6 +66,15 @@ def _demo(a: argparse.Namespace) -> int:
         return _quantize(ckpt, a)
 
 
+def _convert(a: argparse.Namespace) -> int:
+    from .export import convert
+    t0 = time.perf_counter()
+    out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, **_load_kwargs(a))
+    n = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"wrote {out}: {n / 2**20:,.1f} MiB of FP8 safetensors in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _inspect(a: argparse.Namespace) -> int:
     from .project import project
     p = project(a.checkpoint, a.device, top=a.top, **_load_kwargs(a))
@@ -183,10 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every loader's process "
                    "(default: torch's own choice)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of memory.png (100)")
+    p = sub.add_parser("convert", help="write an FP8 copy of a checkpoint, streamed (host memory ~ the "
+                       "ring + the largest tensor)")
+    p.add_argument("src", help="a .safetensors file or a checkpoint folder")
+    p.add_argument("dst", help="output folder; must not exist or be empty unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace dst (only once the new output is complete)")
+    _add_load_options(p)
     a = parser.parse_args(argv)
     try:
         if a.command == "demo":
             return _demo(a)
+        if a.command == "convert":
+            return _convert(a)
         if a.command == "inspect":
             return _inspect(a)
         if a.command == "profile":

@@ -3,6 +3,10 @@
 The header is computable from names, dtypes and shapes alone, so a file can be written
 without ever holding all of its tensors. The file is written under a temporary name and
 renamed into place only by ``commit()``: a failure never leaves a complete-looking file.
+
+With ``sync_bytes`` set, written data does not pile up as dirty page cache (which counts
+against a cgroup memory limit): every ``sync_bytes`` the file is ``fdatasync``-ed and the
+written range dropped from the page cache (``POSIX_FADV_DONTNEED``).
 """
 
 from __future__ import annotations
@@ -31,11 +35,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 class SafetensorsWriter:
     """``SafetensorsWriter(path, [(name, dtype, shape), ...])``, then ``write(name, t)`` in
-    that order, then ``commit()``. Used as a context manager, an exception discards the file."""
+    that order, then ``commit()``. Used as a context manager, an exception discards the file.
+
+    ``sync_bytes`` (0: off): flush, ``fdatasync`` and drop from the page cache every that
+    many bytes written (big tensors are written in pieces of that size)."""
 
     def __init__(self, path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, sync_bytes: int = 0):
+        if isinstance(sync_bytes, bool) or not isinstance(sync_bytes, int) or sync_bytes < 0:
+            raise ValueError(f"sync_bytes must be a non-negative int, got {sync_bytes!r}")
         self.path = Path(path)
+        self.sync_bytes = sync_bytes
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self._order: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
@@ -51,9 +61,25 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)   # keep the data section 8-byte aligned
         self.data_bytes = offset
+        self.header_bytes = 8 + len(raw)
         self._next = 0
         self._f = open(self.tmp, "wb")
         self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._pos, self._synced = self.header_bytes, 0   # bytes written; bytes synced and dropped
+
+    @property
+    def size(self) -> int:
+        """The finished file's size in bytes."""
+        return self.header_bytes + self.data_bytes
+
+    def _sync(self) -> None:
+        """fdatasync what was written since the last sync and drop it from the page cache."""
+        self._f.flush()
+        fd = self._f.fileno()
+        os.fdatasync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, self._synced, self._pos - self._synced, os.POSIX_FADV_DONTNEED)
+        self._synced = self._pos
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order):
@@ -64,7 +90,13 @@ class SafetensorsWriter:
                              f"{tensor.dtype} {tuple(tensor.shape)}")
         if n:
             t = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._f.write(memoryview(t.numpy()))
+            mv = memoryview(t.numpy())
+            step = self.sync_bytes or n
+            for i in range(0, n, step):
+                self._f.write(mv[i:i + step])
+                self._pos += min(step, n - i)
+                if self.sync_bytes and self._pos - self._synced >= self.sync_bytes:
+                    self._sync()
         self._next += 1
 
     def commit(self) -> Path:
@@ -72,6 +104,8 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: only {self._next} of {len(self._order)} tensors written")
         self._f.flush()
         os.fsync(self._f.fileno())
+        if self.sync_bytes:
+            self._sync()
         self._f.close()
         os.replace(self.tmp, self.path)
         return self.path

@@ -2,12 +2,12 @@
 
     python tests/memprobe.py mmapload|naive CKPT RING_BYTES
 
-Peak RSS comes from the kernel (ru_maxrss) and a 2 ms sampler thread that also tracks the
+Peak RSS comes from the kernel (VmHWM: ru_maxrss would start at the parent's peak, since a
+forked child inherits it) and a 2 ms sampler thread that also tracks the
 anonymous / file-backed split from /proc/self/status.
 """
 
 import json
-import resource
 import sys
 import threading
 import time
@@ -50,6 +50,14 @@ def naive(ckpt: Path):
                else v.numel() * v.element_size() for v in keep.values()), keep
 
 
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main():
     which, ckpt, ring = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     import mmapload  # the baseline is taken after every import either loader needs
@@ -67,7 +75,7 @@ def main():
     time.sleep(0.01)
     s.stop.set()
     s.join()
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    maxrss = _vm_hwm()
     print(json.dumps({"base_rss": base.rss, "base_file": base.file, "base_anon": base.anon,
                       "peak_rss": max(maxrss, s.peak["rss"]), "peak_anon": s.peak["anon"],
                       "peak_file": s.peak["file"], "retained": retained, "seconds": seconds}))

@@ -26,3 +26,18 @@ def test_quantize_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["quantize", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.safetensors" in err and "Traceback" not in err
+
+
+def test_convert_command_writes_a_loadable_fp8_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from mmapload.synth import make_llama_checkpoint
+    src = make_llama_checkpoint(tmp_path / "src", 2 << 20, shards=2)
+    dst = tmp_path / "fp8"
+    assert main(["convert", str(src), str(dst), "--granularity", "channel", "--ring-bytes", "1MiB"]) == 0
+    tensors = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    q = tensors["model.layers.0.mlp.up_proj.weight"]
+    assert q.dtype.itemsize == 1 and tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (q.shape[0], 1)
+    assert (dst / "config.json").exists() and (dst / "model.safetensors.index.json").exists()

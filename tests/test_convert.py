@@ -1,0 +1,281 @@
+"""convert(): an FP8 checkpoint on disk, streamed, identical to the in-memory load, failure-safe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmapload
+from mmapload import export
+from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
+from mmapload.fp8 import scale_shape
+from mmapload.options import LoadOptions, should_quantize
+from mmapload.synth import make_llama_checkpoint
+from mmapload.writer import SafetensorsWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+EXTRAS = {"tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}',
+          "generation_config.json": '{"do_sample": false}'}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """~4 MiB llama-shaped bf16 checkpoint, 2 shards, config + tokenizer + a hidden file + a subfolder."""
+    src = make_llama_checkpoint(tmp_path_factory.mktemp("small") / "src", 4 << 20, shards=2)
+    for name, text in EXTRAS.items():
+        (src / name).write_text(text)
+    (src / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (src / "sub").mkdir()
+    (src / "sub" / "notes.txt").write_text("not copied")
+    return src
+
+
+def _load_dir(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _no_partials(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if "partial" in p.name]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_convert_writes_what_stream_quantize_holds(small, tmp_path, granularity, no_thread_leak):
+    opts = dict(granularity=granularity, ring_bytes=256 << 10, block_size=(32, 64))
+    dst = export.convert(small, tmp_path / "fp8", **opts)
+    assert dst == tmp_path / "fp8"
+    assert sorted(p.name for p in dst.iterdir()) == sorted(SHARDS + [INDEX_NAME, "config.json", *EXTRAS])
+    for name in ["config.json", *EXTRAS]:
+        assert (dst / name).read_bytes() == (small / name).read_bytes()
+    assert _no_partials(tmp_path) == [] and not any(p.name.endswith(".partial") for p in dst.iterdir())
+
+    lo = LoadOptions(**opts)
+    src_specs = {s.name: s for s in open_checkpoint(small).tensors}
+    index = json.loads((dst / INDEX_NAME).read_text())
+    total, n_quantized = 0, 0
+    for fname in SHARDS:
+        shard = read_header(dst / fname)
+        meta = json.loads(shard.metadata["mmapload"])
+        assert shard.metadata["format"] == "pt"
+        assert meta == {"granularity": granularity, "fp8_dtype": "float8_e4m3fn", "block_size": [32, 64],
+                        "scale_suffix": "_scale"}
+        names = [s.name for s in shard.tensors]          # file order
+        for i, spec in enumerate(shard.tensors):
+            assert index["weight_map"][spec.name] == fname
+            total += spec.nbytes
+            if spec.name.endswith("_scale"):
+                continue
+            src = src_specs[spec.name]
+            assert src.shard.name == fname                # sharded like the input
+            assert spec.shape == src.shape
+            if should_quantize(src, lo):
+                n_quantized += 1
+                assert spec.dtype == "F8_E4M3"
+                scale = shard.tensors[i + 1]
+                assert scale.name == spec.name + "_scale" and names[i + 1] == scale.name
+                assert scale.dtype == "F32" and scale.shape == scale_shape(src.shape, granularity, (32, 64))
+            else:
+                assert spec.dtype == src.dtype
+    assert index["metadata"]["total_size"] == total
+    assert len(index["weight_map"]) == len(src_specs) + n_quantized
+    assert n_quantized > 10
+
+    want = mmapload.stream_quantize(small, **opts).state_dict()
+    got = _load_dir(dst)
+    assert got.keys() == want.keys()
+    bad = [k for k in want if not _same(got[k], want[k])]
+    assert not bad, f"differ from the in-memory load: {bad[:5]}"
+
+
+def test_single_file_input_becomes_model_safetensors(small, tmp_path):
+    src = tmp_path / "weights.safetensors"
+    src.write_bytes((small / SHARDS[0]).read_bytes())
+    dst = export.convert(src, tmp_path / "out", granularity="channel")
+    assert sorted(p.name for p in dst.iterdir()) == ["model.safetensors", INDEX_NAME]
+    assert set(json.loads((dst / INDEX_NAME).read_text())["weight_map"].values()) == {"model.safetensors"}
+    want = mmapload.stream_quantize(src, granularity="channel").state_dict()
+    got = load_file(dst / "model.safetensors")
+    assert got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
+
+
+def test_destination_rules(small, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    export.convert(small, dst)                            # an empty directory is fine
+    marker = dst / "old.txt"
+    marker.write_text("old")
+    with pytest.raises(mmapload.OptionsError, match="already exists"):
+        export.convert(small, dst)
+    assert marker.exists()                                # untouched
+    export.convert(small, dst, overwrite=True, granularity="block")
+    assert not marker.exists()
+    assert json.loads(read_header(dst / SHARDS[0]).metadata["mmapload"])["granularity"] == "block"
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(mmapload.OptionsError):
+        export.convert(small, f)
+    for bad in (small, small / "fp8", small.parent):
+        with pytest.raises(mmapload.OptionsError, match="source"):
+            export.convert(small, bad, overwrite=True)
+    assert (small / SHARDS[0]).exists() and _no_partials(tmp_path) == []
+
+
+def test_bad_options_raise_before_anything_is_written(small, tmp_path):
+    with pytest.raises(mmapload.OptionsError):
+        export.convert(small, tmp_path / "out", granularity="row")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_corrupt_header_leaves_nothing(small, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in small.iterdir():
+        if p.is_file():
+            (src / p.name).write_bytes(p.read_bytes())
+    raw = bytearray((src / SHARDS[1]).read_bytes())
+    raw[20:24] = b"\xff\xfe{{"
+    (src / SHARDS[1]).write_bytes(bytes(raw))
+    with pytest.raises(mmapload.HeaderError, match=SHARDS[1]):
+        export.convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _no_partials(tmp_path) == []
+
+
+def _copy_with_nan(small: Path, dst: Path) -> str:
+    """A copy of ``small`` whose last quantized weight (in shard 2) starts with a NaN."""
+    dst.mkdir()
+    for p in small.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    spec = [s for s in read_header(dst / SHARDS[1]).tensors if should_quantize(s, LoadOptions())][-1]
+    with open(dst / SHARDS[1], "r+b") as f:
+        f.seek(spec.start)
+        f.write(b"\xc0\x7f")                              # bf16 NaN
+    return spec.name
+
+
+def test_failure_mid_stream_removes_partial_and_keeps_old_dst(small, tmp_path, no_thread_leak):
+    src = tmp_path / "src"
+    bad_name = _copy_with_nan(small, src)
+    with pytest.raises(mmapload.NonFiniteError, match=bad_name):
+        export.convert(src, tmp_path / "out", ring_bytes=256 << 10)
+    assert not (tmp_path / "out").exists() and _no_partials(tmp_path) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous output")
+    with pytest.raises(mmapload.NonFiniteError):
+        export.convert(src, old, overwrite=True)
+    assert [p.name for p in old.iterdir()] == ["keep.txt"] and _no_partials(tmp_path) == []
+
+
+def test_failed_final_rename_puts_the_old_dst_back(small, tmp_path, monkeypatch):
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous output")
+    real = os.rename
+
+    def rename(a, b):
+        if export.PARTIAL_MARK in str(a):
+            raise OSError(28, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="No space"):
+        export.convert(small, old, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+
+
+def test_keyboard_interrupt_mid_write_removes_partial(small, tmp_path, monkeypatch, no_thread_leak):
+    real, calls = SafetensorsWriter.write, []
+
+    def write(self, name, t):
+        calls.append(name)
+        if len(calls) == 30:
+            assert any(tmp_path.glob(".out.mmapload-partial-*/.*.partial"))   # mid-way, really
+            raise KeyboardInterrupt
+        real(self, name, t)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        export.convert(small, tmp_path / "out", ring_bytes=256 << 10)
+    assert len(calls) == 30 and sorted(tmp_path.iterdir()) == []
+
+
+def test_written_data_is_synced_and_dropped_from_the_page_cache(small, tmp_path, monkeypatch):
+    synced, advised = [], []
+    real_sync, real_advise = os.fdatasync, os.posix_fadvise
+    monkeypatch.setattr(export, "SYNC_BYTES", 256 << 10)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_sync(fd))[1])
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (
+        advised.append((off, n, adv)), real_advise(fd, off, n, adv))[1])
+    dst = export.convert(small, tmp_path / "out", drop_page_cache=False)   # reads advise nothing
+    written = sum((dst / s).stat().st_size for s in SHARDS)
+    dropped = [(o, n) for o, n, adv in advised if adv == os.POSIX_FADV_DONTNEED]
+    assert len(synced) >= written // (256 << 10)
+    # the dropped ranges tile each file from 0 to its end
+    assert sum(n for _, n in dropped) == written and all(n <= (256 << 10) + (1 << 20) for _, n in dropped)
+
+
+def test_writer_sync_bytes_writes_the_same_file(tmp_path):
+    t = {"a": torch.randn(300, 70), "b": torch.arange(1000, dtype=torch.int16), "c": torch.tensor(3.0)}
+    for sync in (0, 1000):
+        entries = [(k, v.dtype, tuple(v.shape)) for k, v in t.items()]
+        with SafetensorsWriter(tmp_path / f"{sync}.safetensors", entries, sync_bytes=sync) as w:
+            for k, v in t.items():
+                w.write(k, v)
+        assert w.size == (tmp_path / f"{sync}.safetensors").stat().st_size
+    assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1000.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """~400 MiB: big enough that a conversion runs for a while after it starts writing."""
+    return make_llama_checkpoint(tmp_path_factory.mktemp("medium") / "src", 400 << 20, shards=2)
+
+
+def _tree_bytes(d: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    except FileNotFoundError:   # a file renamed while we looked
+        return 0
+
+
+def test_sigkill_mid_conversion_leaves_nothing_complete_looking(medium, tmp_path):
+    dst = tmp_path / "out"
+    code = (f"from mmapload.export import convert; convert({str(medium)!r}, {str(dst)!r}, "
+            f"ring_bytes=1 << 20)")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    partial = tmp_path / f".out.mmapload-partial-{child.pid}"
+    deadline = time.monotonic() + 60
+    while _tree_bytes(partial) < (8 << 20):
+        assert child.poll() is None, f"convert exited ({child.returncode}) before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    assert not dst.exists(), "a killed conversion left files at the destination"
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == [partial.name] and partial.name.startswith(".")   # hidden, named partial
+    assert not (partial / INDEX_NAME).exists()
+    # a later run writes a complete output next to the stale partial directory
+    export.convert(medium, dst, ring_bytes=16 << 20, granularity="block")
+    assert sorted(p.name for p in dst.iterdir()) == sorted(SHARDS + [INDEX_NAME, "config.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", partial.name])
