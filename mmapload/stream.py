@@ -22,10 +22,11 @@ from ._progress import Progress
 from .assemble import Assembler, Loaded
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
-from .errors import DeviceError
+from .errors import DeviceError, OptionsError
 from .fp8 import Granularity, Quantizer, merge_amax
 from .mapped import ShardReader
 from .options import LoadOptions, should_quantize
+from .pairs import flat as _flatten, fp8_pairs, paired
 from .pread import open_reader
 from .plan import Batch, Piece, matrix_dims, plan_batches
 from .result import LoadReport, QuantizedModel
@@ -215,14 +216,30 @@ def _pipeline(path, device, options: dict) -> _Pipeline:
     return _Pipeline(open_checkpoint(path), dev, opts)
 
 
-def iter_quantized(path, device="cpu", **options) -> Iterator[tuple[str, Loaded]]:
+def _results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]]:
+    run = pipe.run()
+    items = paired(run, fp8_pairs(pipe.ckpt))
+    try:
+        yield from _flatten(items) if flat_ else items
+    finally:
+        run.close()   # joins the reader thread now, not when the generator is collected
+
+
+def iter_quantized(path, device="cpu", *, flat: bool = False, **options) -> Iterator[tuple[str, Loaded]]:
     """Yield ``(name, tensor)`` in file order: ``QuantizedTensor`` for quantized weights,
-    the original tensor (on ``device``, bit-identical) for everything else.
+    the original tensor (on ``device``, bit-identical) for everything else. FP8 weights
+    already in the checkpoint, with their ``_scale`` / ``_scale_inv``, come out as one
+    ``QuantizedTensor`` (not re-quantized).
+
+    ``flat=True`` yields plain tensors for engines' weight loaders instead:
+    ``("x.weight", fp8)`` followed by ``("x.weight_scale", float32 scale)``.
 
     Options and the checkpoint are validated now; reading starts at the first ``next()``.
     Closing the generator early stops the reader thread and frees the ring.
     """
-    return _pipeline(path, device, options).run()
+    if not isinstance(flat, bool):
+        raise OptionsError(f"flat must be True or False, got {flat!r}")
+    return _results(_pipeline(path, device, options), flat)
 
 
 def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
@@ -237,7 +254,7 @@ def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
     pipe = _pipeline(path, device, options)
     tensors: dict[str, Loaded] = {}
     try:
-        for name, t in pipe.run():
+        for name, t in _results(pipe):
             tensors[name] = t
     except DeviceError as e:
         if pipe.opts.keep_partial:

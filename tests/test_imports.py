@@ -17,6 +17,7 @@ ORDER = [
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"options", "plan"},                          # what to quantize, how to cut it
     {"assemble", "project"},                      # pieces -> finished tensors; memory projection
+    {"pairs"},                                    # FP8 checkpoints: weights joined with scales
     {"stream"},                                   # wiring
     {"writer"},                                   # streaming safetensors writer
     {"export"},                                   # convert: FP8 checkpoint on disk
