@@ -27,7 +27,8 @@ from typing import Iterable
 import numpy as np
 
 from ._procmem import read_mem
-from .errors import DeviceError, OptionsError
+from .device import resolve_device
+from .errors import OptionsError
 
 __all__ = ["Sample", "MemorySampler", "mark", "page_cache_bytes", "write_csv", "plot", "METRICS"]
 
@@ -137,17 +138,8 @@ def _cuda(device):
     """``torch.device`` of a CUDA device to watch, or None for the CPU / no device."""
     if device is None or str(device) == "cpu":
         return None
-    import torch
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"device {device!r} is not a device torch understands: {e}") from None
-    if dev.type == "cpu":
-        return None
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        raise DeviceError(f"cannot watch device {device!r}: only 'cpu' and an available "
-                          "'cuda[:N]' have memory counters")
-    return dev
+    dev = resolve_device(device)   # DeviceError for anything that is not cpu or a usable cuda[:N]
+    return None if dev.type == "cpu" else dev
 
 
 class _Ticker(threading.Thread):

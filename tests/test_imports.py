@@ -7,12 +7,12 @@ import mmapload
 
 ORDER = [
     {"errors", "_procmem", "_progress"},          # leaf utilities
-    {"profile"},                                  # memory sampler + phase markers (any stage may mark)
     {"checkpoint"},                               # index: shards and headers
     {"mapped"},                                   # mmap reader
     {"pread"},                                    # pread / O_DIRECT readers
     {"ring"},                                     # slots + reader thread
     {"device"},                                   # slot -> device copies, events
+    {"profile"},                                  # memory sampler + phase markers (stream marks)
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"options", "plan"},                          # what to quantize, how to cut it
