@@ -68,6 +68,7 @@ class _CpuMover:
     """On the CPU the slot is already where the quantizer runs: no copy, no events."""
 
     copies = False   # pieces stay in their slots: holding one means keeping its lease
+    copy_seconds = 0.0
 
     def __init__(self, device: torch.device, stage_bytes: int, hold_bytes: int = 0):
         self.device = device
@@ -106,6 +107,8 @@ class _CudaMover:
         self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self.free = [None, None]   # event: the compute stream is done with staging[k]
         self.k = 0                 # the staging buffer the next copy goes to
+        self._timed: list = []     # (start, end) events of every copy, summed at close
+        self.copy_seconds = 0.0
         self._buffer_of: dict[int, int] = {}
 
     def to_device(self, lease: Lease) -> torch.Tensor:
@@ -116,9 +119,12 @@ class _CudaMover:
         with torch.cuda.stream(self.copy):
             if self.free[k] is not None:
                 self.copy.wait_event(self.free[k])
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(self.copy)
             buf[:n].copy_(lease.data[:n], non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(enable_timing=True)
             copied.record(self.copy)
+        self._timed.append((started, copied))
         self.compute.wait_event(copied)
         lease.release(copied)
         return buf
@@ -136,7 +142,9 @@ class _CudaMover:
 
     def close(self) -> None:
         self.compute.synchronize()
-        self.staging, self.held = [], None
+        self.copy.synchronize()
+        self.copy_seconds = sum(a.elapsed_time(b) for a, b in self._timed) / 1e3
+        self._timed, self.staging, self.held = [], [], None
 
 
 def mover_class(device: torch.device) -> type:

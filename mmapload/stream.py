@@ -208,6 +208,8 @@ class _Pipeline:
                 r.device_peak = torch.cuda.max_memory_allocated(dev)
             r.stage_seconds = {"read": self.times.fill, "reader_wait": self.times.wait_free,
                                "consumer_wait": self.times.wait_ready, "quantize": self._tq}
+            if mover is not None and mover.copies:   # host->device time on the copy stream
+                r.stage_seconds["copy"] = mover.copy_seconds
 
 
 def _pipeline(path, device, options: dict) -> _Pipeline:

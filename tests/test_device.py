@@ -38,6 +38,7 @@ class _EmulatedDmaMover:
     event completed, the delayed copy would pick up the next batch's bytes."""
 
     copies = True
+    copy_seconds = 0.0
 
     def __init__(self, device, stage_bytes, hold_bytes=0):
         self.staging = [torch.empty(stage_bytes, dtype=torch.uint8) for _ in range(2)]
@@ -73,6 +74,7 @@ def test_event_protocol_with_emulated_dma(tmp_path, monkeypatch, granularity, no
     save_file(tensors, tmp_path / "m.safetensors")
     monkeypatch.setattr(device_mod, "mover_class", lambda dev: _EmulatedDmaMover)
     model = stream_quantize(tmp_path / "m.safetensors", ring_bytes=4 * (48 << 10), granularity=granularity)
+    assert "copy" in model.report.stage_seconds
     for name, w in tensors.items():
         got = model[name]
         if isinstance(got, QuantizedTensor):
@@ -94,7 +96,7 @@ def test_cuda_equals_cpu_bit_for_bit(tmp_path, granularity):
     for ring in (64 << 10 if granularity != "block" else 4 * (200 << 10), 64 << 20):
         cpu = stream_quantize(tmp_path / "m.safetensors", "cpu", ring_bytes=ring, granularity=granularity)
         gpu = stream_quantize(tmp_path / "m.safetensors", "cuda", ring_bytes=ring, granularity=granularity)
-        assert gpu.report.pinned
+        assert gpu.report.pinned and gpu.report.stage_seconds["copy"] > 0
         for name, t in cpu.items():
             d = gpu[name]
             if isinstance(t, QuantizedTensor):
