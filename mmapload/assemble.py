@@ -59,6 +59,7 @@ class Assembler:
         self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=device)
         self._b: _Building | None = None
         self._kept: list = []          # leases held for the matrix being assembled
+        self._unchecked: list = []     # (device bool "amax finite", piece) not yet looked at
         self.retained_bytes = self.tensors = self.quantized = 0
 
     def add(self, lease, piece: Piece, data: torch.Tensor, prepass) -> Loaded | None:
@@ -110,13 +111,25 @@ class Assembler:
         return b.scale3[piece.expert, piece.row0 // br:-(-piece.row1 // br)]
 
     def _set_scale(self, b: _Building, piece: Piece, amax: torch.Tensor) -> None:
-        if not bool(torch.isfinite(amax).all()):
-            spec = piece.spec
-            raise NonFiniteError(
-                f"{spec.shard}: tensor {spec.name!r} (bytes {spec.start}..{spec.end}, matrix "
-                f"{piece.expert}) contains NaN or Inf; the checkpoint is corrupt, or pass "
-                f"skip=[{spec.name!r}] to load it unquantized")
+        finite = torch.isfinite(amax).all()
+        self._unchecked.append((finite, piece))
+        if not self.mover.copies:
+            self.check()        # free in place; an async (CUDA) mover checks once per batch
+
         self._scale_view(b, piece).copy_(scale_from_amax(amax, self.opts.fp8_dtype))
+
+    def check(self) -> None:
+        """Raise ``NonFiniteError`` if a piece since the last check held NaN or Inf."""
+        if not self._unchecked:
+            return
+        pending, self._unchecked = self._unchecked, []
+        if bool(torch.stack([f for f, _ in pending]).all()):
+            return
+        spec = next(p for f, p in pending if not bool(f)).spec
+        self._b = None
+        raise NonFiniteError(
+            f"{spec.shard}: tensor {spec.name!r} (bytes {spec.start}..{spec.end}) contains NaN or "
+            f"Inf; the checkpoint is corrupt, or pass skip=[{spec.name!r}] to load it unquantized")
 
     def _quantize(self, b: _Building, piece: Piece, x: torch.Tensor, amax) -> None:
         """Cast one piece; ``amax`` None means its scale is already set."""

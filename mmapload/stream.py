@@ -142,6 +142,7 @@ class _Pipeline:
             self.report.bytes_read += piece.nbytes
             progress.update(piece.nbytes)
         mover.done(lease)
+        asm.check()   # NaN / Inf anywhere in this batch: one sync per batch, not per piece
         self._tq += time.perf_counter() - t1
         self._sample()
         yield from finished

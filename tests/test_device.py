@@ -85,6 +85,18 @@ def test_event_protocol_with_emulated_dma(tmp_path, monkeypatch, granularity, no
             assert torch.equal(got, w), name
 
 
+def test_nan_found_by_the_deferred_per_batch_check(tmp_path, monkeypatch, no_thread_leak):
+    tensors = {f"l{i}.weight": torch.randn(64, 64) for i in range(30)}
+    tensors["l17.weight"][5, 5] = float("inf")
+    save_file(tensors, tmp_path / "m.safetensors")
+    monkeypatch.setattr(device_mod, "mover_class", lambda dev: _EmulatedDmaMover)
+    seen = []
+    with pytest.raises(mmapload.NonFiniteError, match=r"l17\.weight"):
+        for name, _ in mmapload.iter_quantized(tmp_path / "m.safetensors", ring_bytes=4 * (48 << 10)):
+            seen.append(name)
+    assert "l17.weight" not in seen
+
+
 @cuda
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_cuda_equals_cpu_bit_for_bit(tmp_path, granularity):
