@@ -69,7 +69,7 @@ def _demo(a: argparse.Namespace) -> int:
 def _convert(a: argparse.Namespace) -> int:
     from .export import convert
     t0 = time.perf_counter()
-    out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, **_load_kwargs(a))
+    out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, format=a.format, **_load_kwargs(a))
     n = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"wrote {out}: {n / 2**20:,.1f} MiB of FP8 safetensors in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="a .safetensors file or a checkpoint folder")
     p.add_argument("dst", help="output folder; must not exist or be empty unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace dst (only once the new output is complete)")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp8"],
+                   help="checkpoint layout: compressed-tensors (default) or vLLM / DeepSeek 'fp8'")
     _add_load_options(p)
     a = parser.parse_args(argv)
     try:

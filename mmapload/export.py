@@ -8,9 +8,20 @@ the largest single output tensor. Written data is synced and dropped from the pa
 every ``SYNC_BYTES`` so it does not pile up as dirty cache (which a cgroup limit counts).
 
 Layout: the input's shard file names (``model.safetensors`` for a single-file input) and a
-``model.safetensors.index.json``. FP8 weights keep their name; their float32 scale is
-``<name>_scale``, written right after the weight. Other tensors are copied bit for bit.
-Each header's ``__metadata__`` is ``{"format": "pt", "mmapload": "<options as JSON>"}``.
+``model.safetensors.index.json``. FP8 weights keep their name; their float32 scale is written
+right after the weight. Other tensors are copied bit for bit. Each header's ``__metadata__``
+is ``{"format": "pt", "mmapload": "<options as JSON>"}``.
+
+``format`` says which engines' layout the output follows (the copied ``config.json`` gets
+its ``quantization_config``; a source without a config.json, e.g. a single file, gets none):
+
+- ``"compressed-tensors"`` (default; vLLM, transformers): ``<module>.weight`` FP8 e4m3 and
+  ``<module>.weight_scale`` float32 ``[1]`` (tensor), ``[out, 1]`` (channel) or the block grid;
+  ``ignore`` lists the 2-D weights kept in high precision (e.g. ``lm_head``).
+- ``"fp8"`` (vLLM's native method, DeepSeek-V3): ``<module>.weight_scale`` ``[]`` per tensor, or
+  ``<module>.weight_scale_inv`` (block grid; dequantize is ``q * s`` despite the name) with
+  ``weight_block_size``. It has no per-channel scheme: "channel" is an OptionsError.
+Both read FP8 as e4m3 only: fp8_dtype=float8_e5m2 is an OptionsError.
 
 Failure safety: everything is written into a hidden sibling directory
 ``.<dst name>.mmapload-partial-<pid>`` that is renamed onto ``dst`` only at the very end.
@@ -29,15 +40,18 @@ import torch
 
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .errors import CheckpointError, FileChangedError, OptionsError
-from .fp8 import scale_shape
+from .fp8 import Granularity, scale_shape
 from .options import LoadOptions, should_quantize
 from .result import QuantizedTensor
 from .stream import iter_quantized
 from .writer import SafetensorsWriter
 
-__all__ = ["convert", "output_layout", "SCALE_SUFFIX", "SYNC_BYTES", "PARTIAL_MARK"]
+__all__ = ["convert", "output_layout", "quantization_config", "scale_suffix", "FORMATS",
+           "SCALE_SUFFIX", "SYNC_BYTES", "PARTIAL_MARK"]
 
 SCALE_SUFFIX = "_scale"
+FORMATS = ("compressed-tensors", "fp8")
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 SYNC_BYTES = 64 << 20        # fdatasync + drop from the page cache every this many bytes written
 PARTIAL_MARK = ".mmapload-partial-"
 
@@ -61,8 +75,64 @@ def _shard_names(ckpt: Checkpoint) -> dict[Path, str]:
     return {s.path: by_path.get(s.path, s.path.name) for s in ckpt.shards}
 
 
-def output_layout(ckpt: Checkpoint, opts: LoadOptions) -> list[tuple[str, list[Entry]]]:
+def _check_format(fmt, opts: LoadOptions) -> str:
+    if fmt not in FORMATS:
+        raise OptionsError(f"unknown format {fmt!r}; use one of {list(FORMATS)}")
+    if opts.fp8_dtype is not torch.float8_e4m3fn:
+        raise OptionsError(f"format={fmt!r} stores FP8 as e4m3 only (vLLM and compressed-tensors read "
+                           f"every FP8 weight as float8_e4m3fn); {opts.fp8_dtype} would be misread: "
+                           "convert with fp8_dtype=torch.float8_e4m3fn")
+    if fmt == "fp8" and opts.granularity is Granularity.CHANNEL:
+        raise OptionsError("format='fp8' (vLLM's native fp8 method) has no per-channel weight scales, "
+                           "only per-tensor and block; use format='compressed-tensors' for "
+                           "granularity='channel', or granularity='tensor' / 'block'")
+    return fmt
+
+
+def scale_suffix(fmt: str, opts: LoadOptions) -> str:
+    """What a weight's scale is named after: ``_scale_inv`` for fp8 blocks, else ``_scale``."""
+    return "_scale_inv" if fmt == "fp8" and opts.granularity is Granularity.BLOCK else SCALE_SUFFIX
+
+
+def _scale_out_shape(shape, fmt: str, opts: LoadOptions) -> tuple[int, ...]:
+    """compressed-tensors registers a per-tensor scale as shape (1,): so is it written."""
+    s = scale_shape(shape, opts.granularity, opts.block_size)
+    return (1,) if s == () and fmt == "compressed-tensors" else s
+
+
+def ignored_modules(ckpt: Checkpoint, opts: LoadOptions) -> list[str]:
+    """Linear-like modules kept in high precision: every 2-D float ``<module>.weight`` that is
+    not quantized, except embeddings and norms (which are no Linear)."""
+    out = []
+    for spec in ckpt.tensors:
+        low = spec.name.lower()
+        if (spec.dtype in _FLOAT_DTYPES and len(spec.shape) == 2 and spec.name.endswith(".weight")
+                and not should_quantize(spec, opts) and "embed" not in low and "norm" not in low):
+            out.append(spec.name[: -len(".weight")])
+    return out
+
+
+def quantization_config(fmt: str, opts: LoadOptions, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json for ``fmt`` (see the module docstring)."""
+    g, bs = opts.granularity, list(opts.block_size)
+    if _check_format(fmt, opts) == "fp8":
+        cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        return {**cfg, "weight_block_size": bs} if g is Granularity.BLOCK else cfg
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": g.value, "dynamic": False}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    if g is Granularity.BLOCK:   # as compressed-tensors' FP8_BLOCK preset: activations per 1 x bc group
+        weights["block_structure"] = bs
+        acts.update(strategy="group", group_size=bs[1])
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed", "ignore": list(ignore),
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": acts}}}
+
+
+def output_layout(ckpt: Checkpoint, opts: LoadOptions,
+                  fmt: str = "compressed-tensors") -> list[tuple[str, list[Entry]]]:
     """``[(shard file name, [(name, dtype, shape), ...]), ...]`` of the converted checkpoint."""
+    suffix = scale_suffix(_check_format(fmt, opts), opts)
     names = _shard_names(ckpt)
     if len(set(names.values())) != len(names):
         raise CheckpointError(f"{ckpt.root}: two shards would be written to the same file name: "
@@ -73,8 +143,7 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions) -> list[tuple[str, list[E
         for spec in shard.tensors:
             if should_quantize(spec, opts):
                 entries.append((spec.name, opts.fp8_dtype, spec.shape))
-                entries.append((spec.name + SCALE_SUFFIX, torch.float32,
-                                scale_shape(spec.shape, opts.granularity, opts.block_size)))
+                entries.append((spec.name + suffix, torch.float32, _scale_out_shape(spec.shape, fmt, opts)))
             else:
                 entries.append((spec.name, spec.torch_dtype, spec.shape))
         for name, _, _ in entries:
@@ -82,16 +151,16 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions) -> list[tuple[str, list[E
                 raise CheckpointError(
                     f"{ckpt.root}: output tensor name {name!r} would be written twice (in "
                     f"{seen[name]} and {names[shard.path]}); a weight's scale is named "
-                    f"'<weight>{SCALE_SUFFIX}' and the input already holds a tensor of that name; "
+                    f"'<weight>{suffix}' and the input already holds a tensor of that name; "
                     f"skip the weight (skip=...) or rename the tensor")
             seen[name] = names[shard.path]
         layout.append((names[shard.path], entries))
     return layout
 
 
-def _metadata(opts: LoadOptions) -> dict[str, str]:
+def _metadata(opts: LoadOptions, fmt: str) -> dict[str, str]:
     info = {"granularity": opts.granularity.value, "fp8_dtype": str(opts.fp8_dtype).removeprefix("torch."),
-            "block_size": list(opts.block_size), "scale_suffix": SCALE_SUFFIX}
+            "block_size": list(opts.block_size), "scale_suffix": scale_suffix(fmt, opts)}
     return {"format": "pt", "mmapload": json.dumps(info, separators=(",", ":"))}
 
 
@@ -116,14 +185,26 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_extras(root: Path, out: Path) -> None:
+def _copy_extras(root: Path, out: Path, qconfig: dict) -> None:
     """config.json, tokenizer and generation files: every regular, non-hidden top-level file
-    of the source folder except shards and the index (contents copied as they are)."""
+    of the source folder except shards and the index, copied as they are, except that
+    config.json gets ``quantization_config`` (any earlier one replaced)."""
     for p in sorted(root.iterdir()):
         if (p.name.startswith(".") or p.name.endswith(".safetensors") or p.name == INDEX_NAME
                 or not p.is_file()):
             continue
-        shutil.copyfile(p, out / p.name)
+        if p.name == "config.json":
+            try:
+                cfg = json.loads(p.read_text("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{p}: not valid JSON ({e}); cannot add quantization_config") from None
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{p}: holds a JSON {type(cfg).__name__}, not an object; "
+                                      "cannot add quantization_config")
+            cfg["quantization_config"] = qconfig
+            (out / p.name).write_text(json.dumps(cfg, indent=2) + "\n", "utf-8")
+        else:
+            shutil.copyfile(p, out / p.name)
         _fsync_path(out / p.name)
 
 
@@ -135,9 +216,9 @@ def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None
                                f"{list(shape)}) here; did the checkpoint change during the conversion?")
 
 
-def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path) -> int:
+def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str) -> int:
     """Write every shard of ``layout`` from ``stream`` into ``tmp``; returns total data bytes."""
-    meta, total = _metadata(opts), 0
+    meta, total, suffix = _metadata(opts, fmt), 0, scale_suffix(fmt, opts)
     for fname, entries in layout:
         (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
         with SafetensorsWriter(tmp / fname, entries, meta, sync_bytes=SYNC_BYTES) as w:
@@ -147,11 +228,13 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path) -> int:
                 if name is None:
                     raise FileChangedError(f"{src}: the stream ended before tensor {entries[i][0]!r} of "
                                            f"shard {fname}; did the checkpoint change during the conversion?")
-                parts = [(name, t.data), (name + SCALE_SUFFIX, t.scale)] if isinstance(t, QuantizedTensor) \
+                parts = [(name, t.data), (name + suffix, t.scale)] if isinstance(t, QuantizedTensor) \
                     else [(name, t)]
                 for pname, pt in parts:
-                    _check_piece(entries[i] if i < len(entries) else ("<end of shard>", None, ()),
-                                 pname, pt, src)
+                    want = entries[i] if i < len(entries) else ("<end of shard>", None, ())
+                    if pname != name and pt.numel() == 1 and want[0] == pname:
+                        pt = pt.reshape(want[2])   # per-tensor scale: [] or [1] as the format says
+                    _check_piece(want, pname, pt, src)
                     w.write(pname, pt)
                     i += 1
                 del t, parts
@@ -161,8 +244,13 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path) -> int:
     return total
 
 
-def convert(src, dst, *, device="cpu", overwrite: bool = False, **quant_options) -> Path:
+def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "compressed-tensors",
+            **quant_options) -> Path:
     """Stream the checkpoint ``src`` into an FP8 safetensors checkpoint folder ``dst``.
+
+    ``format``: "compressed-tensors" (default) or "fp8", the layout and ``quantization_config``
+    vLLM / transformers load (see the module docstring); e5m2, and channel with "fp8", raise
+    ``OptionsError``. A source without config.json gives an output without one.
 
     ``quant_options`` are the options of ``stream_quantize`` (ring_bytes, fp8_dtype,
     granularity, block_size, skip, progress, drop_page_cache, ...); ``device`` is where the
@@ -182,24 +270,25 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, **quant_options)
     """
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
+    _check_format(format, LoadOptions.from_kwargs(**quant_options))   # before the reader starts
     stream = iter_quantized(src, device, **quant_options)   # validates options, device, checkpoint
     opts = LoadOptions.from_kwargs(**quant_options)
     ckpt = open_checkpoint(src)
-    layout = output_layout(ckpt, opts)
+    layout = output_layout(ckpt, opts, format)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}{PARTIAL_MARK}{os.getpid()}"
     if tmp.exists():   # left by a killed process whose pid we now have: it is dead
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        total = _write_all(stream, layout, tmp, opts, src)
+        total = _write_all(stream, layout, tmp, opts, src, format)
         stream.close()
         weight_map = {name: fname for fname, entries in layout for name, _, _ in entries}
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": weight_map}, indent=2))
         _fsync_path(tmp / INDEX_NAME)
         if ckpt.root.is_dir():
-            _copy_extras(ckpt.root, tmp)
+            _copy_extras(ckpt.root, tmp, quantization_config(format, opts, ignored_modules(ckpt, opts)))
         _fsync_path(tmp)
         _swap_in(tmp, dst, overwrite)
     except BaseException:

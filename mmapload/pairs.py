@@ -10,6 +10,7 @@ waits (it is retained anyway) until the other one does.
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import torch
@@ -26,10 +27,21 @@ _FP8 = ("F8_E4M3", "F8_E5M2")
 SUFFIXES = ("_scale", "_scale_inv")
 
 
-def _granularity(w: TensorSpec, s: TensorSpec) -> tuple[Granularity, tuple[int, int]]:
+def _hint(metadata: dict) -> tuple[Granularity | None, tuple[int, int]]:
+    """What our own writer recorded in the shard header (convert's "mmapload" metadata)."""
+    try:
+        meta = json.loads(metadata.get("mmapload", "{}"))
+        return Granularity(meta["granularity"]), tuple(meta.get("block_size", (128, 128)))
+    except (ValueError, KeyError, TypeError):
+        return None, (128, 128)
+
+
+def _granularity(w: TensorSpec, s: TensorSpec, hint) -> tuple[Granularity, tuple[int, int]]:
     lead, (rows, cols) = w.shape[:-2], w.shape[-2:]
     grid = s.shape[len(lead):] if s.shape[:len(lead)] == lead else None
-    if s.shape in ((), (1,)) and not lead or grid == (1, 1):
+    if grid == (1, 1) and hint[0] is Granularity.BLOCK and rows <= hint[1][0] and cols <= hint[1][1]:
+        return hint   # one block covering the matrix: the writer said block
+    if s.shape in ((), (1,)) and not lead or grid == (1, 1) and (lead or rows > 1):
         return Granularity.TENSOR, (128, 128)
     if grid == (rows, 1):
         return Granularity.CHANNEL, (128, 128)
@@ -46,13 +58,14 @@ def _granularity(w: TensorSpec, s: TensorSpec) -> tuple[Granularity, tuple[int, 
 def fp8_pairs(ckpt: Checkpoint) -> dict[str, tuple[str, Granularity, tuple[int, int]]]:
     """weight name -> (scale name, granularity, block size) for every FP8 weight with a scale."""
     out = {}
+    hints = {sh.path: _hint(sh.metadata) for sh in ckpt.shards}
     for w in ckpt.tensors:
         if w.dtype not in _FP8 or len(w.shape) < 2:
             continue
         for suffix in SUFFIXES:
             s = ckpt.get(w.name + suffix)
             if s is not None and s.dtype == "F32":
-                out[w.name] = (s.name, *_granularity(w, s))
+                out[w.name] = (s.name, *_granularity(w, s, hints[w.shard]))
                 break
     return out
 

@@ -80,6 +80,8 @@ for name, t in want.items():
     n_fp8 += fp8
     for k, w in pairs:
         g = got.pop(k, None)
+        if g is not None and k.endswith("_scale") and g.numel() == w.numel():
+            g = g.reshape(w.shape)   # compressed-tensors stores a per-tensor scale as [1]
         if g is None or g.dtype != w.dtype or g.shape != w.shape or not torch.equal(bits(g), bits(w)):
             bad.append(k)
 print(json.dumps({"fp8": n_fp8, "bad": bad, "extra": sorted(got)}))

@@ -21,6 +21,7 @@ ORDER = [
     {"stream"},                                   # wiring
     {"writer"},                                   # streaming safetensors writer
     {"export"},                                   # convert: FP8 checkpoint on disk
+    {"nn"},                                       # FP8Linear, load_into (torch modules)
     {"synth"},                                    # generated checkpoints
     {"loaders"},                                  # the loaders compared by profile / bench
     {"cli"},                                      # command line

