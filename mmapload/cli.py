@@ -83,15 +83,15 @@ def _inspect(a: argparse.Namespace) -> int:
 
 
 # -- profile: each loader in a fresh process, sampled by mmapload.profile ----------------------
-from .loaders import STRATEGIES  # noqa: E402 - grouped with the profile command it serves
+from .loaders import ALL_STRATEGIES, STRATEGIES  # noqa: E402 - grouped with the profile command it serves
 
 
 def _strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in STRATEGIES]
+    bad = [s for s in names if s not in ALL_STRATEGIES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown strategy {bad or text!r}; "
-                                         f"choose from {','.join(STRATEGIES)}")
+                                         f"choose from {','.join(ALL_STRATEGIES)}")
     return names
 
 
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint")
     _add_load_options(p)
     p.add_argument("--strategies", type=_strategies, default=list(STRATEGIES),
-                   help=f"comma-separated, from {','.join(STRATEGIES)} (all)")
+                   help=f"comma-separated, from {','.join(ALL_STRATEGIES)} (default "
+                        f"{','.join(STRATEGIES)}; the peers need pip install mmapload[bench])")
     p.add_argument("--out", metavar="DIR", default="mmapload-profile",
                    help="where timeline.csv, summary.json and memory.png go (./mmapload-profile)")
     p.add_argument("--cold", action="store_true", help="drop the checkpoint from the page cache "
