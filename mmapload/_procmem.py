@@ -7,10 +7,11 @@ psutil gives the total only and the split is reported as unknown (None).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
-__all__ = ["MemReading", "read_mem"]
+__all__ = ["MemReading", "read_mem", "fstype"]
 
 _STATUS = "/proc/self/status"
 _KEYS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
@@ -38,3 +39,18 @@ def read_mem() -> MemReading:
     if "rss" not in vals:
         return MemReading(psutil.Process().memory_info().rss, None, None)
     return MemReading(vals["rss"], vals.get("anon"), vals.get("file"))
+
+
+def fstype(path) -> str:
+    """Filesystem type holding ``path`` (longest mount-point prefix in /proc/self/mountinfo), or "?"."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, right = line.split(" - ", 1)
+                mount = left.split()[4]
+                if str(Path(path).resolve()).startswith(mount) and len(mount) > len(best):
+                    best, kind = mount, right.split()[0]
+    except OSError:
+        pass
+    return kind

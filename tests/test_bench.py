@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mmapload._procmem import fstype
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"
 MiB = 2**20
@@ -148,17 +150,6 @@ def test_quick_table_matches_the_json(quick):
     assert "command: python tools/bench.py --quick" in stdout
 
 
-def _fstype(path: Path) -> str:
-    best, kind = "", ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            mount = left.split()[4]
-            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
-                best, kind = mount, right.split()[0]
-    return kind
-
-
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_cold_drops_the_shards_before_each_run(tmp_path):
     """--cold with fadvise (no machine-wide drop_caches in the test suite); --keep keeps the files."""
@@ -172,7 +163,7 @@ def test_cold_drops_the_shards_before_each_run(tmp_path):
     assert row["status"] == "ok" and len(row["seconds_all"]) == 2
     assert row["seconds"] == pytest.approx(sum(row["seconds_all"]) / 2, rel=1e-12)   # median of two
     assert Path(res["checkpoint"]).parent == keep and Path(res["checkpoint"]).is_dir()
-    if _fstype(keep) not in ("tmpfs", "ramfs", "overlay"):
+    if fstype(keep) not in ("tmpfs", "ramfs", "overlay"):
         assert all(c <= 0.05 * res["checkpoint_bytes"] for c in row["cached_before"]), row["cached_before"]
         assert "O_DIRECT" in res["ceiling"]["stages"]["read"]["how"]
     # a second run reuses the kept checkpoint instead of generating it again

@@ -12,23 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmapload._procmem import fstype
 from mmapload.errors import DeviceError, OptionsError
 from mmapload.profile import METRICS, MemorySampler, mark, page_cache_bytes
 
 MiB = 2**20
 RING = 16 * MiB
-
-
-def _fstype(path: Path) -> str:
-    """Filesystem type of ``path`` from /proc/self/mountinfo (longest mount-point prefix)."""
-    best, kind = "", ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            mount = left.split()[4]
-            if str(path).startswith(mount) and len(mount) > len(best):
-                best, kind = mount, right.split()[0]
-    return kind
 
 
 def _evict(path: Path) -> None:
@@ -112,7 +101,7 @@ def test_peak_is_the_max_of_the_samples_and_sees_an_allocation():
 
 
 def test_page_cache_follows_reads_and_evictions(tmp_path):
-    if not hasattr(os, "posix_fadvise") or _fstype(tmp_path) in ("tmpfs", "ramfs"):
+    if not hasattr(os, "posix_fadvise") or fstype(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip("needs a filesystem whose clean pages posix_fadvise(DONTNEED) can drop")
     f = tmp_path / "blob.bin"
     f.write_bytes(os.urandom(32 * MiB))
@@ -271,7 +260,7 @@ def test_profile_without_matplotlib_cold_cache_and_a_pre_pass(small_checkpoint, 
     assert summary["cache"] == "cold" and list(summary["strategies"]) == ["mmapload"]
     assert s["peak_rss"] - s["baseline_rss"] <= p.host_peak
     rows = _timeline(tmp_path / "o" / "timeline.csv")["mmapload"]
-    if _fstype(small_checkpoint) not in ("tmpfs", "ramfs"):
+    if fstype(small_checkpoint) not in ("tmpfs", "ramfs"):
         assert int(rows[0]["page_cache"]) <= 4 * MiB     # --cold: nothing cached at the start
 
 

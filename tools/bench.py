@@ -52,6 +52,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from mmapload._procmem import fstype
+
 from mmapload.checkpoint import open_checkpoint
 from mmapload.cli import parse_size
 from mmapload.fp8 import Quantizer
@@ -125,20 +127,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def fstype(path: Path) -> str:
-    best, kind = "", "?"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, right = line.split(" - ", 1)
-                mount = left.split()[4]
-                if str(path.resolve()).startswith(mount) and len(mount) > len(best):
-                    best, kind = mount, right.split()[0]
-    except OSError:
-        pass
-    return kind
 
 
 def machine(device: torch.device, cache: str, cold_method: str | None) -> dict:
