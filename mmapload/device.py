@@ -17,7 +17,7 @@ import torch
 from .errors import DeviceError
 from .ring import Lease
 
-__all__ = ["resolve_device", "mover_class", "empty"]
+__all__ = ["parse_device", "resolve_device", "mover_class", "empty"]
 
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20
@@ -46,15 +46,23 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
-def resolve_device(device) -> torch.device:
+def parse_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` of a kind mmapload loads to (cpu, cuda[:N]); it need
+    not exist on this machine (``inspect`` plans GPU loads anywhere)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise DeviceError(f"device {device!r} is not a device torch understands: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r}: mmapload supports 'cpu' and 'cuda[:N]'")
+    return dev
+
+
+def resolve_device(device) -> torch.device:
+    """``parse_device``, and for CUDA: it is there, with that index."""
+    dev = parse_device(device)
     if dev.type == "cpu":
         return dev
-    if dev.type != "cuda":
-        raise DeviceError(f"device {device!r}: mmapload supports 'cpu' and 'cuda[:N]'")
     if not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} asked for, but CUDA is not available on this machine "
                           "(no GPU, or a CPU-only torch build); use device='cpu'")

@@ -270,9 +270,9 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     """
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
-    _check_format(format, LoadOptions.from_kwargs(**quant_options))   # before the reader starts
-    stream = iter_quantized(src, device, **quant_options)   # validates options, device, checkpoint
     opts = LoadOptions.from_kwargs(**quant_options)
+    _check_format(format, opts)                              # before the reader starts
+    stream = iter_quantized(src, device, **quant_options)   # validates device and checkpoint
     ckpt = open_checkpoint(src)
     layout = output_layout(ckpt, opts, format)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 from .checkpoint import TensorSpec
 from .errors import OptionsError
 
-__all__ = ["Piece", "Batch", "plan_batches", "matrix_dims", "ALIGN"]
+__all__ = ["Piece", "Batch", "plan_batches", "matrix_dims", "per_tensor_split", "ALIGN"]
 
 ALIGN = 64   # pieces start on 64-byte boundaries inside a slot (any dtype view is legal)
 
@@ -106,3 +106,25 @@ def plan_batches(tensors: Iterable[TensorSpec], quantize: Callable[[TensorSpec],
     if current:
         batches.append(Batch(tuple(current)))
     return batches
+
+
+def per_tensor_split(batches: list[Batch], n_slots: int, copies: bool) -> tuple[set[tuple[str, int]], int]:
+    """For per-tensor scales: (matrices whose amax the reader pre-passes, hold buffer bytes).
+
+    A matrix cut into pieces needs its whole amax before the first cast. A copying mover
+    (CUDA) holds every such matrix in one device buffer (the largest of them, 64-byte
+    rounded); in place (CPU) a matrix is held in its ring slots when it spans fewer batches
+    than the ring has slots, and the bigger ones are pre-passed.
+    """
+    spans: dict[tuple[str, int], int] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    for batch in batches:
+        for p in batch.pieces:
+            if p.quantize and not p.whole:
+                key = (p.spec.name, p.expert)
+                spans[key] = spans.get(key, 0) + 1
+                _, rows, cols = matrix_dims(p.spec.shape)
+                sizes[key] = rows * cols * p.spec.itemsize
+    if copies:
+        return set(), -(-max(sizes.values(), default=0) // 64) * 64
+    return {k for k, n in spans.items() if n > n_slots - 1}, 0

@@ -41,13 +41,11 @@ import math
 import mmap
 from dataclasses import dataclass, field
 
-import torch
-
 from .checkpoint import TensorSpec, open_checkpoint
-from .errors import DeviceError
+from .device import parse_device
 from .fp8 import Granularity, scale_shape
 from .options import LoadOptions, should_quantize
-from .plan import matrix_dims, plan_batches
+from .plan import matrix_dims, per_tensor_split, plan_batches
 
 __all__ = ["Projection", "TensorGroup", "project", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
 
@@ -187,12 +185,7 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     """Project a load of ``path`` onto ``device`` ("cpu" or "cuda[:N]", which need not
     exist here) with ``options`` (as for ``stream_quantize``); reads only headers.
     Raises what ``open_checkpoint`` and ``LoadOptions`` raise."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"device {device!r} is not a device torch understands: {e}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise DeviceError(f"device {device!r}: mmapload supports 'cpu' and 'cuda[:N]'")
+    dev = parse_device(device)
     opts = LoadOptions.from_kwargs(**options)
     ckpt = open_checkpoint(path)
     specs = ckpt.tensors
@@ -210,23 +203,19 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     scale_elems = {s.name: math.prod(scale_shape(s.shape, gran, opts.block_size)) for s in qspecs}
 
     # the plan: staging, held / pre-passed matrices, the largest piece and its amax grid
-    spans: dict[tuple[str, int], int] = {}
-    sizes: dict[tuple[str, int], int] = {}
+    prepassed, hold = (per_tensor_split(batches, opts.n_slots, copies=dev.type == "cuda")
+                       if gran is Granularity.TENSOR else (set(), 0))
     piece_elems = grid_elems = 0
     for batch in batches:
         for p in batch.pieces:
             if not p.quantize:
                 continue
-            _, rows, cols = matrix_dims(p.spec.shape)
+            _, _, cols = matrix_dims(p.spec.shape)
             piece_elems = max(piece_elems, (p.row1 - p.row0) * cols)
             if gran is Granularity.BLOCK:   # int grid + its row padding + float copy
                 grid_elems = max(grid_elems, (p.row1 - p.row0 + br) * -(-cols // bc))
             else:
                 grid_elems = max(grid_elems, p.row1 - p.row0)
-            if gran is Granularity.TENSOR and not p.whole:
-                key = (p.spec.name, p.expert)
-                spans[key] = spans.get(key, 0) + 1
-                sizes[key] = rows * cols * p.spec.itemsize
     stage = max((b.nbytes for b in batches), default=0)
     slot, ring = opts.slot_bytes, opts.n_slots * opts.slot_bytes
     grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
@@ -238,15 +227,13 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     reader = {"mmap": (2 if dev.type == "cpu" else 1) * slot, "pread": 0,
               "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
     if dev.type == "cpu":
-        prepass = sum(n > opts.n_slots - 1 for n in spans.values())
-        hold = 0
+        prepass = len(prepassed)
         host = {"ring": ring, "retained": fp8_bytes + scale_bytes + kept_bytes,
                 f"reader ({io})": reader, "quantizer scratch": 2 * _CPU_SCRATCH,
                 "amax grids": 2 * grids, "error stats": err, "margin": HOST_MARGIN}
         device_terms = None
     else:
         prepass = 0
-        hold = _round(max(sizes.values(), default=0), 64)
         host = {"ring (pinned)": 1 << (ring - 1).bit_length(), f"reader ({io})": reader,
                 "quantizer scratch": _CPU_SCRATCH, "margin": HOST_MARGIN}
         retained = (sum(_round(s.numel, _CUDA_ROUND) + _round(4 * scale_elems[s.name], _CUDA_ROUND)

@@ -28,7 +28,7 @@ from .mapped import ShardReader
 from .options import LoadOptions, should_quantize
 from .pairs import flat as _flatten, fp8_pairs, paired
 from .pread import open_reader
-from .plan import Batch, Piece, matrix_dims, plan_batches
+from .plan import Batch, Piece, matrix_dims, per_tensor_split, plan_batches
 from .result import LoadReport, QuantizedModel
 from .ring import Ring, StageTimes, staged
 
@@ -50,27 +50,10 @@ class _Pipeline:
         self.prepass, self.hold_bytes = self._choose_per_tensor_mode()
 
     def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
-        """Per-tensor scales of matrices cut into pieces: which the reader pre-passes.
-
-        A copying mover (CUDA) holds every such matrix on the device (the buffer is the largest one, within
-        the device contract's "largest tensor" allowance). The CPU holds a matrix in its
-        ring slots when it spans fewer batches than the ring has slots; bigger ones get
-        their amax from a pre-pass over the map.
-        """
+        """Per-tensor scales of chunked matrices: hold them, or pre-pass (plan.per_tensor_split)."""
         if self.opts.granularity is not Granularity.TENSOR:
             return set(), 0
-        spans: dict[tuple[str, int], int] = {}
-        sizes: dict[tuple[str, int], int] = {}
-        for batch in self.batches:
-            for p in batch.pieces:
-                if p.quantize and not p.whole:
-                    key = (p.spec.name, p.expert)
-                    spans[key] = spans.get(key, 0) + 1
-                    _, rows, cols = matrix_dims(p.spec.shape)
-                    sizes[key] = rows * cols * p.spec.itemsize
-        if _device.mover_class(self.device).copies:
-            return set(), -(-max(sizes.values(), default=0) // 64) * 64
-        return {k for k, n in spans.items() if n > self.opts.n_slots - 1}, 0
+        return per_tensor_split(self.batches, self.opts.n_slots, _device.mover_class(self.device).copies)
 
     # -- reader thread -----------------------------------------------------------------
     def _sample(self) -> None:
