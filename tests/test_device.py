@@ -120,12 +120,61 @@ def test_cuda_equals_cpu_bit_for_bit(tmp_path, granularity):
 
 
 @cuda
-def test_cuda_device_peak_contract(gib_checkpoint):
+@pytest.mark.parametrize("granularity", ["tensor", "block"])
+def test_cuda_slot_never_overwritten_while_its_copy_is_in_flight(tmp_path, monkeypatch, granularity,
+                                                                 no_thread_leak):
+    """Every copy is held back ~1 ms on the copy stream (a spin kernel queued before it) and
+    every quantization ~1 ms on the compute stream, while the caller is slow too: the reader
+    races ahead of both. Refilling a slot before its copy event, or a staging buffer before
+    the quantizer's event, would put the next batch's bytes into this batch's tensors."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"l{i}.weight": torch.randn(256, 384, generator=g).bfloat16() for i in range(24)}
+    tensors["big.weight"] = torch.randn(1024, 384, generator=g).bfloat16()   # > a slot: chunked
+    tensors["emb.embed.weight"] = torch.randn(500, 128, generator=g).bfloat16()
+    save_file(tensors, tmp_path / "m.safetensors")
+    spin = 2_000_000                     # GPU clock cycles: ~1 ms at 1.5-2 GHz
+    mover = device_mod._CudaMover
+    to_device, done = mover.to_device, mover.done
+
+    def late_copy(self, lease):
+        with torch.cuda.stream(self.copy):
+            torch.cuda._sleep(spin)
+        return to_device(self, lease)
+
+    def slow_quantize(self, lease):
+        torch.cuda._sleep(spin)          # on the compute stream, before the "done" event
+        return done(self, lease)
+
+    monkeypatch.setattr(mover, "to_device", late_copy)
+    monkeypatch.setattr(mover, "done", slow_quantize)
+    ring = 4 * (256 * 384 * 2)
+    got = {}
+    for name, t in mmapload.iter_quantized(tmp_path / "m.safetensors", "cuda", ring_bytes=ring,
+                                           granularity=granularity):
+        got[name] = t
+        time.sleep(0.002)                # a slow caller as well
+    for name, w in tensors.items():
+        if isinstance(got[name], QuantizedTensor):
+            q, s = quantize(w, granularity)
+            assert torch.equal(got[name].scale.cpu(), s), name
+            assert torch.equal(got[name].data.cpu().view(torch.uint8), q.view(torch.uint8)), name
+        else:
+            assert torch.equal(got[name].cpu(), w), name
+
+
+@pytest.fixture(scope="session")
+def two_gib_checkpoint(tmp_path_factory):
+    from mmapload.synth import make_llama_checkpoint
+    return make_llama_checkpoint(tmp_path_factory.mktemp("2gib"), int(2.1 * 2**30), shards=2)
+
+
+@cuda
+def test_cuda_device_peak_contract(two_gib_checkpoint):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    model = stream_quantize(gib_checkpoint, "cuda", ring_bytes=64 << 20)
+    model = stream_quantize(two_gib_checkpoint, "cuda", ring_bytes=64 << 20)
     from mmapload.checkpoint import open_checkpoint
-    largest = open_checkpoint(gib_checkpoint).largest.nbytes
+    largest = open_checkpoint(two_gib_checkpoint).largest.nbytes
     peak = model.report.device_peak - base
     print(f"device peak {peak / 2**20:.0f} MiB, retained {model.nbytes / 2**20:.0f} MiB, "
           f"ratio {peak / model.nbytes:.3f}")
