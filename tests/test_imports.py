@@ -18,7 +18,7 @@ ORDER = [
     {"options", "plan"},                          # what to quantize, how to cut it
     {"assemble", "project"},                      # pieces -> finished tensors; memory projection
     {"pairs"},                                    # FP8 checkpoints: weights joined with scales
-    {"stream"},                                   # wiring
+    {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer"},                                   # streaming safetensors writer
     {"export"},                                   # convert: FP8 checkpoint on disk
     {"nn"},                                       # FP8Linear, load_into (torch modules)

@@ -78,3 +78,63 @@ def test_flat_iterator_yields_convert_naming(src, tmp_path, no_thread_leak):
         assert torch.equal(t.reshape(-1).view(torch.uint8), written[n].reshape(-1).view(torch.uint8)), n
     with pytest.raises(mmapload.OptionsError):
         iter_quantized(src, flat="yes")
+
+
+def _fp8_source(root, gran="block"):
+    """A partly FP8 checkpoint (DeepSeek-like): FP8 weights with `_scale_inv` (one scale in
+    another shard, one stored before its weight), bf16 weights still to quantize, a norm."""
+    from mmapload.fp8 import quantize
+    g = torch.Generator().manual_seed(8)
+    w = {n: torch.randn(300, 260, generator=g) for n in ("a.weight", "b.weight", "c.weight")}
+    qa, sa = quantize(w["a.weight"], gran)
+    qb, sb = quantize(w["b.weight"], gran)
+    suffix = "_scale_inv" if gran == "block" else "_scale"
+    root.mkdir()
+    save_file({"a.weight": qa, "a.weight" + suffix: sa, "b.weight": qb, "n.norm.weight": torch.ones(260)},
+              root / "model-00001-of-00002.safetensors")
+    save_file({"b.weight" + suffix: sb, "c.weight": w["c.weight"].bfloat16()},
+              root / "model-00002-of-00002.safetensors")
+    (root / "config.json").write_text('{"model_type": "llama"}')
+    return {"a.weight": (qa, sa), "b.weight": (qb, sb)}, w["c.weight"].bfloat16()
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fp8"])
+def test_fp8_source_is_translated_to_the_format_not_requantized(tmp_path, fmt, no_thread_leak):
+    import json
+    from safetensors import safe_open
+    fp8, c = _fp8_source(tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "out", format=fmt, granularity="block", ring_bytes=1 << 20)
+    suffix = "_scale" if fmt == "compressed-tensors" else "_scale_inv"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["b.weight" + suffix] == "model-00002-of-00002.safetensors"   # where the pair completes
+    assert not any(k.endswith("_scale_inv" if suffix == "_scale" else "weight_scale") for k in index)
+    for name, (q, s) in fp8.items():
+        with safe_open(str(out / index[name + suffix]), "pt") as f:
+            assert torch.equal(f.get_tensor(name + suffix), s), name
+    back = stream_quantize(out)
+    for name, (q, s) in fp8.items():
+        qt = back[name]
+        assert qt.granularity.value == "block", name
+        assert torch.equal(qt.data.view(torch.uint8), q.view(torch.uint8)) and torch.equal(qt.scale, s), name
+    from mmapload.fp8 import quantize
+    qc, sc = quantize(c, "block")
+    assert torch.equal(back["c.weight"].data.view(torch.uint8), qc.view(torch.uint8))
+    assert torch.equal(back["n.norm.weight"], torch.ones(260))
+
+
+def test_fp8_source_of_another_granularity_is_an_options_error_naming_the_fix(tmp_path, no_thread_leak):
+    _fp8_source(tmp_path / "src")
+    with pytest.raises(mmapload.OptionsError, match=r"a\.weight.*block \(128x128\).*granularity='block', "
+                                                    r"block_size=\(128, 128\)"):
+        convert(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "src"]
+
+
+def test_per_tensor_fp8_source_gets_each_formats_scale_shape(tmp_path, no_thread_leak):
+    from safetensors import safe_open
+    _fp8_source(tmp_path / "src", gran="tensor")
+    for fmt, shape in (("compressed-tensors", (1,)), ("fp8", ())):
+        out = convert(tmp_path / "src", tmp_path / fmt, format=fmt)
+        with safe_open(str(out / "model-00002-of-00002.safetensors"), "pt") as f:
+            assert tuple(f.get_slice("b.weight_scale").get_shape()) == shape, fmt
+        assert stream_quantize(out)["a.weight"].granularity.value == "tensor"
