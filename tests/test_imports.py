@@ -23,7 +23,8 @@ ORDER = [
     {"export"},                                   # convert: FP8 checkpoint on disk
     {"nn"},                                       # FP8Linear, load_into (torch modules)
     {"synth"},                                    # generated checkpoints
-    {"loaders"},                                  # the loaders compared by profile / bench
+    {"strategies"},                               # the loaders compared by profile / bench ...
+    {"loaders"},                                  # ... each run and measured in a fresh process
     {"cli"},                                      # command line
     {"__main__", "__init__"},                     # entry points
 ]
@@ -73,14 +74,14 @@ def test_only_ring_and_the_sampler_start_threads():
 
 
 def test_library_reads_no_environment_or_argv():
-    # loaders.py is the exception: it runs the *peers* (Run:ai Model Streamer is configured only
-    # through environment variables) in the child processes of `profile` and tools/bench.py. No
-    # load path imports it (checked below).
+    # loaders.py / strategies.py are the exception: they run the *peers* (Run:ai Model Streamer is
+    # configured only through environment variables) in the child processes of `profile` and
+    # tools/bench.py. No load path imports them (checked below).
     for path in PKG.glob("*.py"):
         text = path.read_text()
-        if path.stem != "loaders":
+        if path.stem not in ("loaders", "strategies"):
             assert "os.environ" not in text and "os.getenv" not in text, path.name
         if path.stem not in ("cli", "__main__"):
             assert "sys.argv" not in text and "argparse" not in text, path.name
-    users = [p.stem for p in PKG.glob("*.py") if "loaders" in _imports(p)]
-    assert set(users) <= {"cli"}, users
+    users = [p.stem for p in PKG.glob("*.py") if {"loaders", "strategies"} & _imports(p)]
+    assert set(users) <= {"cli", "loaders"}, users
