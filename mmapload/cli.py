@@ -105,7 +105,8 @@ def _seconds(text: str) -> float:
 def _profile(a: argparse.Namespace) -> int:
     from .checkpoint import open_checkpoint
     from .loaders import drop_cache, run_in_fresh_process
-    from .profile import Sample, plot, write_csv
+    from .profile import Sample
+    from .timeline import plot, write_csv
     if a.cold and not hasattr(os, "posix_fadvise"):
         print("mmapload: error: --cold needs posix_fadvise (Linux)", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ ORDER = [
     {"ring"},                                     # slots + reader thread
     {"device"},                                   # slot -> device copies, events
     {"profile"},                                  # memory sampler + phase markers (stream marks)
+    {"timeline"},                                 # the sampler's CSV and plot
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"options", "plan"},                          # what to quantize, how to cut it
