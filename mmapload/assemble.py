@@ -32,7 +32,8 @@ Loaded = QuantizedTensor | torch.Tensor
 class _Building:
     """A tensor whose pieces are still arriving."""
 
-    def __init__(self, spec: TensorSpec, quantize: bool, opts: LoadOptions, device: torch.device):
+    def __init__(self, spec: TensorSpec, quantize: bool, opts: LoadOptions, device: torch.device,
+                 out: torch.Tensor | None = None):
         self.spec, self.quantize = spec, quantize
         self.err2 = self.ref2 = 0.0
         self.held: list[tuple[torch.Tensor, Piece]] = []
@@ -46,13 +47,17 @@ class _Building:
             self.out3 = self.out.view(e, rows, cols)
             self.scale3 = self.scale.view(e, *self.scale.shape[-2:]) if self.scale.dim() >= 2 \
                 else self.scale.view(1, 1, 1)
-        else:
-            self.out = empty(spec.shape, spec.torch_dtype, device)
+        else:   # ``out``: the reader already read the tensor into it (in place, CPU)
+            self.out = out if out is not None else empty(spec.shape, spec.torch_dtype, device)
             self.bytes = self.out.reshape(-1).view(torch.uint8)
 
 
 class Assembler:
-    """``add(lease, piece, data, prepass)`` per piece; returns a finished tensor or None."""
+    """``add(lease, piece, data, extra)`` per piece; returns a finished tensor or None.
+
+    ``extra`` is what the reader prepared for the piece, or None: the pre-passed amax of a
+    quantized piece, or, for a piece kept as it is, the output the reader read it into.
+    """
 
     def __init__(self, opts: LoadOptions, device: torch.device, mover):
         self.opts, self.device, self.mover = opts, device, mover
@@ -62,9 +67,9 @@ class Assembler:
         self._unchecked: list = []     # (device bool "amax finite", piece) not yet looked at
         self.retained_bytes = self.tensors = self.quantized = 0
 
-    def add(self, lease, piece: Piece, data: torch.Tensor, prepass) -> Loaded | None:
+    def add(self, lease, piece: Piece, data: torch.Tensor, extra) -> Loaded | None:
         try:
-            return self._add(lease, piece, data, prepass)
+            return self._add(lease, piece, data, extra)
         except RuntimeError as e:   # torch.OutOfMemoryError (CUDA) or the CPU allocator's
             if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
                 self._b = None
@@ -84,18 +89,20 @@ class Assembler:
             f"{spec.start}..{spec.end}): it needs {need:,} bytes, {free:,} are free after "
             f"{self.retained_bytes:,} bytes retained so far; use a bigger device, or skip= it")
 
-    def _add(self, lease, piece: Piece, data: torch.Tensor, prepass) -> Loaded | None:
+    def _add(self, lease, piece: Piece, data: torch.Tensor, extra) -> Loaded | None:
         if piece.first:
-            self._b = _Building(piece.spec, piece.quantize, self.opts, self.device)
+            self._b = _Building(piece.spec, piece.quantize, self.opts, self.device,
+                                None if piece.quantize else extra)
         b = self._b
         raw = data[piece.offset:piece.offset + piece.nbytes]
         if not piece.quantize:
-            o = piece.lo - piece.spec.start
-            b.bytes[o:o + piece.nbytes].copy_(raw)
+            if extra is None:   # else already read into b.out
+                o = piece.lo - piece.spec.start
+                b.bytes[o:o + piece.nbytes].copy_(raw)
         else:
             x = raw.view(piece.spec.torch_dtype).view(-1, b.cols)
             if self.opts.granularity is Granularity.TENSOR and not piece.whole:
-                self._hold_or_prepass(lease, b, piece, x, prepass)
+                self._hold_or_prepass(lease, b, piece, x, extra)
             else:
                 self._quantize(b, piece, x, self.quantizer.amax_2d(x))
         return self._finish(b) if piece.last else None

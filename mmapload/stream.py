@@ -48,6 +48,11 @@ class _Pipeline:
         self._peak = [0, 0, 0]   # rss, anon, file
         self._tq = 0.0           # consumer seconds (quantize + copies out of the slots)
         self.prepass, self.hold_bytes = self._choose_per_tensor_mode()
+        # In place (CPU) the slot is no stop on the way for a tensor kept as it is: the reader
+        # reads it straight into its output, one copy instead of two, and the output's first-touch
+        # page faults land on the reader thread (which waits for slots anyway), not the consumer.
+        self._direct = not _device.mover_class(device).copies
+        self._out: torch.Tensor | None = None   # reader: the unquantized output being filled
 
     def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
         """Per-tensor scales of chunked matrices: hold them, or pre-pass (plan.per_tensor_split)."""
@@ -90,28 +95,49 @@ class _Pipeline:
             shard.release(w0, w1, drop_cache=False)
         return amax
 
+    def _output(self, piece: Piece) -> torch.Tensor | None:
+        """The output an unquantized piece is read into (allocated at its first piece); None
+        if that allocation failed: the consumer allocates again and reports it in order."""
+        if piece.first:
+            try:
+                self._out = _device.empty(piece.spec.shape, piece.spec.torch_dtype, self.device)
+            except RuntimeError:
+                self._out = None
+        return self._out
+
+    def _dest(self, piece: Piece, slot_np: np.ndarray, out: torch.Tensor | None) -> np.ndarray:
+        if out is None:
+            return slot_np[piece.offset:piece.offset + piece.nbytes]
+        o = piece.lo - piece.spec.start
+        return out.reshape(-1).view(torch.uint8).numpy()[o:o + piece.nbytes]
+
     def _fill(self, batch: Batch, slot: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Read one batch; returns per piece index what the consumer needs besides the slot:
+        a pre-passed amax (quantized piece), or the output it was read into (kept piece)."""
         slot_np = slot.numpy()
         pieces = batch.pieces
         # pre-passes first: a syscall reader uses the (still empty) slot as its window
-        prepass = {i: self._prepass_amax(self.shards[p.spec.shard], p, slot_np)
-                   for i, p in enumerate(pieces)
-                   if p.row0 == 0 and (p.spec.name, p.expert) in self.prepass}
+        extra = {i: self._prepass_amax(self.shards[p.spec.shard], p, slot_np)
+                 for i, p in enumerate(pieces)
+                 if p.row0 == 0 and (p.spec.name, p.expert) in self.prepass}
+        if self._direct:
+            extra.update((i, self._output(p)) for i, p in enumerate(pieces) if not p.quantize)
         start = 0
         for end in range(1, len(pieces) + 1):      # one read per file-contiguous run
             if end < len(pieces) and pieces[end].spec.shard == pieces[start].spec.shard \
                     and pieces[end].lo == pieces[end - 1].hi:
                 continue
-            run, start = pieces[start:end], end
+            run, run_start, start = pieces[start:end], start, end
             shard, hi = self.shards[run[0].spec.shard], run[-1].hi
             ahead = self.prefetched.get(shard, 0)
             if hi + 2 * self.opts.slot_bytes > ahead:   # keep ~2-4 slots of read-ahead going
                 shard.prefetch(max(hi, ahead), hi + 4 * self.opts.slot_bytes)
                 self.prefetched[shard] = hi + 4 * self.opts.slot_bytes
-            shard.copy_ranges(run[0].lo, [slot_np[p.offset:p.offset + p.nbytes] for p in run])
+            shard.copy_ranges(run[0].lo, [self._dest(p, slot_np, None if p.quantize else extra.get(i))
+                                          for i, p in enumerate(run, run_start)])
             self._sample()
             shard.release_behind(hi)
-        return prepass
+        return {i: x for i, x in extra.items() if x is not None}
 
     def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
         """Quantize / copy every piece of one batch; yield the tensors it completes."""

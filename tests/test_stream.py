@@ -242,3 +242,14 @@ def test_out_of_memory_is_a_clear_error_naming_the_tensor(tmp_path, keep_partial
         assert isinstance(ei.value.partial["small.weight"], QuantizedTensor)
     else:
         assert ei.value.partial is None
+
+
+@pytest.mark.skipif(_overcommit_always(), reason="needs heuristic overcommit (allocations beyond RAM fail)")
+def test_out_of_memory_for_a_tensor_kept_as_it_is_is_the_same_clear_error(tmp_path, no_thread_leak):
+    # on the CPU the reader allocates such a tensor's output (to read straight into it); its
+    # failure must still come out as the consumer's DeviceError, after the tensors before it
+    path = tmp_path / "huge.safetensors"
+    _sparse_huge_checkpoint(path)
+    with pytest.raises(mmapload.DeviceError, match=r"out of memory.*huge\.weight.*needs 274,877,906,944 bytes") as ei:
+        stream_quantize(path, skip=["huge.weight"], ring_bytes=64 << 20, keep_partial=True)
+    assert list(ei.value.partial) == ["small.weight"]
