@@ -14,6 +14,8 @@ memory limit would otherwise count against us.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import mmap
 import os
@@ -31,6 +33,12 @@ PAGE = mmap.PAGESIZE
 # Named in Python 3.13+; value 22 on Linux >= 5.14. Pre-faulting a range turns the SIGBUS a
 # truncated file would raise on access into an EFAULT we can report as an error.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+try:  # through ctypes, which releases the GIL (mmap.madvise holds it for the whole fault-in)
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):
+    _madvise = None
 
 
 def _floor(x: int) -> int:
@@ -128,6 +136,7 @@ class MappedShard(ShardReader):
             super().close()
             raise
         self._array = np.frombuffer(self._mm, dtype=np.uint8)
+        self._addr = self._array.ctypes.data
         self._advise(mmap.MADV_SEQUENTIAL, 0, self.size)
 
     def _advise(self, option: int, lo: int, hi: int) -> None:
@@ -161,8 +170,13 @@ class MappedShard(ShardReader):
         if not self._populate_ok or hi <= lo:
             return
         start = _floor(lo)
+        length = min(_ceil(hi), _ceil(self.size)) - start
         try:
-            self._mm.madvise(_MADV_POPULATE_READ, start, min(_ceil(hi), _ceil(self.size)) - start)
+            if _madvise is None:
+                self._mm.madvise(_MADV_POPULATE_READ, start, length)
+            elif _madvise(self._addr + start, length, _MADV_POPULATE_READ) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
         except OSError as e:
             if e.errno == errno.EFAULT:
                 raise FileChangedError(
