@@ -36,13 +36,16 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
     p.add_argument("--fp8", default="e4m3", choices=sorted(_FP8), help="FP8 format (e4m3)")
     p.add_argument("--skip", action="append", default=[], help="name pattern kept unquantized")
     p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
+    p.add_argument("--read-threads", type=int, default=None,
+                   help="threads copying into the ring (default: 1 on cpu, up to 4 with cuda)")
     if progress:
         p.add_argument("--progress", action="store_true", help="show a progress line on stderr")
 
 
 def _load_kwargs(a: argparse.Namespace) -> dict:
     return dict(ring_bytes=a.ring_bytes, granularity=a.granularity, fp8_dtype=_FP8[a.fp8],
-                skip=tuple(a.skip), progress=getattr(a, "progress", False), io=a.io)
+                skip=tuple(a.skip), progress=getattr(a, "progress", False), io=a.io,
+                read_threads=a.read_threads)
 
 
 def _quantize(path, a: argparse.Namespace) -> int:
@@ -116,7 +119,7 @@ def _profile(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(checkpoint=str(ckpt.root), device=a.device, ring_bytes=a.ring_bytes, fp8=a.fp8,
                granularity=a.granularity, skip=a.skip, io=a.io, interval=a.interval, progress=a.progress,
-               threads=a.threads)
+               threads=a.threads, read_threads=a.read_threads)
     runs, results = {}, {}
     for name in a.strategies:
         if a.cold:

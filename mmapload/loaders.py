@@ -56,7 +56,8 @@ def run_in_fresh_process(cfg: dict, timeout: float | None = None) -> dict:
     """Run ``cfg["strategy"]`` in a new interpreter; its measurements as a dict.
 
     cfg: checkpoint, strategy, device, ring_bytes, fp8 ("e4m3"|"e5m2"), granularity, skip,
-    io, interval (sampling seconds), progress, threads (torch threads or None).
+    io, interval (sampling seconds), progress, threads (torch threads or None), read_threads
+    (mmapload's, optional: None is automatic).
     The child's stderr passes through. Raises ``StrategyUnavailable`` when a peer's package
     is missing, ``StrategyError`` (a RuntimeError) when the child fails, is killed (an
     out-of-memory kill reads as signal 9) or runs past ``timeout`` seconds.
@@ -142,7 +143,7 @@ def _measure(cfg: dict) -> int:
     ckpt, dev = open_checkpoint(cfg["checkpoint"]), resolve_device(cfg["device"])
     opts = LoadOptions(ring_bytes=cfg["ring_bytes"], granularity=cfg["granularity"],
                        fp8_dtype=_FP8[cfg["fp8"]], skip=tuple(cfg["skip"]), io=cfg["io"],
-                       progress=cfg["progress"])
+                       progress=cfg["progress"], read_threads=cfg.get("read_threads"))
     if dev.type == "cuda":   # the CUDA context belongs to the baseline, not to the load
         torch.zeros(1, device=dev)
         torch.cuda.synchronize(dev)

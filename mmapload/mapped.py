@@ -53,6 +53,7 @@ class ShardReader:
     """One shard file whose size must stay ``expected_size``; subclasses say how to read."""
 
     _open_flags = 0
+    concurrent_copies = True    # copy_ranges of disjoint ranges may run on several threads
 
     def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True):
         self.path = Path(path)

@@ -40,6 +40,7 @@ class LoadOptions:
     error_stats: bool = False
     keep_partial: bool = False
     io: str = "mmap"
+    read_threads: int | None = None   # None: 1 on the CPU, up to 4 with CUDA (see read_threads_for)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -65,6 +66,9 @@ class LoadOptions:
         set_("skip", skip)
         if self.io not in IO_MODES:
             raise OptionsError(f"io must be one of {IO_MODES}, got {self.io!r}")
+        rt = self.read_threads
+        if rt is not None and (isinstance(rt, bool) or not isinstance(rt, int) or not 1 <= rt <= 64):
+            raise OptionsError(f"read_threads must be None (automatic) or an int from 1 to 64, got {rt!r}")
         for name in ("progress", "drop_page_cache", "error_stats", "keep_partial"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -86,6 +90,14 @@ class LoadOptions:
     @property
     def n_slots(self) -> int:
         return self.ring_bytes // self.slot_bytes
+
+    def read_threads_for(self, device: torch.device, cpus: int | None) -> int:
+        """Threads copying into ring slots. Automatic: 1 on the CPU, where the quantizer needs
+        the cores; with CUDA, where the host only copies, up to 4 (half the CPUs): one thread's
+        memcpy from the page cache falls short of a PCIe 4/5 link."""
+        if self.read_threads is not None:
+            return self.read_threads
+        return 1 if device.type == "cpu" else max(1, min(4, (cpus or 1) // 2))
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 from .checkpoint import TensorSpec
 from .errors import OptionsError
 
-__all__ = ["Piece", "Batch", "plan_batches", "matrix_dims", "per_tensor_split", "ALIGN"]
+__all__ = ["split_run", "Piece", "Batch", "plan_batches", "matrix_dims", "per_tensor_split", "ALIGN"]
 
 ALIGN = 64   # pieces start on 64-byte boundaries inside a slot (any dtype view is legal)
 
@@ -128,3 +128,30 @@ def per_tensor_split(batches: list[Batch], n_slots: int, copies: bool) -> tuple[
     if copies:
         return set(), -(-max(sizes.values(), default=0) // 64) * 64
     return {k for k, n in spans.items() if n > n_slots - 1}, 0
+
+
+def split_run(lo: int, sizes: list[int], parts: int, min_bytes: int = 1 << 20,
+              align: int = 4096) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Cut a file-contiguous run (destinations of ``sizes`` bytes, back to back from file
+    offset ``lo``) into at most ``parts`` shares of about equal bytes, each >= ``min_bytes``
+    and cut at ``align``-ed file offsets, for parallel copies:
+    ``[(file offset, [(destination index, start, end), ...]), ...]``."""
+    total = sum(sizes)
+    n = max(1, min(parts, total // max(1, min_bytes)))
+    step = -(-total // n)
+    cuts = [0]
+    for k in range(1, n):
+        c = -(-(lo + k * step) // align) * align - lo
+        if cuts[-1] < c < total:
+            cuts.append(c)
+    cuts.append(total)
+    shares = []
+    for a, b in zip(cuts, cuts[1:]):
+        segs, pos = [], 0
+        for i, size in enumerate(sizes):
+            s, e = max(a, pos), min(b, pos + size)
+            if s < e:
+                segs.append((i, s - pos, e - pos))
+            pos += size
+        shares.append((lo + a, segs))
+    return shares

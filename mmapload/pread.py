@@ -53,6 +53,7 @@ class PreadShard(ShardReader):
 
 class DirectShard(PreadShard):
     _open_flags = getattr(os, "O_DIRECT", 0)
+    concurrent_copies = False   # one bounce buffer
 
     def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True,
                  max_read: int = 16 << 20):

@@ -69,6 +69,7 @@ class LoadReport:
     ring_bytes: int = 0
     slot_bytes: int = 0
     pinned: bool = False
+    read_threads: int = 1           # threads copying into ring slots
     rss_before: int = 0             # host RSS when the load started
     peak_rss: int = 0               # highest host RSS seen during the load
     peak_rss_anon: int | None = None
@@ -94,7 +95,8 @@ class LoadReport:
             f"read            {mib(self.bytes_read)} in {self.seconds:.2f} s ({self.gbps:.2f} GB/s)",
             f"retained        {mib(self.retained_bytes)}",
             f"ring            {mib(self.ring_bytes)} ({self.slot_bytes // 2**20 or self.slot_bytes} "
-            f"{'MiB' if self.slot_bytes >= 2**20 else 'B'} slots, {'pinned' if self.pinned else 'pageable'})",
+            f"{'MiB' if self.slot_bytes >= 2**20 else 'B'} slots, {'pinned' if self.pinned else 'pageable'}, "
+            f"{self.read_threads} read thread{'s' if self.read_threads > 1 else ''})",
             f"host RSS        before {mib(self.rss_before)}, peak {mib(self.peak_rss)} "
             f"(+{mib(self.peak_rss - self.rss_before)}; anon {mib(self.peak_rss_anon)}, "
             f"file-backed {mib(self.peak_rss_file)})",

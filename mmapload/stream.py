@@ -8,7 +8,9 @@ the FP8 data and scales. No view into a ring slot ever reaches the caller.
 
 from __future__ import annotations
 
+import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -28,9 +30,9 @@ from .mapped import ShardReader
 from .options import LoadOptions, should_quantize
 from .pairs import flat as _flatten, fp8_pairs, paired
 from .pread import open_reader
-from .plan import Batch, Piece, matrix_dims, per_tensor_split, plan_batches
+from .plan import Batch, Piece, matrix_dims, per_tensor_split, plan_batches, split_run
 from .result import LoadReport, QuantizedModel
-from .ring import Ring, StageTimes, staged
+from .ring import CopyPool, Ring, StageTimes, staged
 
 __all__ = ["stream_quantize", "iter_quantized"]
 
@@ -111,6 +113,15 @@ class _Pipeline:
         o = piece.lo - piece.spec.start
         return out.reshape(-1).view(torch.uint8).numpy()[o:o + piece.nbytes]
 
+    def _copy(self, shard: ShardReader, lo: int, dsts: list[np.ndarray]) -> None:
+        """One file-contiguous run into its destinations, split over the copy pool's threads."""
+        if self._pool.n == 1 or not shard.concurrent_copies:
+            shard.copy_ranges(lo, dsts)
+            return
+        shares = split_run(lo, [len(d) for d in dsts], self._pool.n)
+        self._pool.run([partial(shard.copy_ranges, at, [dsts[i][a:b] for i, a, b in segs])
+                        for at, segs in shares])
+
     def _fill(self, batch: Batch, slot: torch.Tensor) -> dict[int, torch.Tensor]:
         """Read one batch; returns per piece index what the consumer needs besides the slot:
         a pre-passed amax (quantized piece), or the output it was read into (kept piece)."""
@@ -133,7 +144,7 @@ class _Pipeline:
             if hi + 2 * self.opts.slot_bytes > ahead:   # keep ~2-4 slots of read-ahead going
                 shard.prefetch(max(hi, ahead), hi + 4 * self.opts.slot_bytes)
                 self.prefetched[shard] = hi + 4 * self.opts.slot_bytes
-            shard.copy_ranges(run[0].lo, [self._dest(p, slot_np, None if p.quantize else extra.get(i))
+            self._copy(shard, run[0].lo, [self._dest(p, slot_np, None if p.quantize else extra.get(i))
                                           for i, p in enumerate(run, run_start)])
             self._sample()
             shard.release_behind(hi)
@@ -168,6 +179,7 @@ class _Pipeline:
         self.shards: dict[Path, ShardReader] = {}
         self.prefetched: dict[ShardReader, int] = {}
         ring = mover = stages = asm = None
+        self._pool = CopyPool(1)
         progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
         try:
             for s in self.ckpt.shards:
@@ -176,6 +188,8 @@ class _Pipeline:
                                                   max_read=opts.slot_bytes)
             if not self.batches:
                 return
+            self._pool = CopyPool(opts.read_threads_for(dev, os.cpu_count()))
+            self.report.read_threads = self._pool.n
             ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")
             self.report.pinned = ring.pinned
             # the reader thread's own (quantizers are not thread-safe), for per-tensor amax pre-passes
@@ -202,6 +216,7 @@ class _Pipeline:
             _profile.mark("done")
             if stages is not None:
                 stages.close()  # joins the reader thread, also on exceptions and early close
+            self._pool.close()  # then its copy threads
             progress.close()
             if mover is not None:
                 mover.close()

@@ -8,9 +8,9 @@ torch.set_num_threads(2)
 
 @pytest.fixture
 def no_thread_leak():
-    """Fails the test if a mmapload reader thread outlives it."""
+    """Fails the test if a mmapload reader or copy thread outlives it."""
     yield
-    alive = [t for t in threading.enumerate() if t.name == "mmapload-reader"]
+    alive = [t for t in threading.enumerate() if t.name in ("mmapload-reader", "mmapload-copier")]
     assert not alive, f"reader threads still running: {alive}"
 
 

@@ -124,3 +124,34 @@ def test_every_io_mode_gives_identical_results(ckpt, io, granularity):
                 assert torch.equal(g.data.view(torch.uint8), t.data.view(torch.uint8)), name
             else:
                 assert torch.equal(g, t), name
+
+
+@pytest.fixture(scope="module")
+def mib_ckpt(tmp_path_factory):
+    """Tensors of a few MiB, so that with 4 MiB slots a run splits over several copy threads."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(12)
+    t = {"model.embed_tokens.weight": torch.randn(3000, 700, generator=g).bfloat16(),  # 4 MiB, kept
+         "l0.weight": torch.randn(2048, 1030, generator=g).bfloat16(),
+         "l1.weight": torch.randn(1500, 1000, generator=g).bfloat16(),
+         "l1.bias": torch.randn(1500, generator=g).bfloat16(),
+         "l2.weight": torch.randn(3, 512, 768, generator=g).bfloat16()}
+    path = tmp_path_factory.mktemp("mib") / "m.safetensors"
+    save_file(t, path)
+    return path, t
+
+
+@pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
+@pytest.mark.parametrize("granularity", ["tensor", "block"])
+def test_several_read_threads_give_identical_results(mib_ckpt, io, granularity, no_thread_leak):
+    path, tensors = mib_ckpt
+    model = stream_quantize(path, ring_bytes=16 << 20, granularity=granularity, io=io, read_threads=3)
+    assert model.report.read_threads == 3
+    for name, w in tensors.items():
+        got = model[name]
+        if isinstance(got, QuantizedTensor):
+            q, s = quantize(w, granularity)
+            assert torch.equal(got.scale, s), name
+            assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)), name
+        else:
+            assert torch.equal(got, w), name

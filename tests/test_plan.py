@@ -68,3 +68,40 @@ def test_row_too_big_for_slot_is_an_options_error_naming_tensor():
     specs = _specs([(4, 10000)])
     with pytest.raises(OptionsError, match=r"t0\.weight.*ring_bytes"):
         plan_batches(specs, lambda s: True, 4096)
+
+
+from hypothesis import given, settings, strategies as st
+
+from mmapload.plan import split_run
+
+
+@settings(max_examples=300, deadline=None)
+@given(lo=st.integers(0, 1 << 20), sizes=st.lists(st.integers(0, 3 << 20), min_size=1, max_size=6),
+       parts=st.integers(1, 8), min_bytes=st.sampled_from([1, 4096, 1 << 20]))
+def test_split_run_covers_every_byte_once_in_order(lo, sizes, parts, min_bytes):
+    shares = split_run(lo, sizes, parts, min_bytes)
+    total = sum(sizes)
+    assert 1 <= len(shares) <= max(1, parts)
+    # walk the shares: file offsets are contiguous, destinations are covered in order, once
+    at, covered = lo, []
+    for k, (off, segs) in enumerate(shares):
+        assert off == at
+        if k:
+            assert off % 4096 == 0                       # cuts on page boundaries
+        n = sum(e - s for _, s, e in segs)
+        assert n > min(min_bytes, total) - 4096 or k == len(shares) - 1   # less only by the alignment
+        covered += segs
+        at += n
+    assert at == lo + total
+    pos = {i: 0 for i in range(len(sizes))}
+    for i, s, e in covered:
+        assert s == pos[i] and e > s
+        pos[i] = e
+    assert all(pos[i] == sizes[i] for i in pos)
+
+
+def test_split_run_makes_equal_shares_of_a_big_run():
+    shares = split_run(4096, [4 << 20, 4 << 20], 4)
+    assert [off for off, _ in shares] == [4096 + k * (2 << 20) for k in range(4)]
+    assert shares[1][1] == [(0, 2 << 20, 4 << 20)]
+    assert split_run(0, [1 << 20], 4) == [(0, [(0, 0, 1 << 20)])]   # too small to split

@@ -73,3 +73,30 @@ def test_consumer_exception_joins_reader(no_thread_leak):
 def test_ring_rejects_too_few_slots():
     with pytest.raises(ValueError):
         Ring(1, 64)
+
+
+def test_copy_pool_runs_every_task_and_reraises_the_first_failure(no_thread_leak):
+    import threading
+    from mmapload.ring import CopyPool
+    with CopyPool(3) as pool:
+        seen, lock = [], threading.Lock()
+
+        def task(i):
+            def run():
+                time.sleep(0.001 * (i % 3))
+                with lock:
+                    seen.append((i, threading.current_thread().name))
+            return run
+
+        pool.run([task(i) for i in range(9)])
+        assert sorted(i for i, _ in seen) == list(range(9))
+        assert len({name for _, name in seen}) > 1          # the work was shared
+
+        def boom():
+            raise OSError("disk gone")
+        seen.clear()
+        with pytest.raises(OSError, match="disk gone"):
+            pool.run([task(0), boom, task(2), task(3)])
+        assert sorted(i for i, _ in seen) == [0, 2, 3]        # the others still finished
+    with pytest.raises(ValueError):
+        CopyPool(0)

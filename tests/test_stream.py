@@ -182,6 +182,7 @@ def test_cuda_on_cpu_only_machine_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [dict(ring_bytes=100), dict(ring_bytes="big"), dict(granularity="row"),
                                     dict(fp8_dtype=torch.float16), dict(block_size=(0, 128)),
+                                    dict(read_threads=0), dict(read_threads=2.0), dict(read_threads=True),
                                     dict(nonsense=1)])
 def test_bad_options_raise_up_front(tmp_path, kwargs):
     save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "m.safetensors")

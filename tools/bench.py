@@ -401,7 +401,7 @@ def bench_size(size: int, root: Path, args, rows_wanted, device, opts, cold) -> 
     ceil = ceiling(ckpt, paths, device, opts, cold)
     base_cfg = dict(checkpoint=str(ckpt.root), device=str(device), ring_bytes=args.ring_bytes, fp8=args.fp8,
                     granularity=args.granularity, skip=[], interval=args.interval, progress=False,
-                    threads=args.threads)
+                    threads=args.threads, read_threads=args.read_threads)
     rows = []
     for row in rows_wanted:
         print(f"#   {label(row)} ...", file=sys.stderr, flush=True)
@@ -509,6 +509,8 @@ def main(argv=None) -> int:
                     help="auto: drop_caches where writable, else posix_fadvise DONTNEED on the shards")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads in every process (default: torch's own)")
+    ap.add_argument("--read-threads", type=int, help="mmapload's threads copying into the ring "
+                    "(default: automatic, 1 on cpu, up to 4 with cuda)")
     ap.add_argument("--ring-bytes", type=parse_size, help="mmapload ring, and the capped peers' limit (256MiB)")
     ap.add_argument("--granularity", choices=["tensor", "channel", "block"], default="tensor")
     ap.add_argument("--fp8", choices=sorted(FP8), default="e4m3")
