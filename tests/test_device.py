@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 import mmapload
 from mmapload import QuantizedTensor, stream_quantize
 from mmapload import device as device_mod
-from mmapload.fp8 import quantize
+
+from expect import assert_same_as_whole_tensor_quantizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -75,14 +76,7 @@ def test_event_protocol_with_emulated_dma(tmp_path, monkeypatch, granularity, no
     monkeypatch.setattr(device_mod, "mover_class", lambda dev: _EmulatedDmaMover)
     model = stream_quantize(tmp_path / "m.safetensors", ring_bytes=4 * (48 << 10), granularity=granularity)
     assert "copy" in model.report.stage_seconds
-    for name, w in tensors.items():
-        got = model[name]
-        if isinstance(got, QuantizedTensor):
-            q, s = quantize(w, granularity)
-            assert torch.equal(got.scale, s), name
-            assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)), name
-        else:
-            assert torch.equal(got, w), name
+    assert_same_as_whole_tensor_quantizer(model, tensors, granularity)
 
 
 def test_nan_found_by_the_deferred_per_batch_check(tmp_path, monkeypatch, no_thread_leak):
@@ -153,13 +147,7 @@ def test_cuda_slot_never_overwritten_while_its_copy_is_in_flight(tmp_path, monke
                                            granularity=granularity):
         got[name] = t
         time.sleep(0.002)                # a slow caller as well
-    for name, w in tensors.items():
-        if isinstance(got[name], QuantizedTensor):
-            q, s = quantize(w, granularity)
-            assert torch.equal(got[name].scale.cpu(), s), name
-            assert torch.equal(got[name].data.cpu().view(torch.uint8), q.view(torch.uint8)), name
-        else:
-            assert torch.equal(got[name].cpu(), w), name
+    assert_same_as_whole_tensor_quantizer(got, tensors, granularity)
 
 
 @pytest.fixture(scope="session")

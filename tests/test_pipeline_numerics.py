@@ -8,6 +8,8 @@ from mmapload.writer import SafetensorsWriter
 from mmapload import QuantizedTensor, stream_quantize
 from mmapload.fp8 import quantize, relative_error
 
+from expect import assert_same_as_whole_tensor_quantizer
+
 RING_SMALL = 4 * (68 << 10)  # 68 KiB slots: one block row (128 rows) of each weight fits,
                              # and every weight (each expert) travels in several chunks
 RING_BIG = 16 << 20
@@ -147,11 +149,4 @@ def test_several_read_threads_give_identical_results(mib_ckpt, io, granularity, 
     path, tensors = mib_ckpt
     model = stream_quantize(path, ring_bytes=16 << 20, granularity=granularity, io=io, read_threads=3)
     assert model.report.read_threads == 3
-    for name, w in tensors.items():
-        got = model[name]
-        if isinstance(got, QuantizedTensor):
-            q, s = quantize(w, granularity)
-            assert torch.equal(got.scale, s), name
-            assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)), name
-        else:
-            assert torch.equal(got, w), name
+    assert_same_as_whole_tensor_quantizer(model, tensors, granularity)
