@@ -95,8 +95,11 @@ class FP8Linear(nn.Module):
         xq = (x2.float() / sx).clamp_(-fmax, fmax).to(self.weight.dtype)
         sw = self.weight_scale.reshape(1, -1) if per_row else self.weight_scale.reshape(())
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        fused = bias is not None and x.dtype is not torch.float32   # _scaled_mm: no bias with fp32 out
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx.float(), scale_b=sw.float(),
-                             bias=bias, out_dtype=x.dtype)
+                             bias=bias if fused else None, out_dtype=x.dtype)
+        if bias is not None and not fused:
+            y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

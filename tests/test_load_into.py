@@ -106,11 +106,17 @@ def test_a_code_made_buffer_left_on_meta_is_an_error(tiny):
     assert torch.equal(load_into(m, path).steps, torch.arange(4))
 
 
+_FP8_MM = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not _FP8_MM, reason="needs a CUDA GPU with FP8 matmul (sm89+)"))])
 @pytest.mark.parametrize("granularity,dtype", [("tensor", torch.float32), ("tensor", torch.bfloat16),
                                                ("channel", torch.bfloat16)])
-def test_scaled_mm_path_agrees_with_dequantize(granularity, dtype):
+def test_scaled_mm_path_agrees_with_dequantize(granularity, dtype, device):
     torch.manual_seed(2)
     w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(3, 5, 64).to(dtype)
+    w, b, x = w.to(device), b.to(device), x.to(device)
     q, s = quantize(w, granularity)
     qt = mmapload.QuantizedTensor(q, s, torch.float32, mmapload.Granularity(granularity))
     slow = FP8Linear.from_quantized(qt, b.clone(), use_scaled_mm=False)
@@ -119,7 +125,7 @@ def test_scaled_mm_path_agrees_with_dequantize(granularity, dtype):
     y0, y1 = slow(x), fast(x)
     assert y1.dtype == dtype and y1.shape == (3, 5, 48)
     assert torch.nn.functional.cosine_similarity(y0.float().flatten(), y1.float().flatten(), dim=0) > 0.998
-    assert not FP8Linear.from_quantized(qt, None)._scaled_mm_ok(x)       # CPU: auto means dequantize
+    assert FP8Linear.from_quantized(qt, None)._scaled_mm_ok(x) == (device == "cuda")  # auto: by capability
 
 
 @pytest.mark.parametrize("fmt,granularity", [("compressed-tensors", "tensor"), ("compressed-tensors", "channel"),
