@@ -17,7 +17,6 @@ import psutil
 import torch
 
 from .checkpoint import TensorSpec
-from .device import empty
 from .errors import DeviceError, NonFiniteError
 from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax, scale_shape
 from .options import LoadOptions
@@ -39,7 +38,7 @@ class _Building:
         self.held: list[tuple[torch.Tensor, Piece]] = []
         self.amax: torch.Tensor | None = None
         if quantize:
-            self.out = empty(spec.shape, opts.fp8_dtype, device)
+            self.out = torch.empty(spec.shape, dtype=opts.fp8_dtype, device=device)
             self.scale = torch.empty(scale_shape(spec.shape, opts.granularity, opts.block_size),
                                      dtype=torch.float32, device=device)
             e, rows, cols = matrix_dims(spec.shape)
@@ -48,7 +47,7 @@ class _Building:
             self.scale3 = self.scale.view(e, *self.scale.shape[-2:]) if self.scale.dim() >= 2 \
                 else self.scale.view(1, 1, 1)
         else:   # ``out``: the reader already read the tensor into it (in place, CPU)
-            self.out = out if out is not None else empty(spec.shape, spec.torch_dtype, device)
+            self.out = out if out is not None else torch.empty(spec.shape, dtype=spec.torch_dtype, device=device)
             self.bytes = self.out.reshape(-1).view(torch.uint8)
 
 

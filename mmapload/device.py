@@ -8,43 +8,12 @@ the ring slots (the reader refills a slot only after its copy event has complete
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import mmap
-
 import torch
 
 from .errors import DeviceError
 from .ring import Lease
 
-__all__ = ["parse_device", "resolve_device", "mover_class", "empty"]
-
-_MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _madvise = _libc.madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-except (OSError, AttributeError):
-    _madvise = None
-
-
-def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` for an output that lives for the whole load.
-
-    On the CPU a big output is first touched by the quantizer, one 4 KiB page fault at a
-    time (~25% of a bf16->fp8 cast into fresh memory). Where transparent huge pages are in
-    ``madvise`` mode, MADV_HUGEPAGE lets the kernel back it with 2 MiB pages instead.
-    """
-    t = torch.empty(shape, dtype=dtype, device=device)
-    n = t.numel() * t.element_size()
-    if device.type == "cpu" and _madvise is not None and n >= 2 * _HUGE:
-        start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = t.data_ptr() + n - (t.data_ptr() + n) % mmap.PAGESIZE
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)   # a hint: failure changes nothing
-    return t
-
+__all__ = ["parse_device", "resolve_device", "mover_class"]
 
 def parse_device(device) -> torch.device:
     """``device`` as a ``torch.device`` of a kind mmapload loads to (cpu, cuda[:N]); it need

@@ -102,7 +102,7 @@ class _Pipeline:
         if that allocation failed: the consumer allocates again and reports it in order."""
         if piece.first:
             try:
-                self._out = _device.empty(piece.spec.shape, piece.spec.torch_dtype, self.device)
+                self._out = torch.empty(piece.spec.shape, dtype=piece.spec.torch_dtype, device=self.device)
             except RuntimeError:
                 self._out = None
         return self._out
