@@ -107,17 +107,23 @@ def test_page_cache_follows_reads_and_evictions(tmp_path):
     f.write_bytes(os.urandom(32 * MiB))
     _evict(f)
     assert page_cache_bytes([f]) <= 2 * MiB
+    def settle(phase):   # a few samples in this phase, however busy the machine is
+        deadline = time.monotonic() + 5
+        while sum(x.phase == phase for x in s.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     with MemorySampler(interval=0.005, files=[f], cache_interval=0.0) as s:
-        time.sleep(0.03)
+        settle("")
         mark("reading")
         with open(f, "rb") as fh:
             fh.read()
         mark("read")
-        time.sleep(0.05)
+        settle("read")
         assert page_cache_bytes([f]) >= 30 * MiB
+        mark("evicting")   # samples taken during the eviction are neither warm nor evicted
         _evict(f)
         mark("evicted")
-        time.sleep(0.05)
+        settle("evicted")
     cold = [x.page_cache for x in s.samples if x.phase == ""]
     warm = [x.page_cache for x in s.samples if x.phase == "read"]
     evicted = [x.page_cache for x in s.samples if x.phase == "evicted"]
