@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from mmapload.checkpoint import TensorSpec
 from mmapload.errors import OptionsError
-from mmapload.plan import ALIGN, plan_batches
+from mmapload.plan import ALIGN, plan_batches, split_run
 
 
 def _specs(shapes, itemsize_dtype="BF16"):
@@ -69,10 +70,6 @@ def test_row_too_big_for_slot_is_an_options_error_naming_tensor():
     with pytest.raises(OptionsError, match=r"t0\.weight.*ring_bytes"):
         plan_batches(specs, lambda s: True, 4096)
 
-
-from hypothesis import given, settings, strategies as st
-
-from mmapload.plan import split_run
 
 
 @settings(max_examples=300, deadline=None)
