@@ -96,3 +96,17 @@ def test_direct_falls_back_to_pread_with_a_warning_where_refused(tmp_path, monke
     ref = mmapload.stream_quantize(tmp_path / "m.safetensors")
     assert torch.equal(model["b"], tensors["b"])
     assert torch.equal(model["a.weight"].data.view(torch.uint8), ref["a.weight"].data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_truncated_file_with_several_copy_threads_is_an_error(tmp_path, io, no_thread_leak):
+    # 4 MiB slots: each batch's copy is split over the 3 threads when the file shrinks
+    tensors = {f"l{i}.weight": torch.randn(1024, 1024).bfloat16() for i in range(12)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    gen = mmapload.iter_quantized(path, ring_bytes=16 << 20, io=io, read_threads=3)
+    next(gen)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(mmapload.FileChangedError, match="m.safetensors"):
+        for _ in gen:
+            pass
