@@ -4,8 +4,11 @@
 ``window`` for a transient look at file bytes, ``prefetch`` ahead, ``release_behind`` what
 was copied. ``MappedShard`` maps the file; pread.py has the pread and O_DIRECT readers.
 
-Views of a map are numpy arrays, so they hold the buffer export: the map cannot be closed
-under a live view (``torch.frombuffer`` does not hold it and a closed map then segfaults).
+Copies out of the map go through the kernel (``process_vm_readv`` on our own address space),
+so a file truncated under us is a short copy, reported as ``FileChangedError``, never the
+SIGBUS a plain memcpy out of a vanished page dies of. Views of a map are numpy arrays, so
+they hold the buffer export: the map cannot be closed under a live view (``torch.frombuffer``
+does not hold it and a closed map then segfaults).
 Resident memory stays bounded because the reader releases what it has copied:
 ``madvise(MADV_DONTNEED)`` drops the pages from this process's RSS and
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` drops them from the page cache, which a container's
@@ -33,12 +36,28 @@ PAGE = mmap.PAGESIZE
 # Named in Python 3.13+; value 22 on Linux >= 5.14. Pre-faulting a range turns the SIGBUS a
 # truncated file would raise on access into an EFAULT we can report as an error.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-try:  # through ctypes, which releases the GIL (mmap.madvise holds it for the whole fault-in)
+_IOV_MAX = 1024
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+# Through ctypes, which releases the GIL (mmap.madvise holds it for the whole fault-in).
+# process_vm_readv on our own map copies like memcpy, but through the kernel: a page the file
+# lost since it was mapped (truncated under us) makes it stop short or fail with EFAULT,
+# where a memcpy would die of SIGBUS.
+_madvise = _pvr = None
+try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _madvise = _libc.madvise
     _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _pvr = _libc.process_vm_readv
+    _pvr.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
+                     ctypes.c_ulong, ctypes.c_ulong)
+    _pvr.restype = ctypes.c_ssize_t
 except (OSError, AttributeError):
-    _madvise = None
+    pass
 
 
 def _floor(x: int) -> int:
@@ -138,6 +157,7 @@ class MappedShard(ShardReader):
             raise
         self._array = np.frombuffer(self._mm, dtype=np.uint8)
         self._addr = self._array.ctypes.data
+        self._kernel_copies = _pvr is not None   # SIGBUS-proof copies (see _pvr)
         self._advise(mmap.MADV_SEQUENTIAL, 0, self.size)
 
     def _advise(self, option: int, lo: int, hi: int) -> None:
@@ -185,17 +205,43 @@ class MappedShard(ShardReader):
                     "replaced while loading)") from None
             self._populate_ok = False  # EINVAL: kernel older than 5.14; plain faults still work
 
-    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
-        self.populate(lo, hi)
-        np.copyto(dst, self.view(lo, hi))
+    def _kernel_copy(self, lo: int, dsts: list[np.ndarray]) -> bool:
+        """Map bytes from ``lo`` into ``dsts`` via process_vm_readv; False if that syscall is
+        not allowed here (seccomp), and the caller must copy itself."""
+        for k in range(0, len(dsts), _IOV_MAX):
+            part = dsts[k:k + _IOV_MAX]
+            n = sum(len(d) for d in part)
+            local = (_Iovec * len(part))(*[(d.ctypes.data, len(d)) for d in part])
+            remote = _Iovec(self._addr + lo, n)
+            got = _pvr(os.getpid(), local, len(part), ctypes.byref(remote), 1, 0)
+            if got != n:
+                err = ctypes.get_errno() if got < 0 else errno.EFAULT
+                if got < 0 and err in (errno.EPERM, errno.ENOSYS) and k == 0:
+                    return False
+                self._check_size()   # the file shrank: say so, with both sizes
+                raise FileChangedError(
+                    f"{self.path}: bytes [{lo + max(got, 0)}, {lo + n}) can no longer be read from the "
+                    f"map ({os.strerror(err)}; file truncated or replaced while loading?)")
+            lo += n
+        return True
 
     def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
+        dsts = [d for d in dsts if len(d)]
+        self._check_size()
+        if self._kernel_copies and self._kernel_copy(lo, dsts):
+            return
+        self._kernel_copies = False
         self.populate(lo, lo + sum(len(d) for d in dsts))   # one fault-in for the run
         for d in dsts:
             np.copyto(d, self.view(lo, lo + len(d)))
             lo += len(d)
 
+    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        self.copy_ranges(lo, [dst[:hi - lo]])
+
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
+        if self._kernel_copies:   # a copy, so that the caller never touches the map itself
+            return super().window(lo, hi, scratch)
         self.populate(lo, hi)
         return self.tensor(lo, hi)  # zero-copy; the caller releases [lo, hi) from RSS after
 

@@ -110,3 +110,25 @@ def test_truncated_file_with_several_copy_threads_is_an_error(tmp_path, io, no_t
     with pytest.raises(mmapload.FileChangedError, match="m.safetensors"):
         for _ in gen:
             pass
+
+
+def test_mmap_copies_fall_back_to_memcpy_where_process_vm_readv_is_refused(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+    import mmapload.mapped as mapped_mod
+    calls = []
+
+    def refused(*args):                       # what a seccomp profile without it answers
+        calls.append(args)
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(mapped_mod, "_pvr", refused)
+    tensors = {"a.weight": torch.randn(300, 200), "emb.embed.weight": torch.randn(50, 20), "b": torch.arange(10)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    model = mmapload.stream_quantize(tmp_path / "m.safetensors", ring_bytes=64 << 10)
+    monkeypatch.undo()
+    ref = mmapload.stream_quantize(tmp_path / "m.safetensors", ring_bytes=64 << 10)
+    assert len(calls) == 1                    # tried once per shard, then plain copies
+    assert torch.equal(model["b"], tensors["b"]) and torch.equal(model["emb.embed.weight"], ref["emb.embed.weight"])
+    assert torch.equal(model["a.weight"].data.view(torch.uint8), ref["a.weight"].data.view(torch.uint8))
