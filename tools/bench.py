@@ -500,7 +500,8 @@ def growth(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--sizes", type=parse_sizes, help="comma-separated checkpoint sizes (default 4GiB; --quick 64MiB)")
+    ap.add_argument("--sizes", type=parse_sizes, help="comma-separated checkpoint sizes (default 4GiB, 8GiB "
+                    "with --device cuda; --quick 64MiB)")
     ap.add_argument("--strategies", type=parse_strategies,
                     help=f"comma-separated from {', '.join(ALL_STRATEGIES)}; mmapload:IO for one io mode "
                          "(default: all; --quick: naive,safe_open,runai_capped,mmapload:mmap,mmapload:direct)")
@@ -527,7 +528,7 @@ def main(argv=None) -> int:
         ap.error("--threads must be >= 1")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
-    args.sizes = args.sizes or [QUICK_SIZE if args.quick else 4 * GiB]
+    args.sizes = args.sizes or [QUICK_SIZE if args.quick else 8 * GiB if args.device.startswith("cuda") else 4 * GiB]
     rows_wanted = args.strategies or (QUICK_ROWS if args.quick else ALL_ROWS)
     if args.ring_bytes is None:
         args.ring_bytes = QUICK_RING if args.quick else 256 * MiB
