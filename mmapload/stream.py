@@ -188,7 +188,8 @@ class _Pipeline:
                                                   max_read=opts.slot_bytes)
             if not self.batches:
                 return
-            self._pool = CopyPool(opts.read_threads_for(dev, os.cpu_count()))
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            self._pool = CopyPool(opts.read_threads_for(dev, cpus))
             self.report.read_threads = self._pool.n
             ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")
             self.report.pinned = ring.pinned
