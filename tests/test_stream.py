@@ -254,3 +254,12 @@ def test_out_of_memory_for_a_tensor_kept_as_it_is_is_the_same_clear_error(tmp_pa
     with pytest.raises(mmapload.DeviceError, match=r"out of memory.*huge\.weight.*needs 274,877,906,944 bytes") as ei:
         stream_quantize(path, skip=["huge.weight"], ring_bytes=64 << 20, keep_partial=True)
     assert list(ei.value.partial) == ["small.weight"]
+
+
+def test_read_threads_automatic_and_explicit():
+    from mmapload.options import LoadOptions
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    auto = LoadOptions()
+    assert auto.read_threads_for(cpu, 64) == 1                     # the quantizer needs the cores
+    assert [auto.read_threads_for(cuda, n) for n in (None, 1, 2, 6, 16, 128)] == [1, 1, 1, 3, 4, 4]
+    assert LoadOptions(read_threads=6).read_threads_for(cpu, 2) == 6
