@@ -17,7 +17,7 @@ from mmapload.errors import DeviceError, NonFiniteError, OptionsError
 
 __all__ = ["Granularity", "FP8_DTYPES", "fp8_max", "parse_granularity", "check_fp8_dtype",
            "scale_shape", "amax_2d", "scale_from_amax", "merge_amax", "check_finite",
-           "Quantizer", "quantize", "dequantize", "relative_error"]
+           "Quantizer", "quantize", "dequantize", "relative_error", "default_scratch_elems"]
 
 
 class Granularity(str, enum.Enum):
@@ -37,9 +37,10 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _default_scratch(device) -> int:
-    # float32 elements. CPU: 256K (1 MiB) stays in L2 and measured fastest (64K: per-op
-    # overhead dominates, ~30% slower). CUDA: 4M so kernel launches amortise (a guess).
+def default_scratch_elems(device) -> int:
+    """Float32 elements of a Quantizer's scratch on ``device`` unless told otherwise. CPU: 256K
+    (1 MiB) stays in L2 and measured fastest (64K: per-op overhead dominates, ~30% slower).
+    CUDA: 4M so kernel launches amortise (a guess)."""
     return 1 << 22 if torch.device(device).type == "cuda" else 1 << 18
 
 
@@ -151,7 +152,7 @@ def _grid_amax(x, br, bc, buf, itype) -> torch.Tensor:
 def amax_2d(x, granularity, block_size=(128, 128)) -> torch.Tensor:
     """Exact float32 amax of a 2-D chunk: 0-d (tensor), [rows, 1] (channel) or block grid."""
     return Quantizer(torch.float8_e4m3fn, granularity, block_size, x.device,
-                     min(max(x.numel(), 1), _default_scratch(x.device))).amax_2d(x)
+                     min(max(x.numel(), 1), default_scratch_elems(x.device))).amax_2d(x)
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ class Quantizer:
         self.granularity = parse_granularity(granularity)
         self.block_size = _check_block(block_size)
         self.device = torch.device(device)
-        n = _default_scratch(self.device) if scratch_elems is None else int(scratch_elems)
+        n = default_scratch_elems(self.device) if scratch_elems is None else int(scratch_elems)
         if n < 1:
             raise OptionsError(f"scratch_elems must be >= 1, got {scratch_elems!r}")
         try:  # even size: the amax pass views it as int64 for float64 sources
@@ -256,7 +257,7 @@ def _dequantized_pieces(q, scale, granularity, block_size):
         raise OptionsError(f"scale shape {list(scale.shape)} does not match {list(want)} for {list(q.shape)}")
     for idx, m in _matrices(q) if q.numel() else ():
         (br, bc), sg = _granule(m.shape, g, block_size), _as_grid(scale[idx])
-        for r0, r1, c0, c1 in _pieces(*m.shape, br, bc, _default_scratch(q.device)):
+        for r0, r1, c0, c1 in _pieces(*m.shape, br, bc, default_scratch_elems(q.device)):
             d = m[r0:r1, c0:c1].to(torch.float32)
             _apply_grid(d, sg, br, bc, torch.Tensor.mul_, r0, c0)
             yield idx, (slice(r0, r1), slice(c0, c1)), d
@@ -265,7 +266,7 @@ def _dequantized_pieces(q, scale, granularity, block_size):
 @torch.no_grad()
 def quantize(w, granularity="tensor", fp8_dtype=torch.float8_e4m3fn, block_size=(128, 128), *, name=None):
     return Quantizer(fp8_dtype, granularity, block_size, w.device,
-                     min(max(w.numel(), 1), _default_scratch(w.device))).quantize(w, name=name)
+                     min(max(w.numel(), 1), default_scratch_elems(w.device))).quantize(w, name=name)
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ PEER_PACKAGES = {"runai": ("runai_model_streamer", "runai-model-streamer"),
                  "runai_capped": ("runai_model_streamer", "runai-model-streamer"),
                  "fastsafetensors": ("fastsafetensors", "fastsafetensors"),
                  "fastsafetensors_capped": ("fastsafetensors", "fastsafetensors")}
-_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 _CHILD = "import sys; from mmapload.loaders import _child; sys.exit(_child(sys.stdin.read()))"
 _RESULT = "@mmapload-result "     # prefix of the child's one result line on stdout
 _EXIT_UNAVAILABLE = 3
@@ -142,7 +141,7 @@ def _measure(cfg: dict) -> int:
         torch.set_num_threads(cfg["threads"])
     ckpt, dev = open_checkpoint(cfg["checkpoint"]), resolve_device(cfg["device"])
     opts = LoadOptions(ring_bytes=cfg["ring_bytes"], granularity=cfg["granularity"],
-                       fp8_dtype=_FP8[cfg["fp8"]], skip=tuple(cfg["skip"]), io=cfg["io"],
+                       fp8_dtype=cfg["fp8"], skip=tuple(cfg["skip"]), io=cfg["io"],
                        progress=cfg["progress"], read_threads=cfg.get("read_threads"))
     if dev.type == "cuda":   # the CUDA context belongs to the baseline, not to the load
         torch.zeros(1, device=dev)

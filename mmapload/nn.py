@@ -136,9 +136,14 @@ def _resolve(name: str, targets, prefix: str) -> str | None:
     return next((c for c in cands if c in targets), None)
 
 
+def _held(mod: nn.Module, attr: str) -> dict:
+    """The dict (parameters or buffers) of ``mod`` that holds ``attr``."""
+    return mod._parameters if attr in mod._parameters else mod._buffers
+
+
 def _place(slots, t: torch.Tensor, name: str, src: str) -> None:
     mod, attr = slots[0]
-    old = (mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr))
+    old = _held(mod, attr).get(attr)
     if tuple(old.shape) != tuple(t.shape):
         raise ModuleMismatchError(f"{src}: tensor {name!r} has shape {list(t.shape)}, the module expects "
                                   f"{list(old.shape)}")
@@ -146,7 +151,7 @@ def _place(slots, t: torch.Tensor, name: str, src: str) -> None:
         t = t.to(old.dtype)   # the module's declared dtype wins, as in from_pretrained
     new = nn.Parameter(t, requires_grad=False) if isinstance(old, nn.Parameter) else t
     for m, a in slots:
-        (m._parameters if a in m._parameters else m._buffers)[a] = new
+        _held(m, a)[a] = new
 
 
 def _swap_linear(root: nn.Module, mname: str, q: QuantizedTensor, use_scaled_mm, src: str) -> nn.Module:
@@ -225,8 +230,7 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
 
 
 def _is_meta(slots) -> bool:
-    mod, attr = slots[0]
-    t = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+    t = _held(*slots[0]).get(slots[0][1])
     return t is not None and t.is_meta
 
 

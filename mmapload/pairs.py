@@ -21,7 +21,7 @@ from .errors import HeaderError
 from .fp8 import Granularity
 from .result import QuantizedTensor
 
-__all__ = ["fp8_pairs", "paired", "flat"]
+__all__ = ["fp8_pairs", "paired"]
 
 _FP8 = ("F8_E4M3", "F8_E5M2")
 SUFFIXES = ("_scale", "_scale_inv")
@@ -93,14 +93,3 @@ def paired(items: Iterator[tuple[str, Loaded]], pairs: dict) -> Iterator[tuple[s
         yield weight, QuantizedTensor(data, scale, torch.bfloat16, gran, block)
     if waiting:   # only reachable if the stream was cut short by the caller's own filter
         raise HeaderError(f"FP8 weights / scales without their partner: {sorted(waiting)}")
-
-
-def flat(items: Iterator[tuple[str, Loaded]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``("x.weight", fp8)`` then ``("x.weight_scale", scale)``: convert's naming, for engines."""
-    for name, t in items:
-        if isinstance(t, QuantizedTensor):
-            yield name, t.data
-            yield name + "_scale", t.scale
-        else:
-            yield name, t
-

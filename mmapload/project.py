@@ -8,9 +8,9 @@ Host peak, above the RSS the process had before the load (with torch imported an
 CUDA, the CUDA context already created):
   CPU device:  ring (n_slots x slot_bytes)
              + retained bytes (the outputs live in host RAM)
-             + reader buffers, by ``io``: mmap 2 x slot_bytes (the mapped run or pre-pass
-               window, released behind the reader, plus the copy of an unaligned pre-pass
-               window); pread 0 (it reads into the slot); direct one bounce buffer of
+             + reader buffers, by ``io``: mmap 2 x slot_bytes (the mapped pages of a run and
+               of a pre-pass window, each released behind the reader); pread 0 (it reads
+               into the slot); direct one bounce buffer of
                slot_bytes + 2 pages per shard (each is kept until the load ends)
              + 2 quantizers' scratch (1 MiB float32 each: consumer and reader pre-pass)
              + amax grids (20 bytes per granule row of the largest piece, reader and consumer)
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from .checkpoint import TensorSpec, open_checkpoint
 from .device import parse_device
-from .fp8 import Granularity, scale_shape
+from .fp8 import Granularity, default_scratch_elems, scale_shape
 from .options import LoadOptions, should_quantize
 from .plan import matrix_dims, per_tensor_split, plan_batches
 
@@ -52,8 +52,8 @@ __all__ = ["Projection", "TensorGroup", "project", "HOST_MARGIN", "DEVICE_MARGIN
 HOST_MARGIN = 64 << 20
 DEVICE_MARGIN = 64 << 20
 CUDA_CONTEXT = 512 << 20
-_CPU_SCRATCH = 4 << 18        # fp8._default_scratch: 256K float32 on the CPU
-_CUDA_SCRATCH = 4 << 22       # 4M float32 on CUDA
+_CPU_SCRATCH = 4 * default_scratch_elems("cpu")     # bytes of one quantizer's float32 scratch
+_CUDA_SCRATCH = 4 * default_scratch_elems("cuda")
 _PAGE = mmap.PAGESIZE
 _CUDA_ROUND = 512             # the CUDA caching allocator's size granularity
 _NAMES = 3                    # example names kept per group
@@ -119,7 +119,7 @@ class Projection:
             "tensors": self.tensors,
             "options": {"ring_bytes": o.ring_bytes, "slot_bytes": o.slot_bytes, "n_slots": o.n_slots,
                         "granularity": o.granularity.value, "fp8_dtype": str(o.fp8_dtype),
-                        "skip": list(o.skip), "io": getattr(o, "io", "mmap")},
+                        "skip": list(o.skip), "io": o.io},
             "shards": [{"file": f, "tensors": n, "bytes": b} for f, n, b in self.shards],
             "dtypes": {d: {"tensors": n, "bytes": b} for d, (n, b) in self.dtypes.items()},
             "largest": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes}
@@ -223,7 +223,7 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     scale_bytes = 4 * sum(scale_elems.values())
     kept_bytes = sum(s.nbytes for s in kspecs)
 
-    io = getattr(opts, "io", "mmap")
+    io = opts.io
     reader = {"mmap": (2 if dev.type == "cpu" else 1) * slot, "pread": 0,
               "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
     if dev.type == "cpu":

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from .fp8 import Granularity, dequantize
 
-__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "tensor_nbytes"]
+__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "tensor_nbytes", "flat"]
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -132,15 +132,18 @@ class QuantizedModel(Mapping):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor: each FP8 weight plus its ``<name>_scale``."""
-        out: dict[str, torch.Tensor] = {}
-        for name, t in self._tensors.items():
-            if isinstance(t, QuantizedTensor):
-                out[name] = t.data
-                out[f"{name}_scale"] = t.scale
-            else:
-                out[name] = t
-        return out
+        return dict(flat(self._tensors.items()))
 
     def __repr__(self) -> str:
         q = sum(isinstance(t, QuantizedTensor) for t in self._tensors.values())
         return f"QuantizedModel({len(self)} tensors, {q} FP8, {self.nbytes / 2**20:.1f} MiB retained)"
+
+
+def flat(items: Iterable[tuple[str, QuantizedTensor | torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``("x.weight", fp8)`` then ``("x.weight_scale", scale)``: convert's naming, for engines."""
+    for name, t in items:
+        if isinstance(t, QuantizedTensor):
+            yield name, t.data
+            yield name + "_scale", t.scale
+        else:
+            yield name, t

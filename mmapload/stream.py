@@ -28,10 +28,10 @@ from .errors import DeviceError, OptionsError
 from .fp8 import Granularity, Quantizer, merge_amax
 from .mapped import ShardReader
 from .options import LoadOptions, should_quantize
-from .pairs import flat as _flatten, fp8_pairs, paired
+from .pairs import fp8_pairs, paired
 from .pread import open_reader
 from .plan import Batch, Piece, matrix_dims, per_tensor_split, plan_batches, split_run
-from .result import LoadReport, QuantizedModel
+from .result import LoadReport, QuantizedModel, flat as _flatten
 from .ring import CopyPool, Ring, StageTimes, staged
 
 __all__ = ["stream_quantize", "iter_quantized"]
@@ -53,7 +53,7 @@ class _Pipeline:
         # In place (CPU) the slot is no stop on the way for a tensor kept as it is: the reader
         # reads it straight into its output, one copy instead of two, and the output's first-touch
         # page faults land on the reader thread (which waits for slots anyway), not the consumer.
-        self._direct = not _device.mover_class(device).copies
+        self._into_outputs = not _device.mover_class(device).copies
         self._out: torch.Tensor | None = None   # reader: the unquantized output being filled
 
     def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
@@ -131,7 +131,7 @@ class _Pipeline:
         extra = {i: self._prepass_amax(self.shards[p.spec.shard], p, slot_np)
                  for i, p in enumerate(pieces)
                  if p.row0 == 0 and (p.spec.name, p.expert) in self.prepass}
-        if self._direct:
+        if self._into_outputs:
             extra.update((i, self._output(p)) for i, p in enumerate(pieces) if not p.quantize)
         start = 0
         for end in range(1, len(pieces) + 1):      # one read per file-contiguous run
