@@ -5,7 +5,8 @@
 """
 
 from .errors import (CheckpointError, DeviceError, FileChangedError, HeaderError, MmapLoadError,
-                     NonFiniteError, OptionsError, ShardIndexError)
+                     MmapLoadWarning, NonFiniteError, OptionsError, ShardIndexError)
+from .policy import QuantizedSourceError
 from .fp8 import Granularity
 from .options import LoadOptions
 from .result import LoadReport, QuantizedModel, QuantizedTensor
@@ -16,6 +17,6 @@ __all__ = [
     "stream_quantize", "iter_quantized", "convert",
     "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadOptions", "Granularity",
     "MmapLoadError", "CheckpointError", "HeaderError", "ShardIndexError", "OptionsError",
-    "NonFiniteError", "DeviceError", "FileChangedError",
+    "NonFiniteError", "DeviceError", "FileChangedError", "QuantizedSourceError", "MmapLoadWarning",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteError",
     "DeviceError",
     "FileChangedError",
+    "MmapLoadWarning",
 ]
 
 
@@ -55,3 +56,7 @@ class DeviceError(MmapLoadError):
 
 class FileChangedError(MmapLoadError):
     """A shard changed (shrank, was truncated or replaced) while it was being read."""
+
+
+class MmapLoadWarning(UserWarning):
+    """Something was done differently from what was asked, for a reason the message gives."""

@@ -21,17 +21,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from .checkpoint import INDEX_NAME, open_checkpoint
-from .errors import CheckpointError, FileChangedError, OptionsError
-from .formats import Entry, check_format, ignored_modules, output_layout, quantization_config, \
-    scale_suffix, shard_metadata
+from .errors import CheckpointError, FileChangedError, MmapLoadWarning, OptionsError
+from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
+    quantization_config, scale_suffix, shard_metadata
 from .options import LoadOptions
+from .policy import LINEAR, Policy, matches_module
 from .result import QuantizedTensor
-from .stream import iter_quantized
+from .stream import prepare, results
 from .writer import SafetensorsWriter
 
 __all__ = ["convert", "SYNC_BYTES", "PARTIAL_MARK"]
@@ -92,8 +94,10 @@ def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None
                                f"{list(shape)}) here; did the checkpoint change during the conversion?")
 
 
-def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str) -> int:
-    """Write every shard of ``layout`` from ``stream`` into ``tmp``; returns total data bytes."""
+def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str,
+               fp8_weight_scale: float | None) -> int:
+    """Write every shard of ``layout`` from ``stream`` into ``tmp``; returns total data bytes.
+    A bare FP8 weight (the source had no scale for it) gets ``fp8_weight_scale`` as its scale."""
     meta, total, suffix = shard_metadata(opts, fmt), 0, scale_suffix(fmt, opts)
     for fname, entries in layout:
         (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +110,9 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str
                                            f"shard {fname}; did the checkpoint change during the conversion?")
                 parts = [(name, t.data), (name + suffix, t.scale)] if isinstance(t, QuantizedTensor) \
                     else [(name, t)]
+                if not isinstance(t, QuantizedTensor) and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) \
+                        and i + 1 < len(entries) and entries[i + 1][0] == name + suffix:
+                    parts.append((name + suffix, torch.full(entries[i + 1][2], float(fp8_weight_scale))))
                 for pname, pt in parts:
                     want = entries[i] if i < len(entries) else ("<end of shard>", None, ())
                     if pname != name and pt.numel() == 1 and want[0] == pname:
@@ -121,16 +128,26 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str
 
 
 def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "compressed-tensors",
-            **quant_options) -> Path:
+            fp8_weight_scale: float | None = None, **quant_options) -> Path:
     """Stream the checkpoint ``src`` into an FP8 safetensors checkpoint folder ``dst``.
 
     ``format``: "compressed-tensors" (default) or "fp8", the layout and ``quantization_config``
     vLLM / transformers load (see the module docstring); e5m2, and channel with "fp8", raise
     ``OptionsError``. A source without config.json gives an output without one.
 
+    What is quantized is the policy's (policy.py: Linear weights of the model config.json
+    describes, or the name rule), except fused ``[E, rows, cols]`` expert tensors: neither format
+    can describe them as FP8, so they are written in high precision (a ``MmapLoadWarning`` says
+    so). The written ``quantization_config`` is checked against the written files before ``dst``
+    appears: every FP8 weight has its scale and is targeted, every targeted Linear is FP8, and
+    ``ignore`` names the rest. A source quantized by another method (GPTQ, AWQ, ...) raises
+    ``QuantizedSourceError``; FP8 weights stored without a scale raise ``OptionsError`` unless
+    ``fp8_weight_scale`` says what their scale is.
+
     ``quant_options`` are the options of ``stream_quantize`` (ring_bytes, fp8_dtype,
-    granularity, block_size, skip, progress, drop_page_cache, ...); ``device`` is where the
-    quantization runs. Host memory peaks at about the ring plus the largest output tensor.
+    granularity, block_size, skip, ignore, targets, policy, progress, drop_page_cache, ...);
+    ``device`` is where the quantization runs. Host memory peaks at about the ring plus the
+    largest output tensor.
 
     ``dst`` must not exist or be an empty directory. With ``overwrite=True`` an existing
     ``dst`` (file or folder, with everything in it) is deleted: only once the new checkpoint
@@ -146,25 +163,37 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     """
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
+    if fp8_weight_scale is not None and not (isinstance(fp8_weight_scale, (int, float))
+                                             and not isinstance(fp8_weight_scale, bool)
+                                             and 0 < float(fp8_weight_scale) < float("inf")):
+        raise OptionsError(f"fp8_weight_scale must be a positive finite number, got {fp8_weight_scale!r}")
     opts = LoadOptions.from_kwargs(**quant_options)
-    check_format(format, opts)                              # before the reader starts
-    stream = iter_quantized(src, device, **quant_options)   # validates device and checkpoint
-    ckpt = open_checkpoint(src)
-    layout = output_layout(ckpt, opts, format)
+    check_format(format, opts)   # before the reader starts
+    pipe = prepare(src, device, quant_options, narrow=lambda p: convert_policy(p, opts))   # validates all
+    ckpt, policy = pipe.ckpt, pipe.policy
+    layout = output_layout(ckpt, opts, format, policy, fp8_weight_scale)
+    kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
+    if kept:
+        warnings.warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
+                      f"precision, because no FP8 checkpoint format describes them; e.g. {kept[0][0]!r}: "
+                      f"{kept[0][1]}", MmapLoadWarning, stacklevel=2)
+    stream = results(pipe)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}{PARTIAL_MARK}{os.getpid()}"
     if tmp.exists():   # left by a killed process whose pid we now have: it is dead
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        total = _write_all(stream, layout, tmp, opts, src, format)
+        total = _write_all(stream, layout, tmp, opts, src, format, fp8_weight_scale)
         stream.close()
         weight_map = {name: fname for fname, entries in layout for name, _, _ in entries}
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": weight_map}, indent=2))
         _fsync_path(tmp / INDEX_NAME)
+        qconfig = quantization_config(format, opts, ignored_modules(ckpt, policy))
         if ckpt.root.is_dir():
-            _copy_extras(ckpt.root, tmp, quantization_config(format, opts, ignored_modules(ckpt, opts)))
+            _copy_extras(ckpt.root, tmp, qconfig)
+        check_written(tmp, format, opts, qconfig, policy)
         _fsync_path(tmp)
         _swap_in(tmp, dst, overwrite)
     except BaseException:
@@ -172,6 +201,37 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy: Policy) -> None:
+    """Read the written headers back as an engine would apply ``qconfig`` to them: every FP8
+    weight has its scale (float32, the format's shape) and its module is targeted (a Linear per
+    ``policy``, not ignored); every targeted Linear weight is FP8. ``CheckpointError`` if not."""
+    ckpt = open_checkpoint(out)
+    suffix = scale_suffix(fmt, opts)
+    ignore = qconfig.get("ignore" if fmt == "compressed-tensors" else "ignored_layers", [])
+    fp8 = ("F8_E4M3", "F8_E5M2")
+    for spec in ckpt.tensors:
+        module, _, attr = spec.name.rpartition(".")
+        if attr != "weight" and spec.dtype not in fp8:
+            continue
+        targeted = policy.decide(spec).kind == LINEAR and not any(matches_module(module, p) for p in ignore)
+        scale = ckpt.get(spec.name + suffix)
+        where = f"{spec.shard}: tensor {spec.name!r} ({spec.dtype} {list(spec.shape)})"
+        if spec.dtype in fp8 and not targeted:
+            raise CheckpointError(f"{where} is FP8 but quantization_config does not target it (not a "
+                                  "Linear weight, or ignored): an engine would not dequantize it")
+        if spec.dtype in fp8 and (scale is None or scale.dtype != "F32"):
+            raise CheckpointError(f"{where} is FP8 without a float32 '{spec.name + suffix}'")
+        if targeted and spec.dtype not in fp8 and len(spec.shape) == 2:
+            raise CheckpointError(f"{where} is a Linear weight that quantization_config targets but it "
+                                  f"is not FP8: add {module!r} to ignore")
+    if fmt == "compressed-tensors":
+        try:
+            from compressed_tensors.quantization import QuantizationConfig
+        except ImportError:
+            return
+        QuantizationConfig.model_validate(qconfig)   # the library's own validator
 
 
 def _remove(path: Path) -> None:

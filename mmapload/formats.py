@@ -32,15 +32,21 @@ import torch
 from .checkpoint import INDEX_NAME, Checkpoint, TensorSpec
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
-from .options import LoadOptions, should_quantize
-from .pairs import fp8_pairs
+from .options import LoadOptions
+from .pairs import fp8_pairs, unscaled_fp8
+from .policy import LINEAR, Policy
 
 __all__ = ["FORMATS", "SCALE_SUFFIX", "Entry", "check_format", "scale_suffix", "ignored_modules",
-           "quantization_config", "output_layout", "shard_metadata"]
+           "quantization_config", "output_layout", "shard_metadata", "convert_policy",
+           "KEPT_EXPERTS", "KEPT_BY_CONVERT"]
 
 SCALE_SUFFIX = "_scale"
 FORMATS = ("compressed-tensors", "fp8")
-_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# compressed-tensors targets "Linear" modules and vLLM's fp8 method LinearBase / per-expert Linear
+# weights: a fused [E, rows, cols] expert parameter is no Linear, so neither format can say it is FP8
+KEPT_BY_CONVERT = "kept in high precision by convert"
+KEPT_EXPERTS = (f"fused experts: {KEPT_BY_CONVERT} (compressed-tensors and vLLM's fp8 "
+                "format describe FP8 Linear weights only; stream_quantize quantizes them)")
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -87,23 +93,45 @@ def _scale_out_shape(shape, fmt: str, opts: LoadOptions) -> tuple[int, ...]:
     return (1,) if s == () and fmt == "compressed-tensors" else s
 
 
-def ignored_modules(ckpt: Checkpoint, opts: LoadOptions) -> list[str]:
-    """Linear-like modules kept in high precision: every 2-D float ``<module>.weight`` that is
-    not quantized, except embeddings and norms (which are no Linear)."""
-    out = []
-    for spec in ckpt.tensors:
-        low = spec.name.lower()
-        if (spec.dtype in _FLOAT_DTYPES and len(spec.shape) == 2 and spec.name.endswith(".weight")
-                and not should_quantize(spec, opts) and "embed" not in low and "norm" not in low):
-            out.append(spec.name[: -len(".weight")])
-    return out
+def convert_policy(policy: Policy, opts: LoadOptions) -> Policy:
+    """What convert quantizes: the policy's Linear weights that the formats can describe. Fused
+    experts stay high precision (KEPT_EXPERTS), and so do block-quantized weights whose input
+    side is not whole blocks: the formats quantize activations in groups of ``block_size[1]``
+    (compressed-tensors' FP8_BLOCK scheme, DeepSeek-style fp8), which must tile the input;
+    transformers fails on such a layer. A ragged last block row is fine (DeepSeek-V3 has them)."""
+    bc = opts.block_size[1]
+
+    def veto(spec, decision) -> str | None:
+        if decision.kind != LINEAR:
+            return KEPT_EXPERTS
+        if opts.granularity is Granularity.BLOCK and spec.shape[-1] % bc:
+            return (f"{spec.shape[-1]} input features are not whole {bc}-wide blocks: {KEPT_BY_CONVERT} "
+                    "(activations are quantized in groups of the block width; stream_quantize quantizes it)")
+        return None
+    return policy.narrowed(veto)
+
+
+def ignored_modules(ckpt: Checkpoint, policy: Policy) -> list[str]:
+    """The Linear modules left in high precision, as compressed-tensors' ``ignore`` (and vLLM fp8's
+    ``ignored_layers``) name them: every kept high-precision weight the policy calls a Linear weight,
+    and the model's Linear modules whose weight the checkpoint does not hold (a tied lm_head)."""
+    out = [spec.name.removesuffix(".weight") for spec in ckpt.tensors
+           if spec.name.endswith(".weight") and (d := policy.decide(spec)).kind == LINEAR
+           and not d.quantize and spec.dtype not in ("F8_E4M3", "F8_E5M2")]
+    have = {spec.name.removesuffix(".weight") for spec in ckpt.tensors}
+    prefix = policy.prefix + "." if policy.prefix else ""
+    for module in policy.linear_modules():
+        if module not in have and prefix + module not in have and module.removeprefix(prefix) not in have:
+            out.append(module)
+    return list(dict.fromkeys(out))
 
 
 def quantization_config(fmt: str, opts: LoadOptions, ignore: list[str]) -> dict:
     """The ``quantization_config`` of config.json for ``fmt`` (see the module docstring)."""
     g, bs = opts.granularity, list(opts.block_size)
-    if check_format(fmt, opts) == "fp8":
+    if check_format(fmt, opts) == "fp8":   # vLLM reads ignored_layers; transformers takes it as an alias
         cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        cfg = {**cfg, "ignored_layers": list(ignore)} if ignore else cfg
         return {**cfg, "weight_block_size": bs} if g is Granularity.BLOCK else cfg
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": g.value, "dynamic": False}
     acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -129,13 +157,27 @@ def _check_source_pair(w: TensorSpec, gran: Granularity, block, fmt: str, opts: 
                            f"convert with {fix}")
 
 
-def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str) -> dict[str, list[Entry]]:
+def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str, policy: Policy,
+                  fp8_weight_scale: float | None) -> dict[str, list[Entry]]:
     """FP8 weights already in the source, with their scales: for each member of a pair, the
     entries written at its position (the pair, at the member the stream yields it after: the
-    later one in file order; nothing at the other)."""
+    later one in file order; nothing at the other). An FP8 weight without a scale gets one of
+    the options' granularity (filled with ``fp8_weight_scale``), or is an OptionsError."""
     order = {s.name: i for i, s in enumerate(ckpt.tensors)}
     at: dict[str, list[Entry]] = {}
-    for name, (scale, gran, block) in fp8_pairs(ckpt).items():
+    pairs = fp8_pairs(ckpt, policy.config, opts.block_size)
+    for w in unscaled_fp8(ckpt, pairs):
+        if fp8_weight_scale is None:
+            raise OptionsError(
+                f"{w.shard}: tensor {w.name!r} ({w.dtype} {list(w.shape)}, bytes {w.start}..{w.end}) is "
+                "FP8 without a scale next to it (no '_scale' / '_scale_inv' tensor), so what it means "
+                "is unknown and no quantization_config can describe it: pass fp8_weight_scale=S "
+                "(mmapload convert --fp8-weight-scale S; 1.0 if the stored values are the weights "
+                "themselves), or convert a high-precision copy of the checkpoint")
+        _check_source_pair(w, opts.granularity, opts.block_size, fmt, opts)
+        at[w.name] = [(w.name, w.torch_dtype, w.shape),
+                      (w.name + suffix, torch.float32, _scale_out_shape(w.shape, fmt, opts))]
+    for name, (scale, gran, block) in pairs.items():
         w = ckpt.get(name)
         _check_source_pair(w, gran, block, fmt, opts)
         first, last = sorted((name, scale), key=order.__getitem__)
@@ -144,22 +186,23 @@ def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str) ->
     return at
 
 
-def output_layout(ckpt: Checkpoint, opts: LoadOptions,
-                  fmt: str = "compressed-tensors") -> list[tuple[str, list[Entry]]]:
-    """``[(shard file name, [(name, dtype, shape), ...]), ...]`` of the converted checkpoint."""
+def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy,
+                  fp8_weight_scale: float | None = None) -> list[tuple[str, list[Entry]]]:
+    """``[(shard file name, [(name, dtype, shape), ...]), ...]`` of the converted checkpoint;
+    ``policy`` decides what is quantized (pass ``convert_policy(...)``)."""
     suffix = scale_suffix(check_format(fmt, opts), opts)
     names = _shard_names(ckpt)
     if len(set(names.values())) != len(names):
         raise CheckpointError(f"{ckpt.root}: two shards would be written to the same file name: "
                               f"{sorted(names.values())}")
-    pairs = _source_pairs(ckpt, opts, fmt, suffix)
+    pairs = _source_pairs(ckpt, opts, fmt, suffix, policy, fp8_weight_scale)
     layout, seen = [], {}
     for shard in ckpt.shards:
         entries: list[Entry] = []
         for spec in shard.tensors:
             if spec.name in pairs:
                 entries += pairs[spec.name]
-            elif should_quantize(spec, opts):
+            elif policy(spec):
                 entries.append((spec.name, opts.fp8_dtype, spec.shape))
                 entries.append((spec.name + suffix, torch.float32, _scale_out_shape(spec.shape, fmt, opts)))
             else:

@@ -10,6 +10,8 @@ and device peaks stay within the streaming contract (no full-precision copy of t
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,7 +19,9 @@ from torch.nn import functional as F
 from .errors import CheckpointError
 from .fp8 import Granularity, check_fp8_dtype, dequantize, fp8_max, parse_granularity, scale_shape
 from .result import QuantizedTensor
-from .stream import iter_quantized
+from .hf import Renamer, weights_read_directly
+from .options import LoadOptions
+from .stream import prepare, results
 
 __all__ = ["FP8Linear", "load_into", "ModuleMismatchError"]
 
@@ -170,7 +174,14 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
     """Materialize ``module`` (built on the ``meta`` device, or partly so) from the checkpoint
     ``path``, streamed through ``iter_quantized(path, device, **options)``; returns ``module``.
 
-    Quantized weights of ``nn.Linear`` modules become ``FP8Linear`` (swapped in the parent);
+    What is quantized is decided by ``module`` itself (policy.py): the weights of its
+    ``nn.Linear`` modules, except its ``_keep_in_fp32_modules``, MoE routers, output
+    embeddings and Linears whose parent reads ``.weight`` itself (hf.weights_read_directly, e.g.
+    Mamba's ``dt_proj``); ``skip`` / ``ignore`` / ``targets`` options apply on top. A transformers
+    model's conversion mapping renames checkpoint names and fuses per-expert MoE weights into
+    its fused experts (hf.Renamer; those are dequantized into the model's dtype, since the fused
+    experts module has no FP8 forward). Quantized weights of
+    ``nn.Linear`` modules become ``FP8Linear`` (swapped in the parent);
     a quantized weight of any other module is dequantized into the module's dtype. Other
     tensors are set as they are (floating ones cast to the module's dtype) as parameters
     with ``requires_grad=False`` or buffers; tied tensors get one shared tensor. Names match
@@ -184,12 +195,19 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
     """
     src = str(path)
     prefix = getattr(module, "base_model_prefix", "") or ""
-    stream = iter_quantized(path, device, **options)   # validates everything before any change
+    # judged by this module: its nn.Linear weights become FP8, its _keep_in_fp32_modules stay, and
+    # so do Linears whose parent reads .weight itself (an FP8Linear would hand it FP8 codes)
+    direct = [f"re:(?:{re.escape(prefix)}\\.)?{re.escape(n)}$" for n in weights_read_directly(module)]
+    options = {**options, "ignore": (*LoadOptions.from_kwargs(**options).ignore, *direct)}
+    pipe = prepare(path, device, options, module=module)   # validates everything before any change
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    renamer = Renamer(module, [s.name for s in pipe.ckpt.tensors], dtype)
+    stream = results(pipe)
     targets = _targets(module)
     loaded: set[str] = set()
     unexpected: list[str] = []
     try:
-        for name, t in stream:
+        for name, t in ((n, x) for cname, ct in stream for n, x in renamer.feed(cname, ct)):
             key = _resolve(name, targets, prefix)
             if key is None:
                 unexpected.append(name)
@@ -213,6 +231,7 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
             del t
     finally:
         stream.close()
+    unexpected += renamer.leftover()
     missing = [n for n, slots in targets.items() if n not in loaded and _is_meta(slots)
                and slots[0][1] in slots[0][0]._parameters]
     if unexpected or missing:

@@ -6,16 +6,15 @@ of ``stream_quantize`` / ``iter_quantized`` that lands here.
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from dataclasses import dataclass, fields
 
 import torch
 
-from .checkpoint import TensorSpec
 from .errors import OptionsError
 from .fp8 import Granularity, check_fp8_dtype, parse_granularity
 
-__all__ = ["LoadOptions", "should_quantize", "MAX_SLOT_BYTES", "MIN_RING_BYTES", "IO_MODES"]
+__all__ = ["LoadOptions", "MAX_SLOT_BYTES", "MIN_RING_BYTES", "IO_MODES", "POLICIES"]
 
 # Slots are at most 16 MiB: several slots in flight give read-ahead and copy/compute overlap,
 # and on CUDA the two staging buffers (2 x a slot) plus the quantizer's scratch (16 MiB) stay
@@ -24,8 +23,7 @@ MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
 IO_MODES = ("mmap", "pread", "direct")
-_QUANTIZABLE = frozenset({"F64", "F32", "F16", "BF16"})
-_KEEP_SUBSTRINGS = ("embed", "lm_head", "norm")
+POLICIES = ("auto", "model", "names")   # how policy.py decides what is quantized
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,9 @@ class LoadOptions:
     granularity: Granularity | str = Granularity.TENSOR
     block_size: tuple[int, int] = (128, 128)
     skip: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    targets: tuple[str, ...] | None = None
+    policy: str = "auto"
     progress: bool = False
     drop_page_cache: bool = True
     error_stats: bool = False
@@ -55,15 +56,10 @@ class LoadOptions:
                 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)):
             raise OptionsError(f"block_size must be two positive ints, got {bs!r}")
         set_("block_size", tuple(bs))
-        skip = self.skip
-        if skip is None:
-            skip = ()
-        elif isinstance(skip, str):
-            skip = (skip,)
-        skip = tuple(skip)
-        if not all(isinstance(p, str) and p for p in skip):
-            raise OptionsError(f"skip must be non-empty name patterns (str), got {self.skip!r}")
-        set_("skip", skip)
+        for name in ("skip", "ignore", "targets"):
+            set_(name, _patterns(name, getattr(self, name)))
+        if self.policy not in POLICIES:
+            raise OptionsError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.io not in IO_MODES:
             raise OptionsError(f"io must be one of {IO_MODES}, got {self.io!r}")
         rt = self.read_threads
@@ -100,20 +96,22 @@ class LoadOptions:
         return 1 if device.type == "cpu" else max(1, min(4, (cpus or 1) // 2))
 
 
-def _matches(name: str, pattern: str) -> bool:
-    # A pattern with glob characters matches the whole name; a plain one is a substring.
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern in name
-
-
-def should_quantize(spec: TensorSpec, options: LoadOptions) -> bool:
-    """Floating weights of rank >= 2 are quantized, except embeddings, lm_head, norms, skip."""
-    if spec.dtype not in _QUANTIZABLE or len(spec.shape) < 2 or spec.numel == 0:
-        return False
-    if not spec.name.endswith("weight"):
-        return False
-    lowered = spec.name.lower()
-    if any(s in lowered for s in _KEEP_SUBSTRINGS):
-        return False
-    return not any(_matches(spec.name, p) for p in options.skip)
+def _patterns(name: str, value) -> tuple[str, ...] | None:
+    """A pattern option as a tuple of non-empty strings (a lone string is one pattern); None
+    stays None for ``targets`` (no targets: the policy's own rule decides)."""
+    if value is None:
+        return None if name == "targets" else ()
+    value = (value,) if isinstance(value, str) else value
+    try:
+        out = tuple(value)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(p, str) and p for p in out):
+        raise OptionsError(f"{name} must be non-empty name patterns (str), got {value!r}")
+    for p in out:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise OptionsError(f"{name}: {p!r} is not a valid regular expression ({e})") from None
+    return out

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from .checkpoint import TensorSpec, open_checkpoint
 from .device import parse_device
 from .fp8 import Granularity, default_scratch_elems, scale_shape
-from .options import LoadOptions, should_quantize
+from .options import LoadOptions
+from .policy import policy_for
 from .plan import matrix_dims, per_tensor_split, plan_batches
 
 __all__ = ["Projection", "TensorGroup", "project", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
@@ -80,6 +81,8 @@ class Projection:
     largest: tuple[TensorSpec, ...]
     quantized: TensorGroup
     kept: TensorGroup
+    kept_by: dict[str, TensorGroup]                   # rule (policy.py) -> the tensors it kept
+    policy: str                                       # the model the rules come from, or the name rule
     fp8_bytes: int                                    # FP8 data of the quantized tensors
     scale_bytes: int                                  # their float32 scales
     ring_bytes: int                                   # n_slots x slot_bytes
@@ -126,6 +129,8 @@ class Projection:
                         for s in self.largest],
             "quantized": vars(self.quantized) | {"names": list(self.quantized.names)},
             "kept": vars(self.kept) | {"names": list(self.kept.names)},
+            "policy": self.policy,
+            "kept_by": {r: vars(g) | {"names": list(g.names)} for r, g in self.kept_by.items()},
             "fp8_bytes": self.fp8_bytes, "scale_bytes": self.scale_bytes,
             "retained_bytes": self.retained_bytes,
             "stage_bytes": self.stage_bytes, "hold_bytes": self.hold_bytes, "prepass": self.prepass,
@@ -148,7 +153,8 @@ class Projection:
             f"quantized    {self.quantized.count} tensors, {g(self.quantized.nbytes)} -> FP8 "
             f"{g(self.fp8_bytes)} + scales {g(self.scale_bytes)} ({o.granularity.value})"
             f"{few(self.quantized)}",
-            f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)}{few(self.kept)}",
+            f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)} (decided by {self.policy})",
+            *(f"  {grp.count:>4} x    {rule}: {g(grp.nbytes)}{few(grp)}" for rule, grp in self.kept_by.items()),
             f"retained     {g(self.retained_bytes)}",
             f"plan         ring {g(self.ring_bytes)} = {o.n_slots} x {g(o.slot_bytes)} slots, largest batch "
             f"{g(self.stage_bytes)}" + (f", {self.prepass} matrices read twice (amax pre-pass)"
@@ -189,7 +195,8 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     opts = LoadOptions.from_kwargs(**options)
     ckpt = open_checkpoint(path)
     specs = ckpt.tensors
-    quant = {s.name for s in specs if should_quantize(s, opts)}
+    policy = policy_for(ckpt, opts)
+    quant = {s.name for s in specs if policy(s)}
     gran, (br, bc) = opts.granularity, opts.block_size
     block_rows = br if gran is Granularity.BLOCK else 1
     batches = plan_batches(specs, lambda s: s.name in quant, opts.slot_bytes, block_rows)
@@ -200,6 +207,9 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
         dtypes[s.dtype] = (n + 1, b + s.nbytes)
     qspecs = [s for s in specs if s.name in quant]
     kspecs = [s for s in specs if s.name not in quant]
+    by_rule: dict[str, list[TensorSpec]] = {}
+    for s in kspecs:
+        by_rule.setdefault(policy.decide(s).rule, []).append(s)
     scale_elems = {s.name: math.prod(scale_shape(s.shape, gran, opts.block_size)) for s in qspecs}
 
     # the plan: staging, held / pre-passed matrices, the largest piece and its amax grid
@@ -246,6 +256,8 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
         tensors=len(specs), shards=tuple((s.path.name, len(s.tensors), sum(t.nbytes for t in s.tensors))
                                          for s in ckpt.shards),
         dtypes=dtypes, largest=tuple(sorted(specs, key=lambda s: -s.nbytes)[:top]),
-        quantized=_group(qspecs), kept=_group(kspecs), fp8_bytes=fp8_bytes, scale_bytes=scale_bytes,
+        quantized=_group(qspecs), kept=_group(kspecs), policy=policy.source,
+        kept_by={r: _group(v) for r, v in sorted(by_rule.items(), key=lambda kv: -sum(x.nbytes for x in kv[1]))},
+        fp8_bytes=fp8_bytes, scale_bytes=scale_bytes,
         ring_bytes=ring, stage_bytes=stage, hold_bytes=hold, prepass=prepass,
         host_terms=host, device_terms=device_terms)

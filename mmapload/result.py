@@ -70,6 +70,7 @@ class LoadReport:
     slot_bytes: int = 0
     pinned: bool = False
     read_threads: int = 1           # threads copying into ring slots
+    policy: str = ""                # what decided which tensors are quantized (policy.py)
     rss_before: int = 0             # host RSS when the load started
     peak_rss: int = 0               # highest host RSS seen during the load
     peak_rss_anon: int | None = None
@@ -91,7 +92,7 @@ class LoadReport:
         lines = [
             f"checkpoint      {self.path}",
             f"device          {self.device}",
-            f"tensors         {self.tensors} ({self.quantized} quantized to FP8)",
+            f"tensors         {self.tensors} ({self.quantized} quantized to FP8, decided by {self.policy or '-'})",
             f"read            {mib(self.bytes_read)} in {self.seconds:.2f} s ({self.gbps:.2f} GB/s)",
             f"retained        {mib(self.retained_bytes)}",
             f"ring            {mib(self.ring_bytes)} ({self.slot_bytes // 2**20 or self.slot_bytes} "

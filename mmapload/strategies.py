@@ -37,12 +37,23 @@ def _by_mmapload(ckpt, dev, opts, notes):
     return model, model.nbytes
 
 
+_POLICIES: dict = {}
+
+
+def _policy(ckpt, opts):
+    """mmapload's policy for this checkpoint, built once: every loader quantizes the same tensors."""
+    from .policy import policy_for
+    key = (ckpt.root, opts)
+    if key not in _POLICIES:
+        _POLICIES[key] = policy_for(ckpt, opts)
+    return _POLICIES[key]
+
+
 def _keep(name, t, ckpt, dev, opts, keep: dict) -> int:
     """Quantize ``t`` (moved to ``dev``) as mmapload would; returns the bytes kept."""
     from .fp8 import quantize
-    from .options import should_quantize
     from .profile import mark
-    if should_quantize(ckpt[name], opts):
+    if _policy(ckpt, opts)(ckpt[name]):
         t = t.to(dev)
         mark("quantize")
         keep[name] = q, s = quantize(t, opts.granularity, opts.fp8_dtype, opts.block_size, name=name)

@@ -12,7 +12,7 @@ import os
 import time
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ from .device import resolve_device
 from .errors import DeviceError, OptionsError
 from .fp8 import Granularity, Quantizer, merge_amax
 from .mapped import ShardReader
-from .options import LoadOptions, should_quantize
+from .options import LoadOptions
 from .pairs import fp8_pairs, paired
 from .pread import open_reader
+from .policy import Policy, policy_for
 from .plan import Batch, Piece, matrix_dims, per_tensor_split, plan_batches, split_run
 from .result import LoadReport, QuantizedModel, flat as _flatten
 from .ring import CopyPool, Ring, StageTimes, staged
@@ -38,14 +39,13 @@ __all__ = ["stream_quantize", "iter_quantized"]
 
 
 class _Pipeline:
-    def __init__(self, ckpt: Checkpoint, device: torch.device, opts: LoadOptions):
-        self.ckpt, self.device, self.opts = ckpt, device, opts
+    def __init__(self, ckpt: Checkpoint, device: torch.device, opts: LoadOptions, policy: Policy):
+        self.ckpt, self.device, self.opts, self.policy = ckpt, device, opts, policy
         gran = opts.granularity
         self.block_rows = opts.block_size[0] if gran is Granularity.BLOCK else 1
-        self.batches = plan_batches(ckpt.tensors, lambda s: should_quantize(s, opts),
-                                    opts.slot_bytes, self.block_rows)   # raises before any I/O
+        self.batches = plan_batches(ckpt.tensors, policy, opts.slot_bytes, self.block_rows)   # raises before any I/O
         self.report = LoadReport(path=str(ckpt.root), device=str(device), ring_bytes=opts.ring_bytes,
-                                 slot_bytes=opts.slot_bytes)
+                                 slot_bytes=opts.slot_bytes, policy=policy.source)
         self.times = StageTimes()
         self._peak = [0, 0, 0]   # rss, anon, file
         self._tq = 0.0           # consumer seconds (quantize + copies out of the slots)
@@ -238,15 +238,22 @@ class _Pipeline:
                 r.stage_seconds["copy"] = mover.copy_seconds
 
 
-def _pipeline(path, device, options: dict) -> _Pipeline:
+def prepare(path, device, options: dict, *, module: torch.nn.Module | None = None,
+            narrow: Callable[[Policy], Policy] | None = None) -> _Pipeline:
+    """Validate options, device and checkpoint and build the policy and the plan; no data is
+    read yet. ``module``: judge tensors by this model (load_into); ``narrow``: adjust the policy
+    (convert keeps what its formats cannot describe)."""
     opts = LoadOptions.from_kwargs(**options)
     dev = resolve_device(device)
-    return _Pipeline(open_checkpoint(path), dev, opts)
+    ckpt = open_checkpoint(path)
+    policy = policy_for(ckpt, opts, module)
+    return _Pipeline(ckpt, dev, opts, narrow(policy) if narrow else policy)
 
 
-def _results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]]:
+def results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]]:
+    """The pipeline's ``(name, tensor)`` stream, FP8 pairs of the source joined."""
     run = pipe.run()
-    items = paired(run, fp8_pairs(pipe.ckpt))
+    items = paired(run, fp8_pairs(pipe.ckpt, pipe.policy.config, pipe.opts.block_size))
     try:
         yield from _flatten(items) if flat_ else items
     finally:
@@ -267,7 +274,7 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, **options) -> Iter
     """
     if not isinstance(flat, bool):
         raise OptionsError(f"flat must be True or False, got {flat!r}")
-    return _results(_pipeline(path, device, options), flat)
+    return results(prepare(path, device, options), flat)
 
 
 def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
@@ -279,10 +286,10 @@ def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
     keep_partial (False: on a device out-of-memory error, free what was loaded; True: the
     ``DeviceError`` carries it as ``.partial``, a ``QuantizedModel``).
     """
-    pipe = _pipeline(path, device, options)
+    pipe = prepare(path, device, options)
     tensors: dict[str, Loaded] = {}
     try:
-        for name, t in _results(pipe):
+        for name, t in results(pipe):
             tensors[name] = t
     except DeviceError as e:
         if pipe.opts.keep_partial:

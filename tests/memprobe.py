@@ -37,15 +37,17 @@ def naive(ckpt: Path):
     """vLLM's old online path: load_file each shard, then quantize every weight."""
     from safetensors.torch import load_file
     from mmapload.fp8 import quantize
-    from mmapload.options import LoadOptions, should_quantize
+    from mmapload.options import LoadOptions
     from mmapload.checkpoint import open_checkpoint
-    specs = {s.name: s for s in open_checkpoint(ckpt).tensors}
-    opts, keep, loaded = LoadOptions(), {}, []
+    from mmapload.policy import policy_for
+    c = open_checkpoint(ckpt)
+    specs, policy = {s.name: s for s in c.tensors}, policy_for(c, LoadOptions())
+    keep, loaded = {}, []
     for shard in sorted(ckpt.glob("*.safetensors")):
         loaded.append(load_file(shard))
     for sd in loaded:
         for name, t in sd.items():
-            keep[name] = quantize(t) if should_quantize(specs[name], opts) else t
+            keep[name] = quantize(t) if policy(specs[name]) else t
     return sum(sum(x.numel() * x.element_size() for x in v) if isinstance(v, tuple)
                else v.numel() * v.element_size() for v in keep.values()), keep
 

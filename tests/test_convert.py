@@ -16,7 +16,8 @@ import mmapload
 from mmapload import export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import scale_shape
-from mmapload.options import LoadOptions, should_quantize
+from mmapload.options import LoadOptions
+from mmapload.policy import policy_for
 from mmapload.synth import make_llama_checkpoint
 from mmapload.writer import SafetensorsWriter
 
@@ -73,6 +74,7 @@ def test_convert_writes_what_stream_quantize_holds(small, tmp_path, granularity,
     assert _no_partials(tmp_path) == [] and not any(p.name.endswith(".partial") for p in dst.iterdir())
 
     lo = LoadOptions(**opts)
+    policy = policy_for(open_checkpoint(small), lo)
     src_specs = {s.name: s for s in open_checkpoint(small).tensors}
     index = json.loads((dst / INDEX_NAME).read_text())
     total, n_quantized = 0, 0
@@ -91,7 +93,7 @@ def test_convert_writes_what_stream_quantize_holds(small, tmp_path, granularity,
             src = src_specs[spec.name]
             assert src.shard.name == fname                # sharded like the input
             assert spec.shape == src.shape
-            if should_quantize(src, lo):
+            if policy(src):
                 n_quantized += 1
                 assert spec.dtype == "F8_E4M3"
                 scale = shard.tensors[i + 1]
@@ -170,7 +172,8 @@ def _copy_with_nan(small: Path, dst: Path) -> str:
     for p in small.iterdir():
         if p.is_file():
             (dst / p.name).write_bytes(p.read_bytes())
-    spec = [s for s in read_header(dst / SHARDS[1]).tensors if should_quantize(s, LoadOptions())][-1]
+    policy = policy_for(open_checkpoint(dst), LoadOptions())
+    spec = [s for s in read_header(dst / SHARDS[1]).tensors if policy(s)][-1]
     with open(dst / SHARDS[1], "r+b") as f:
         f.seek(spec.start)
         f.write(b"\xc0\x7f")                              # bf16 NaN

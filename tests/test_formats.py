@@ -11,7 +11,9 @@ import mmapload
 from mmapload import export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import dequantize, scale_shape
-from mmapload.options import LoadOptions, should_quantize
+from mmapload.options import LoadOptions
+from mmapload.formats import convert_policy
+from mmapload.policy import policy_for
 from mmapload.synth import make_llama_checkpoint
 
 BLOCK = (32, 64)
@@ -25,9 +27,16 @@ def small(tmp_path_factory):
     return make_llama_checkpoint(tmp_path_factory.mktemp("fmt") / "src", 2 << 20, shards=2)
 
 
-def _expected_qconfig(fmt, granularity):
+def _ignored(small, granularity):
+    """lm_head, and for blocks the projections whose input side is no whole blocks."""
+    ragged = [s.name.removesuffix(".weight") for s in open_checkpoint(small).tensors
+              if s.name.endswith("_proj.weight") and s.shape[1] % BLOCK[1]]
+    return (ragged if granularity == "block" else []) + ["lm_head"]
+
+
+def _expected_qconfig(fmt, granularity, ignore):
     if fmt == "fp8":
-        cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "ignored_layers": ignore}
         return {**cfg, "weight_block_size": list(BLOCK)} if granularity == "block" else cfg
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": granularity, "dynamic": False}
     acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -35,7 +44,7 @@ def _expected_qconfig(fmt, granularity):
         weights["block_structure"] = list(BLOCK)
         acts.update(strategy="group", group_size=BLOCK[1])
     return {"quant_method": "compressed-tensors", "format": "float-quantized",
-            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "quantization_status": "compressed", "ignore": ignore,
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                           "input_activations": acts}}}
 
@@ -53,11 +62,13 @@ def test_layout_and_config_field_by_field(small, tmp_path, fmt, granularity, no_
     dst = export.convert(small, tmp_path / "out", format=fmt, **opts)
     src_cfg = json.loads((small / "config.json").read_text())
     cfg = json.loads((dst / "config.json").read_text())
-    assert cfg.pop("quantization_config") == _expected_qconfig(fmt, granularity)
+    ignore = _ignored(small, granularity)
+    assert cfg.pop("quantization_config") == _expected_qconfig(fmt, granularity, ignore)
     assert cfg == src_cfg                                         # nothing else touched
 
     suffix = "_scale_inv" if (fmt, granularity) == ("fp8", "block") else "_scale"
     lo = LoadOptions(**opts)
+    policy = convert_policy(policy_for(open_checkpoint(small), lo), lo)
     src = {s.name: s for s in open_checkpoint(small).tensors}
     got = _load_dir(dst)
     want = mmapload.stream_quantize(small, **opts)
@@ -65,7 +76,7 @@ def test_layout_and_config_field_by_field(small, tmp_path, fmt, granularity, no_
     for name, spec in src.items():
         t = got[name]
         assert list(t.shape) == list(spec.shape)
-        if not should_quantize(spec, lo):
+        if not policy(spec):
             assert t.dtype == spec.torch_dtype and name + suffix not in got
             assert torch.equal(t, want[name])
             continue
@@ -101,7 +112,7 @@ def test_format_errors_before_anything_is_written(small, tmp_path, fmt, opts, ma
 def test_no_config_json_in_the_source_gives_none(small, tmp_path):
     single = tmp_path / "w.safetensors"
     single.write_bytes(next(small.glob("*.safetensors")).read_bytes())
-    dst = export.convert(single, tmp_path / "out", format="fp8", granularity="block")
+    dst = export.convert(single, tmp_path / "out", format="fp8", granularity="block", block_size=BLOCK)
     assert sorted(p.name for p in dst.iterdir()) == sorted([INDEX_NAME, "model.safetensors"])
     assert any(k.endswith(".weight_scale_inv") for k in load_file(dst / "model.safetensors"))
 
@@ -135,7 +146,7 @@ def test_compressed_tensors_reads_our_output(small, tmp_path, granularity):
     raw = json.loads((dst / "config.json").read_text())["quantization_config"]
     qc = QuantizationConfig.model_validate(raw)
     assert qc.quant_method == "compressed-tensors" and qc.format == "float-quantized"
-    assert qc.quantization_status.value == "compressed" and qc.ignore == ["lm_head"]
+    assert qc.quantization_status.value == "compressed" and qc.ignore == _ignored(small, granularity)
     scheme = qc.config_groups["group_0"]
     assert scheme.targets == ["Linear"] and scheme.weights.strategy == QuantizationStrategy(granularity)
     assert scheme.weights.pytorch_dtype() == torch.float8_e4m3fn and scheme.input_activations.dynamic is True

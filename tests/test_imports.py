@@ -16,12 +16,14 @@ ORDER = [
     {"timeline"},                                 # the sampler's CSV and plot
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
-    {"options", "plan"},                          # what to quantize, how to cut it
+    {"skeleton"},                                 # a model's structure as data (transformers, child process)
+    {"options", "plan", "policy"},                # options; which tensors become FP8; how to cut them
     {"assemble", "project"},                      # pieces -> finished tensors; memory projection
     {"pairs"},                                    # FP8 checkpoints: weights joined with scales
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer"},                                   # streaming safetensors writer
     {"export"},                                   # convert: FP8 checkpoint on disk
+    {"hf"},                                       # transformers names and code, for load_into
     {"nn"},                                       # FP8Linear, load_into (torch modules)
     {"synth"},                                    # generated checkpoints
     {"strategies"},                               # the loaders compared by profile / bench ...

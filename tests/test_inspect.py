@@ -9,7 +9,8 @@ import pytest
 
 from mmapload import stream_quantize
 from mmapload.errors import DeviceError, OptionsError
-from mmapload.options import LoadOptions, should_quantize
+from mmapload.options import LoadOptions
+from mmapload.policy import policy_for
 from mmapload.project import CUDA_CONTEXT, DEVICE_MARGIN, HOST_MARGIN, project
 from mmapload.synth import make_llama_checkpoint
 
@@ -33,7 +34,7 @@ def test_totals_come_from_the_headers(ckpt):
     assert p.dtypes == {"BF16": (p.tensors, p.total_bytes)}
     assert [s.nbytes for s in p.largest] == sorted((s.nbytes for s in c.tensors), reverse=True)[:4]
     opts = LoadOptions(ring_bytes=RING)
-    q = [s for s in c.tensors if should_quantize(s, opts)]
+    q = [s for s in c.tensors if policy_for(c, opts)(s)]
     assert p.quantized.count == len(q) and p.quantized.nbytes == sum(s.nbytes for s in q)
     assert p.quantized.names == tuple(s.name for s in q[:3])
     assert p.kept.count + p.quantized.count == p.tensors
@@ -81,7 +82,8 @@ def test_cpu_and_cuda_models(ckpt):
 
 def _quantized(ckpt):
     from mmapload.checkpoint import open_checkpoint
-    return [s for s in open_checkpoint(ckpt).tensors if should_quantize(s, LoadOptions())]
+    c = open_checkpoint(ckpt)
+    return [s for s in c.tensors if policy_for(c, LoadOptions())(s)]
 
 
 def test_io_mode_changes_the_reader_term(ckpt):

@@ -43,11 +43,13 @@ def ckpt(tmp_path_factory):
 
 def _plan(path, ring, granularity):
     from mmapload.checkpoint import open_checkpoint
-    from mmapload.options import LoadOptions, should_quantize
+    from mmapload.options import LoadOptions
+    from mmapload.policy import policy_for
     from mmapload.plan import plan_batches
     o = LoadOptions(ring_bytes=ring, granularity=granularity)
     rows = 128 if granularity == "block" else 1
-    return plan_batches(open_checkpoint(path).tensors, lambda s: should_quantize(s, o), o.slot_bytes, rows)
+    c = open_checkpoint(path)
+    return plan_batches(c.tensors, policy_for(c, o), o.slot_bytes, rows)
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -59,7 +59,8 @@ from mmapload.cli import parse_size
 from mmapload.fp8 import Quantizer
 from mmapload.loaders import (ALL_STRATEGIES, PEER_PACKAGES, STRATEGIES, StrategyError,
                               StrategyUnavailable, drop_cache, run_in_fresh_process)
-from mmapload.options import IO_MODES, LoadOptions, should_quantize
+from mmapload.options import IO_MODES, LoadOptions
+from mmapload.policy import policy_for
 from mmapload.profile import page_cache_bytes
 from mmapload.synth import llama_layout, make_llama_checkpoint
 
@@ -252,8 +253,9 @@ def quantize_seconds(ckpt, device: torch.device, opts: LoadOptions) -> tuple[flo
     sync()
     seconds, count, nbytes = 0.0, 0, 0
     by_shard: dict = {}
+    policy = policy_for(ckpt, opts)
     for spec in ckpt.tensors:
-        if should_quantize(spec, opts):
+        if policy(spec):
             by_shard.setdefault(spec.shard, []).append(spec.name)
     for shard_path, names in by_shard.items():
         with safe_open(str(shard_path), "pt", device="cpu") as f:

@@ -1,0 +1,157 @@
+"""The quantization policy's options, and what convert refuses or must be told: sources quantized
+by another method, FP8 weights without a scale, FP8 sources with their own block size."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mmapload
+from mmapload import QuantizedSourceError, QuantizedTensor, convert, stream_quantize
+from mmapload.checkpoint import open_checkpoint
+from mmapload.cli import main
+from mmapload.export import check_written
+from mmapload.fp8 import quantize
+from mmapload.options import LoadOptions
+from mmapload.policy import policy_for
+
+
+def _llama_like(folder, config=None, extra=None):
+    torch.manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(64, 32), "lm_head.weight": torch.randn(64, 32),
+          "model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32),
+          "model.layers.0.mlp.down_proj.weight": torch.randn(32, 64),
+          "model.layers.0.input_layernorm.weight": torch.ones(32)}
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()} | (extra or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, folder / "model.safetensors")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _quantized(path, **opts):
+    return {n for n, t in stream_quantize(path, **opts).items() if isinstance(t, QuantizedTensor)}
+
+
+Q, DOWN = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("opts,want", [
+    ({}, {Q, DOWN}),
+    ({"targets": ["re:.*q_proj"]}, {Q}),
+    ({"targets": "Linear"}, {Q, DOWN, "lm_head.weight"}),          # class name: every Linear-like weight
+    ({"ignore": ["model.layers.0.mlp.down_proj"]}, {Q}),            # a module name, exactly
+    ({"ignore": ["re:model\\.layers\\.\\d+\\.mlp"]}, {Q}),           # re: matched at the start
+    ({"ignore": ["down_proj"]}, {Q, DOWN}),                         # no substring matching (compressed-tensors)
+    ({"ignore": ["Linear"]}, set()),
+    ({"skip": ["down_proj"]}, {Q}),                                 # skip: tensor-name substring / glob
+    ({"targets": ["re:.*embed_tokens"]}, {"model.embed_tokens.weight"}),   # targets override the rule
+])
+def test_targets_ignore_and_skip(tmp_path, opts, want):
+    assert _quantized(_llama_like(tmp_path / "m"), **opts) == want
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"ignore": ["re:("]}, "not a valid regular expression"),
+    ({"targets": [""]}, "non-empty name patterns"),
+    ({"policy": "guess"}, "policy must be one of"),
+])
+def test_bad_policy_options(tmp_path, opts, match):
+    with pytest.raises(mmapload.OptionsError, match=match):
+        stream_quantize(_llama_like(tmp_path / "m"), **opts)
+
+
+def test_policy_model_needs_a_model(tmp_path):
+    with pytest.raises(mmapload.OptionsError, match="no config.json.*policy='auto'"):
+        stream_quantize(_llama_like(tmp_path / "m"), policy="model")
+
+
+@pytest.mark.parametrize("method,extra", [
+    ({"quant_method": "gptq", "bits": 4}, {}),
+    ({"quant_method": "awq"}, {}),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, {}),
+    (None, {"model.layers.1.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32)}),
+])
+def test_a_source_quantized_by_another_method_is_refused(tmp_path, method, extra, capsys):
+    cfg = {"model_type": "llama"} | ({"quantization_config": method} if method else {})
+    src = _llama_like(tmp_path / "m", cfg, extra)
+    name = (method or {}).get("quant_method") or "GPTQ/AWQ"
+    for call in (lambda: convert(src, tmp_path / "out"), lambda: stream_quantize(src)):
+        with pytest.raises(QuantizedSourceError, match=name):
+            call()
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    assert name in capsys.readouterr().err
+
+
+def _fp8_source(folder, w_shape, block, config_block, scale_shape=None):
+    """One FP8 block-quantized weight (``block``), its scale, and a config.json naming
+    ``config_block`` as weight_block_size (None: no quantization_config)."""
+    torch.manual_seed(1)
+    w = torch.randn(w_shape)
+    q, s = quantize(w, "block", block_size=block)
+    s = s if scale_shape is None else s.reshape(scale_shape)
+    cfg = {"model_type": "llama"}
+    if config_block:
+        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(config_block)}
+    folder.mkdir(parents=True)
+    save_file({"layer.weight": q, "layer.weight_scale_inv": s.contiguous()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, q, s
+
+
+@pytest.mark.parametrize("shape", [(100, 130), (50, 60)])   # ragged 64x64 blocks; one block ([1, 1] scale)
+def test_fp8_source_is_read_with_its_own_block_size(tmp_path, shape):
+    src, q, s = _fp8_source(tmp_path / "m", shape, (64, 64), (64, 64))
+    got = stream_quantize(src)["layer.weight"]
+    assert got.granularity is mmapload.Granularity.BLOCK and got.block_size == (64, 64)
+    assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)) and torch.equal(got.scale, s)
+    want = QuantizedTensor(q, s, torch.float32, "block", (64, 64)).dequantize(torch.float32)
+    assert torch.equal(got.dequantize(torch.float32), want)
+    dst = convert(src, tmp_path / "out", granularity="block", block_size=(64, 64))
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["block_structure"] == [64, 64]
+    back = stream_quantize(dst)["layer.weight"]
+    assert torch.equal(back.dequantize(torch.float32), want)
+
+
+def test_fp8_source_without_a_declared_block_uses_the_callers(tmp_path):
+    src, q, s = _fp8_source(tmp_path / "m", (100, 130), (64, 64), None)
+    with pytest.raises(mmapload.HeaderError, match=r"block_size \(128, 128\).*pass block_size="):
+        stream_quantize(src)                           # the default 128x128 gives a [1, 2] grid, not [2, 3]
+    got = stream_quantize(src, block_size=(64, 64))["layer.weight"]
+    assert got.block_size == (64, 64) and torch.equal(got.scale, s)
+
+
+def test_fp8_source_whose_config_and_scales_disagree(tmp_path):
+    src, _, _ = _fp8_source(tmp_path / "m", (100, 130), (128, 128), (64, 64))
+    with pytest.raises(mmapload.HeaderError, match=r"64x64 blocks, which give \[2, 3\].*disagree"):
+        stream_quantize(src)
+
+
+def test_fp8_weights_without_a_scale_need_one_said(tmp_path):
+    extra = {"model.layers.0.self_attn.k_proj.weight": torch.randn(16, 32).to(torch.float8_e4m3fn)}
+    src = _llama_like(tmp_path / "m", {"model_type": "llama"}, extra)
+    with pytest.raises(mmapload.OptionsError, match="k_proj.weight.*without a scale.*fp8_weight_scale"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    dst = convert(src, tmp_path / "out", fp8_weight_scale=0.5, granularity="channel")
+    got = stream_quantize(dst, granularity="channel")["model.layers.0.self_attn.k_proj.weight"]
+    assert torch.equal(got.scale, torch.full((16, 1), 0.5))
+    assert torch.equal(got.data.view(torch.uint8), extra["model.layers.0.self_attn.k_proj.weight"].view(torch.uint8))
+
+
+def test_check_written_catches_a_config_that_misdescribes_the_files(tmp_path):
+    src = _llama_like(tmp_path / "m", {"model_type": "llama"})
+    dst = convert(src, tmp_path / "out", policy="names")
+    cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    opts = LoadOptions()
+    policy = policy_for(open_checkpoint(src), opts)
+    assert cfg["ignore"] == ["lm_head"]
+    check_written(dst, "compressed-tensors", opts, cfg, policy)          # as written: fine
+    with pytest.raises(mmapload.CheckpointError, match="lm_head.*not FP8: add 'lm_head' to ignore"):
+        check_written(dst, "compressed-tensors", opts, cfg | {"ignore": []}, policy)
+    with pytest.raises(mmapload.CheckpointError, match="q_proj.weight.*does not target it"):
+        check_written(dst, "compressed-tensors", opts, cfg | {"ignore": ["lm_head", "re:.*q_proj"]}, policy)
