@@ -17,7 +17,8 @@ ORDER = [
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"options", "plan"},                          # what to quantize, how to cut it
-    {"assemble", "project"},                      # pieces -> finished tensors; memory projection
+    {"assemble", "project", "fill"},              # pieces -> finished tensors; memory projection;
+                                                  # the reader thread's reads and pre-passes
     {"pairs"},                                    # FP8 checkpoints: weights joined with scales
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer"},                                   # streaming safetensors writer

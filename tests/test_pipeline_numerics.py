@@ -46,8 +46,8 @@ def _plan(path, ring, granularity):
     from mmapload.options import LoadOptions, should_quantize
     from mmapload.plan import plan_batches
     o = LoadOptions(ring_bytes=ring, granularity=granularity)
-    rows = 128 if granularity == "block" else 1
-    return plan_batches(open_checkpoint(path).tensors, lambda s: should_quantize(s, o), o.slot_bytes, rows)
+    return plan_batches(open_checkpoint(path).tensors, lambda s: should_quantize(s, o), o.slot_bytes,
+                        o.granularity, o.block_size)
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
