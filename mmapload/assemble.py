@@ -1,14 +1,15 @@
 """Consumer side: pieces on the device become finished tensors, in file order.
 
-Per-channel and block scales are local to a piece, so each piece is quantized as it lands.
-A per-tensor scale needs the amax of the whole matrix before the first element is cast.
-For a matrix cut into several pieces there are two ways, chosen per matrix up front:
+A piece whose scale granules are its own is quantized as it lands. Pieces that share one
+granule's scale (a *scale group*, plan.py: a per-tensor matrix cut into pieces, a channel
+row cut into columns, a block granule cut inside) need the amax of the whole group before
+the first of them is cast. Two ways, chosen per group up front (plan.split_groups):
 - *hold*: keep its pieces until the last one has landed, merging amaxes, then cast them all.
   On the CPU the pieces stay in their ring slots (the leases are kept; the plan guarantees
-  the matrix spans fewer batches than the ring has slots). On CUDA they are copied into one
-  device buffer (at most the largest such matrix) and the slots go back at once.
-- *pre-pass*: the reader computed the amax from the map beforehand (``prepass`` below),
-  for matrices too big to hold on the CPU.
+  the group spans fewer batches than the ring has slots). On CUDA they are copied into one
+  device buffer (at most the largest group) and the slots go back at once.
+- *pre-pass*: the reader computed the amax from the map beforehand (fill.py), for groups
+  too big to hold on the CPU; it comes with the group's first piece.
 """
 
 from __future__ import annotations
@@ -35,17 +36,19 @@ class _Building:
                  out: torch.Tensor | None = None):
         self.spec, self.quantize = spec, quantize
         self.err2 = self.ref2 = 0.0
+        # the scale group being assembled: held pieces, their merged amax, and whether the
+        # reader pre-passed it instead (its scale is set at its first piece)
         self.held: list[tuple[torch.Tensor, Piece]] = []
+        self.held_elems = 0
         self.amax: torch.Tensor | None = None
+        self.prepassed = False
         if quantize:
             self.out = torch.empty(spec.shape, dtype=opts.fp8_dtype, device=device)
             self.scale = torch.empty(scale_shape(spec.shape, opts.granularity, opts.block_size),
                                      dtype=torch.float32, device=device)
-            e, rows, cols = matrix_dims(spec.shape)
-            self.rows, self.cols = rows, cols
-            self.out3 = self.out.view(e, rows, cols)
-            self.scale3 = self.scale.view(e, *self.scale.shape[-2:]) if self.scale.dim() >= 2 \
-                else self.scale.view(1, 1, 1)
+            self.out3 = self.out.view(matrix_dims(spec.shape))
+            self.scale3 = self.scale.view(len(self.out3), *self.scale.shape[-2:]) \
+                if self.scale.dim() >= 2 else self.scale.view(1, 1, 1)
         else:   # ``out``: the reader already read the tensor into it (in place, CPU)
             self.out = out if out is not None else torch.empty(spec.shape, dtype=spec.torch_dtype, device=device)
             self.bytes = self.out.reshape(-1).view(torch.uint8)
@@ -99,22 +102,24 @@ class Assembler:
                 o = piece.lo - piece.spec.start
                 b.bytes[o:o + piece.nbytes].copy_(raw)
         else:
-            x = raw.view(piece.spec.torch_dtype).view(-1, b.cols)
-            if self.opts.granularity is Granularity.TENSOR and not piece.whole:
-                self._hold_or_prepass(lease, b, piece, x, extra)
+            x = raw.view(piece.spec.torch_dtype).view(piece.row1 - piece.row0, piece.col1 - piece.col0)
+            if piece.group >= 0:
+                self._grouped(lease, b, piece, x, extra)
             else:
                 self._quantize(b, piece, x, self.quantizer.amax_2d(x))
         return self._finish(b) if piece.last else None
 
     # -- per piece -------------------------------------------------------------------
     def _scale_view(self, b: _Building, piece: Piece) -> torch.Tensor:
+        """The scales of the granules ``piece`` covers (of its group's one granule, if shared)."""
         g = self.opts.granularity
         if g is Granularity.TENSOR:
             return b.scale3[piece.expert, 0, 0]
         if g is Granularity.CHANNEL:
             return b.scale3[piece.expert, piece.row0:piece.row1]
-        br = self.opts.block_size[0]
-        return b.scale3[piece.expert, piece.row0 // br:-(-piece.row1 // br)]
+        br, bc = self.opts.block_size
+        return b.scale3[piece.expert, piece.row0 // br:-(-piece.row1 // br),
+                        piece.col0 // bc:-(-piece.col1 // bc)]
 
     def _set_scale(self, b: _Building, piece: Piece, amax: torch.Tensor) -> None:
         finite = torch.isfinite(amax).all()
@@ -142,7 +147,7 @@ class Assembler:
         if amax is not None:
             self._set_scale(b, piece, amax)
         scale = self._scale_view(b, piece)
-        out = b.out3[piece.expert, piece.row0:piece.row1]
+        out = b.out3[piece.expert, piece.row0:piece.row1, piece.col0:piece.col1]
         self.quantizer.quantize_2d_into(x, scale, out)
         if self.opts.error_stats:
             deq = dequantize(out, scale, self.opts.granularity, self.opts.block_size, dtype=torch.float32)
@@ -150,11 +155,16 @@ class Assembler:
             b.err2 += float((xf - deq).pow_(2).sum())
             b.ref2 += float(xf.pow(2).sum())
 
-    def _hold_or_prepass(self, lease, b: _Building, piece: Piece, x: torch.Tensor, prepass) -> None:
-        if prepass is not None or (piece.row0 > 0 and not b.held):   # pre-pass mode
+    def _grouped(self, lease, b: _Building, piece: Piece, x: torch.Tensor, prepass) -> None:
+        """A piece of a shared scale group: quantize it now if the reader pre-passed the
+        group (``prepass``: its amax, with the first piece), else hold it until the last."""
+        if piece.group_first:
+            b.prepassed = prepass is not None
+        if b.prepassed:
             self._quantize(b, piece, x, prepass.to(self.device) if prepass is not None else None)
             return
-        kept, needs_lease = self.mover.hold(x, piece.row0 * b.cols)
+        kept, needs_lease = self.mover.hold(x, b.held_elems)
+        b.held_elems += x.numel()
         if needs_lease:
             lease.kept = True
             if not self._kept or self._kept[-1] is not lease:
@@ -162,11 +172,11 @@ class Assembler:
         part = self.quantizer.amax_2d(x)
         b.amax = part if b.amax is None else merge_amax(b.amax, part)
         b.held.append((kept, piece))
-        if piece.row1 == b.rows:           # the matrix is complete: its scale is known
+        if piece.group_last:               # the group is complete: its scale is known
             self._set_scale(b, piece, b.amax)
             for kx, kp in b.held:
                 self._quantize(b, kp, kx, None)
-            b.held, b.amax = [], None
+            b.held, b.held_elems, b.amax = [], 0, None
             for kl in self._kept:
                 kl.kept = False
                 if kl is not lease:        # the current one goes back after its other pieces

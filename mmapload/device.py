@@ -54,7 +54,8 @@ class _CpuMover:
         return lease.data
 
     def hold(self, x: torch.Tensor, elem_offset: int) -> tuple[torch.Tensor, bool]:
-        """Keep ``x`` readable until released: on the CPU it stays in its slot (keep the lease)."""
+        """Keep ``x`` (a piece of a shared scale group) readable until its group is complete:
+        on the CPU it stays in its slot (keep the lease)."""
         return x, True
 
     def done(self, lease: Lease) -> None:
@@ -77,7 +78,8 @@ class _CudaMover:
 
     def __init__(self, device: torch.device, stage_bytes: int, hold_bytes: int = 0):
         self.device = device
-        # per-tensor scales of matrices bigger than a slot: pieces wait here for the amax
+        # pieces of a scale group (plan.py: a per-tensor matrix, a channel row, a block granule
+        # cut into pieces) wait here for the group's amax; sized to the largest group
         self.held = torch.empty(hold_bytes, dtype=torch.uint8, device=device) if hold_bytes else None
         self.compute = torch.cuda.current_stream(device)
         self.copy = torch.cuda.Stream(device)
@@ -107,7 +109,8 @@ class _CudaMover:
         return buf
 
     def hold(self, x: torch.Tensor, elem_offset: int) -> tuple[torch.Tensor, bool]:
-        """Copy ``x`` out of the staging buffer; its slot can go back to the reader now."""
+        """Copy ``x`` out of the staging buffer to ``elem_offset`` (elements of x's dtype from the
+        start of its group; a group's pieces lie back to back); the slot can go back now."""
         dst = self.held.view(x.dtype)[elem_offset:elem_offset + x.numel()].view(x.shape)
         dst.copy_(x)
         return dst, False

@@ -2,7 +2,7 @@
 
 ``convert(src, dst)`` streams ``src`` through ``iter_quantized`` and writes each tensor as
 it arrives. Every output header is computed up front from the input headers (same rules
-as the loader: ``should_quantize`` and ``scale_shape``), so each shard's header is written
+as the loader: the policy (policy.py) and ``scale_shape``), so each shard's header is written
 first and its tensors are streamed after it; host memory stays at about the ring plus
 the largest single output tensor. Written data is synced and dropped from the page cache
 every ``SYNC_BYTES`` so it does not pile up as dirty cache (which a cgroup limit counts).

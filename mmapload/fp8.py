@@ -16,7 +16,7 @@ import torch
 from mmapload.errors import DeviceError, NonFiniteError, OptionsError
 
 __all__ = ["Granularity", "FP8_DTYPES", "fp8_max", "parse_granularity", "check_fp8_dtype",
-           "scale_shape", "amax_2d", "scale_from_amax", "merge_amax", "check_finite",
+           "scale_shape", "granule", "amax_2d", "scale_from_amax", "merge_amax", "check_finite",
            "Quantizer", "quantize", "dequantize", "relative_error", "default_scratch_elems"]
 
 
@@ -89,7 +89,8 @@ def _as_grid(scale) -> torch.Tensor:
     return scale.to(torch.float32).reshape(1, 1) if scale.dim() < 2 else scale.to(torch.float32)
 
 
-def _granule(shape2d, g: Granularity, block_size) -> tuple[int, int]:
+def granule(shape2d, g: Granularity, block_size) -> tuple[int, int]:
+    """(rows, cols) of one scale granule of a ``shape2d`` matrix (the plan cuts by them too)."""
     rows, cols = max(shape2d[0], 1), max(shape2d[1], 1)
     return {"tensor": (rows, cols), "channel": (1, cols)}.get(g) or _check_block(block_size)
 
@@ -204,7 +205,7 @@ class Quantizer:
         if x.numel() == 0:  # empty granules: amax 0
             return torch.zeros(scale_shape(x.shape, self.granularity, self.block_size),
                                dtype=torch.float32, device=x.device)
-        a = _grid_amax(x, *_granule(x.shape, self.granularity, self.block_size), self._buf, itype)
+        a = _grid_amax(x, *granule(x.shape, self.granularity, self.block_size), self._buf, itype)
         return a.reshape(()) if self.granularity is Granularity.TENSOR else a
 
     @torch.no_grad()
@@ -218,7 +219,7 @@ class Quantizer:
             raise OptionsError(f"scale shape {list(scale.shape)} does not match {list(want)} for a "
                                f"{list(x.shape)} chunk ({self.granularity.value})")
         scale = _as_grid(scale)
-        br, bc = _granule(x.shape, self.granularity, self.block_size)
+        br, bc = granule(x.shape, self.granularity, self.block_size)
         for r0, r1, c0, c1 in _pieces(*x.shape, br, bc, self._buf.numel()) if x.numel() else ():
             t = self._buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             t.copy_(x[r0:r1, c0:c1])  # widening copy: exact (rounds only from float64)
@@ -256,7 +257,7 @@ def _dequantized_pieces(q, scale, granularity, block_size):
     if tuple(scale.shape) != want:
         raise OptionsError(f"scale shape {list(scale.shape)} does not match {list(want)} for {list(q.shape)}")
     for idx, m in _matrices(q) if q.numel() else ():
-        (br, bc), sg = _granule(m.shape, g, block_size), _as_grid(scale[idx])
+        (br, bc), sg = granule(m.shape, g, block_size), _as_grid(scale[idx])
         for r0, r1, c0, c1 in _pieces(*m.shape, br, bc, default_scratch_elems(q.device)):
             d = m[r0:r1, c0:c1].to(torch.float32)
             _apply_grid(d, sg, br, bc, torch.Tensor.mul_, r0, c0)

@@ -100,6 +100,16 @@ class ShardReader:
             except (OSError, AttributeError):
                 pass  # hints only
 
+    def _read(self, offset: int, buf: memoryview) -> None:
+        """pread file bytes from ``offset`` into all of ``buf``."""
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n == 0:
+                self._check_size()  # the file shrank: say so, with both sizes
+                raise FileChangedError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            done += n
+
     # -- what the reader thread uses -------------------------------------------------
     def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
         """Copy file bytes [lo, hi) into ``dst`` (a uint8 array of hi - lo bytes)."""
@@ -110,6 +120,12 @@ class ShardReader:
         for d in dsts:
             self.copy_into(lo, lo + len(d), d)
             lo += len(d)
+
+    def copy_strided(self, lo: int, stride: int, dsts: list[np.ndarray]) -> None:
+        """Copy ``len(dsts[k])`` file bytes from ``lo + k * stride`` into each ``dsts[k]``: the
+        rows of a piece narrower than its matrix."""
+        for k, d in enumerate(dsts):
+            self.copy_ranges(lo + k * stride, [d])
 
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
         """File bytes [lo, hi) as a uint8 tensor, valid until the next call (may use scratch)."""
@@ -238,6 +254,13 @@ class MappedShard(ShardReader):
 
     def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
         self.copy_ranges(lo, [dst[:hi - lo]])
+
+    def copy_strided(self, lo: int, stride: int, dsts: list[np.ndarray]) -> None:
+        """With pread, not through the map: faulting each short row into our RSS and dropping it
+        again row by row (an madvise each, TLB shootdowns included) measured 3-4x slower."""
+        self._check_size()
+        for k, d in enumerate(dsts):
+            self._read(lo + k * stride, memoryview(d).cast("B"))
 
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
         if self._kernel_copies:   # a copy, so that the caller never touches the map itself

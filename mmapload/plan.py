@@ -1,23 +1,36 @@
 """Cut a checkpoint into slot-sized batches: pure arithmetic on headers, no I/O.
 
-A *piece* is a byte range of one tensor that travels through one ring slot:
+A *piece* is what travels through one ring slot:
 - a whole small tensor (several are packed into one slot),
-- for a quantized tensor, a run of rows of one ``[out, in]`` matrix (rank-3 MoE weights
-  are cut per expert), cut on block rows for block granularity so each piece quantizes
-  independently and chunked results equal unchunked ones bit for bit,
-- for a big unquantized tensor, a byte range (it is only copied).
+- for a big unquantized tensor, a byte range (it is only copied),
+- for a quantized tensor, a rectangle ``[row0, row1) x [col0, col1)`` of one ``[out, in]``
+  matrix (rank-3 MoE weights are cut per expert), its rows back to back in the slot. It is
+  one file range when it has whole rows or one row, else one range per row (``stride``).
+
+Quantized matrices are cut along their scale granules (``fp8.granule``: the matrix for
+per-tensor scales, a row per channel, ``block_size`` per block), so that a piece quantizes
+on its own and chunked results equal unchunked ones bit for bit. In order of preference:
+1. runs of whole bands (a granule's rows, full width): file-contiguous;
+2. where one band is more than a slot, runs of whole granules of it (block scales);
+3. where one granule is more than a slot, pieces inside it: runs of its rows, or parts of
+   one row. Such pieces share the granule's scale: they form a *scale group* (``group``),
+   consecutive in plan order, whose amax must be complete before the first of them is cast
+   (assemble.py: held until the last lands, or pre-passed by the reader). A shared group is
+   always exactly one granule, so its amax is one number.
+There is no row-width limit: a slot needs room for one element.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 from .checkpoint import TensorSpec
-from .errors import OptionsError
+from .fp8 import Granularity, granule
 
-__all__ = ["split_run", "Piece", "Batch", "plan_batches", "matrix_dims", "per_tensor_split", "ALIGN"]
+__all__ = ["split_run", "Piece", "Batch", "plan_batches", "matrix_dims", "runs", "scale_groups",
+           "split_groups", "ALIGN"]
 
 ALIGN = 64   # pieces start on 64-byte boundaries inside a slot (any dtype view is legal)
 
@@ -25,20 +38,37 @@ ALIGN = 64   # pieces start on 64-byte boundaries inside a slot (any dtype view 
 @dataclass(frozen=True)
 class Piece:
     spec: TensorSpec
-    lo: int                # absolute file byte range [lo, hi)
+    lo: int                # absolute file bytes [lo, hi) spanned (every row, if strided)
     hi: int
     offset: int            # where the bytes land inside the slot
     quantize: bool
     expert: int = 0        # quantized: which [out, in] matrix (0 for rank 2)
-    row0: int = 0          # quantized: rows [row0, row1) of that matrix
+    row0: int = 0          # quantized: rows [row0, row1), columns [col0, col1) of that matrix
     row1: int = 0
+    col0: int = 0
+    col1: int = 0
+    stride: int = 0        # file bytes from one row of the piece to the next; 0: one range
     first: bool = True     # first / last piece of its tensor
     last: bool = True
     whole: bool = True     # quantized: the piece holds its whole matrix
+    group: int = -1        # the scale group it shares with other pieces; -1: its scales are its own
+    group_first: bool = False
+    group_last: bool = False
+    release_to: int = 0    # file bytes before this are not read again once this piece is
 
     @property
     def nbytes(self) -> int:
-        return self.hi - self.lo
+        """Bytes in the slot."""
+        if not self.stride:
+            return self.hi - self.lo
+        return (self.row1 - self.row0) * (self.col1 - self.col0) * self.spec.itemsize
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The file byte ranges of the piece, in slot order."""
+        if not self.stride:
+            return [(self.lo, self.hi)]
+        w = (self.col1 - self.col0) * self.spec.itemsize
+        return [(a, a + w) for a in range(self.lo, self.hi, self.stride)]
 
 
 @dataclass(frozen=True)
@@ -57,77 +87,145 @@ def matrix_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return math.prod(shape[:-2]), shape[-2], shape[-1]
 
 
-def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, block_rows: int
+def _even(n: int, parts: int) -> list[tuple[int, int]]:
+    """range(n) in ``parts`` spans whose sizes differ by at most one: no tiny remainder piece,
+    so the pieces of consecutive rows pack into slots alike."""
+    return [(n * k // parts, n * (k + 1) // parts) for k in range(parts)]
+
+
+def _inside(r0: int, h: int, c0: int, w: int, cap: int) -> list[tuple[int, int, int, int]]:
+    """Rectangles of at most ``cap`` elements cutting the h x w granule at (r0, c0), in order:
+    runs of its rows while a row fits, else each row in equal parts."""
+    if w <= cap:
+        per = cap // w
+        return [(r, min(r0 + h, r + per), c0, c0 + w) for r in range(r0, r0 + h, per)]
+    return [(r, r + 1, c0 + a, c0 + b) for r in range(r0, r0 + h) for a, b in _even(w, -(-w // cap))]
+
+
+def _rects(rows: int, cols: int, gr: int, gc: int, cap: int) -> Iterator[list[tuple[int, int, int, int]]]:
+    """Lists of rectangles (row0, row1, col0, col1) covering a rows x cols matrix in order, each
+    of at most ``cap`` >= 1 elements; a list of several shares one gr x gc granule."""
+    if rows * cols <= cap:
+        yield [(0, rows, 0, cols)]
+        return
+    if gr * cols <= cap:                 # 1. runs of whole bands
+        per = cap // (gr * cols) * gr
+        for r in range(0, rows, per):
+            yield [(r, min(rows, r + per), 0, cols)]
+        return
+    nb = -(-cols // gc)
+    for b0 in range(0, rows, gr):
+        h = min(gr, rows - b0)
+        if h * gc <= cap:                # 2. runs of whole granules of the band
+            for a, b in _even(nb, -(-nb // (cap // (h * gc)))):
+                yield [(b0, b0 + h, a * gc, min(cols, b * gc))]
+        else:                            # 3. inside each granule of the band
+            for c0 in range(0, cols, gc):
+                yield _inside(b0, h, c0, min(gc, cols - c0), cap)
+
+
+def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, granularity, block_size
               ) -> Iterator[tuple[int, int, dict]]:
-    """(lo, hi, piece fields) per piece of one tensor, in file order."""
+    """(lo, hi, piece fields) per piece of one tensor, in plan order; ``gn`` > 1 pieces share
+    one granule's scale (``gpos``: the piece's place among them)."""
     if not quantize:
         step = slot_bytes - slot_bytes % spec.itemsize
         for lo in range(spec.start, max(spec.end, spec.start + 1), step):
             yield lo, min(lo + step, spec.end), {}
         return
     experts, rows, cols = matrix_dims(spec.shape)
-    row_bytes = cols * spec.itemsize
-    per = slot_bytes // row_bytes if rows * row_bytes > slot_bytes else rows
-    per -= per % block_rows if per < rows else 0
-    if per <= 0:
-        need = block_rows * row_bytes
-        raise OptionsError(
-            f"{spec.shard}: tensor {spec.name!r} (bytes {spec.start}..{spec.end}) needs at least "
-            f"{need} bytes per ring slot ({block_rows} row(s) of {row_bytes} bytes), but "
-            f"slots are {slot_bytes} bytes; raise ring_bytes to at least {4 * need}")
+    size, row_bytes = spec.itemsize, cols * spec.itemsize
+    gr, gc = granule((rows, cols), Granularity(granularity), block_size)
     for e in range(experts):
         base = spec.start + e * rows * row_bytes
-        for r0 in range(0, rows, per):
-            r1 = min(rows, r0 + per)
-            yield base + r0 * row_bytes, base + r1 * row_bytes, dict(
-                expert=e, row0=r0, row1=r1, whole=(r0 == 0 and r1 == rows))
+        for rects in _rects(rows, cols, gr, gc, slot_bytes // size):
+            for k, (r0, r1, c0, c1) in enumerate(rects):
+                strided = r1 - r0 > 1 and c1 - c0 < cols
+                yield base + r0 * row_bytes + c0 * size, base + (r1 - 1) * row_bytes + c1 * size, dict(
+                    expert=e, row0=r0, row1=r1, col0=c0, col1=c1, stride=row_bytes if strided else 0,
+                    whole=(r1 - r0, c1 - c0) == (rows, cols), gpos=k, gn=len(rects))
+
+
+def _release_points(segs: list[tuple[int, int, dict]]) -> list[int]:
+    """Per piece: the file offset below which no later piece of the tensor reads (pieces of
+    a band cut into columns read behind each other's ends)."""
+    out, nxt = [0] * len(segs), math.inf
+    for i in range(len(segs) - 1, -1, -1):
+        lo, hi, _ = segs[i]
+        out[i], nxt = int(min(hi, nxt)), min(nxt, lo)
+    return out
 
 
 def plan_batches(tensors: Iterable[TensorSpec], quantize: Callable[[TensorSpec], bool],
-                 slot_bytes: int, block_rows: int = 1) -> list[Batch]:
-    """Batches in file order; each fits one slot of ``slot_bytes``.
-
-    Raises ``OptionsError`` up front if a quantized tensor cannot be cut to fit a slot.
-    """
+                 slot_bytes: int, granularity: Granularity | str = Granularity.TENSOR,
+                 block_size: tuple[int, int] = (128, 128)) -> list[Batch]:
+    """Batches in file order; each fits one slot of ``slot_bytes``; quantized tensors are cut
+    along the granules of ``granularity`` (see the module docstring)."""
     batches: list[Batch] = []
     current: list[Piece] = []
-    used = 0
+    used = groups = 0
     for spec in tensors:
         q = quantize(spec)
-        segs = list(_segments(spec, q, slot_bytes, block_rows))
-        for i, (lo, hi, extra) in enumerate(segs):
+        segs = list(_segments(spec, q, slot_bytes, granularity, block_size))
+        for i, ((lo, hi, extra), rel) in enumerate(zip(segs, _release_points(segs))):
+            gpos, gn = extra.pop("gpos", 0), extra.pop("gn", 1)
+            if gn > 1:
+                groups += gpos == 0
+                extra.update(group=groups - 1, group_first=gpos == 0, group_last=gpos == gn - 1)
+            piece = Piece(spec, lo, hi, 0, q, first=(i == 0), last=(i == len(segs) - 1),
+                          release_to=rel, **extra)
             offset = -(-used // ALIGN) * ALIGN
-            if current and offset + (hi - lo) > slot_bytes:
+            if current and offset + piece.nbytes > slot_bytes:
                 batches.append(Batch(tuple(current)))
                 current, offset = [], 0
-            current.append(Piece(spec, lo, hi, offset, q, first=(i == 0),
-                                 last=(i == len(segs) - 1), **extra))
-            used = offset + (hi - lo)
+            current.append(replace(piece, offset=offset))
+            used = offset + piece.nbytes
     if current:
         batches.append(Batch(tuple(current)))
     return batches
 
 
-def per_tensor_split(batches: list[Batch], n_slots: int, copies: bool) -> tuple[set[tuple[str, int]], int]:
-    """For per-tensor scales: (matrices whose amax the reader pre-passes, hold buffer bytes).
+def runs(pieces: tuple[Piece, ...]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of ``pieces`` whose file bytes follow each other: one read
+    each. A strided piece is a run of its own."""
+    out, start = [], 0
+    for end in range(1, len(pieces) + 1):
+        a, b = pieces[end - 1], pieces[end] if end < len(pieces) else None
+        if b is None or a.stride or b.stride or b.spec.shard != a.spec.shard or b.lo != a.hi:
+            out.append((start, end))
+            start = end
+    return out
 
-    A matrix cut into pieces needs its whole amax before the first cast. A copying mover
-    (CUDA) holds every such matrix in one device buffer (the largest of them, 64-byte
-    rounded); in place (CPU) a matrix is held in its ring slots when it spans fewer batches
-    than the ring has slots, and the bigger ones are pre-passed.
-    """
-    spans: dict[tuple[str, int], int] = {}
-    sizes: dict[tuple[str, int], int] = {}
+
+def scale_groups(batches: list[Batch]) -> dict[int, list[Piece]]:
+    """The pieces of every shared scale group, in plan order."""
+    groups: dict[int, list[Piece]] = {}
     for batch in batches:
         for p in batch.pieces:
-            if p.quantize and not p.whole:
-                key = (p.spec.name, p.expert)
-                spans[key] = spans.get(key, 0) + 1
-                _, rows, cols = matrix_dims(p.spec.shape)
-                sizes[key] = rows * cols * p.spec.itemsize
+            if p.group >= 0:
+                groups.setdefault(p.group, []).append(p)
+    return groups
+
+
+def split_groups(batches: list[Batch], n_slots: int, copies: bool) -> tuple[set[int], int]:
+    """How shared scale groups wait for their amax: (groups the reader pre-passes, hold
+    buffer bytes).
+
+    A copying mover (CUDA) holds every group in one device buffer (the largest group,
+    64-byte rounded). In place (CPU) a group is held in its ring slots when it spans fewer
+    batches than the ring has slots; the reader pre-passes the bigger ones from the map.
+    """
+    spans: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for batch in batches:
+        for g in {p.group for p in batch.pieces if p.group >= 0}:
+            spans[g] = spans.get(g, 0) + 1
+        for p in batch.pieces:
+            if p.group >= 0:
+                sizes[p.group] = sizes.get(p.group, 0) + p.nbytes
     if copies:
         return set(), -(-max(sizes.values(), default=0) // 64) * 64
-    return {k for k, n in spans.items() if n > n_slots - 1}, 0
+    return {g for g, n in spans.items() if n > n_slots - 1}, 0
 
 
 def split_run(lo: int, sizes: list[int], parts: int, min_bytes: int = 1 << 20,

@@ -27,15 +27,6 @@ __all__ = ["PreadShard", "DirectShard", "open_reader"]
 
 
 class PreadShard(ShardReader):
-    def _read(self, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n == 0:
-                self._check_size()  # the file shrank: say so, with both sizes
-                raise FileChangedError(f"{self.path}: unexpected end of file at byte {offset + done}")
-            done += n
-
     def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
         if hi > lo:
             self._read(lo, memoryview(dst).cast("B"))

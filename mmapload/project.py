@@ -9,7 +9,9 @@ CUDA, the CUDA context already created):
   CPU device:  ring (n_slots x slot_bytes)
              + retained bytes (the outputs live in host RAM)
              + reader buffers, by ``io``: mmap 2 x slot_bytes (the mapped pages of a run and
-               of a pre-pass window, each released behind the reader); pread 0 (it reads
+               of a pre-pass window, each released behind the reader) + 2 pages per row of
+               the tallest band cut into columns (pages its pieces' rows share stay mapped
+               until the band is done); pread 0 (it reads
                into the slot); direct one bounce buffer of
                slot_bytes + 2 pages per shard (each is kept until the load ends)
              + 2 quantizers' scratch (1 MiB float32 each: consumer and reader pre-pass)
@@ -22,7 +24,8 @@ CUDA, the CUDA context already created):
 Device peak (CUDA; what ``torch.cuda.max_memory_allocated`` can reach during the load):
     retained bytes, each tensor rounded up to the allocator's 512 bytes
   + 2 staging buffers (each the largest batch, <= slot_bytes)
-  + hold buffer (the largest per-tensor-scaled matrix that is cut into pieces)
+  + hold buffer (the largest scale group cut into pieces: a per-tensor matrix, a channel
+    row or a block granule; plan.split_groups)
   + quantizer scratch (4M float32 = 16 MiB) + amax grids + error_stats temporaries
 On the CPU the device is host RAM: ``device_peak`` is None and ``fits`` uses the host peak.
 
@@ -45,8 +48,8 @@ from .checkpoint import TensorSpec, open_checkpoint
 from .device import parse_device
 from .fp8 import Granularity, default_scratch_elems, scale_shape
 from .options import LoadOptions
+from .plan import plan_batches, split_groups
 from .policy import policy_for
-from .plan import matrix_dims, per_tensor_split, plan_batches
 
 __all__ = ["Projection", "TensorGroup", "project", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
 
@@ -88,7 +91,7 @@ class Projection:
     ring_bytes: int                                   # n_slots x slot_bytes
     stage_bytes: int                                  # largest batch
     hold_bytes: int                                   # CUDA hold buffer
-    prepass: int                                      # CPU: matrices read twice (amax pre-pass)
+    prepass: int                                      # CPU: scale groups read twice (pre-pass)
     host_terms: dict[str, int] = field(default_factory=dict)
     device_terms: dict[str, int] | None = None
 
@@ -157,7 +160,7 @@ class Projection:
             *(f"  {grp.count:>4} x    {rule}: {g(grp.nbytes)}{few(grp)}" for rule, grp in self.kept_by.items()),
             f"retained     {g(self.retained_bytes)}",
             f"plan         ring {g(self.ring_bytes)} = {o.n_slots} x {g(o.slot_bytes)} slots, largest batch "
-            f"{g(self.stage_bytes)}" + (f", {self.prepass} matrices read twice (amax pre-pass)"
+            f"{g(self.stage_bytes)}" + (f", {self.prepass} scale groups read twice (amax pre-pass)"
                                        if self.prepass else ""),
             f"host peak    {g(self.host_peak)} above baseline ({terms(self.host_terms)})",
         ]
@@ -198,8 +201,7 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     policy = policy_for(ckpt, opts)
     quant = {s.name for s in specs if policy(s)}
     gran, (br, bc) = opts.granularity, opts.block_size
-    block_rows = br if gran is Granularity.BLOCK else 1
-    batches = plan_batches(specs, lambda s: s.name in quant, opts.slot_bytes, block_rows)
+    batches = plan_batches(specs, lambda s: s.name in quant, opts.slot_bytes, gran, opts.block_size)
 
     dtypes: dict[str, tuple[int, int]] = {}
     for s in specs:
@@ -212,20 +214,21 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
         by_rule.setdefault(policy.decide(s).rule, []).append(s)
     scale_elems = {s.name: math.prod(scale_shape(s.shape, gran, opts.block_size)) for s in qspecs}
 
-    # the plan: staging, held / pre-passed matrices, the largest piece and its amax grid
-    prepassed, hold = (per_tensor_split(batches, opts.n_slots, copies=dev.type == "cuda")
-                       if gran is Granularity.TENSOR else (set(), 0))
-    piece_elems = grid_elems = 0
+    # the plan: staging, held / pre-passed scale groups, the largest piece and its amax grid
+    prepassed, hold = split_groups(batches, opts.n_slots, copies=dev.type == "cuda")
+    piece_elems = grid_elems = band_rows = 0
     for batch in batches:
         for p in batch.pieces:
             if not p.quantize:
                 continue
-            _, _, cols = matrix_dims(p.spec.shape)
-            piece_elems = max(piece_elems, (p.row1 - p.row0) * cols)
+            rows, cols = p.row1 - p.row0, p.col1 - p.col0
+            if p.release_to < p.hi:   # read out of file order: a band cut into columns
+                band_rows = max(band_rows, min(br, p.spec.shape[-2]))
+            piece_elems = max(piece_elems, rows * cols)
             if gran is Granularity.BLOCK:   # int grid + its row padding + float copy
-                grid_elems = max(grid_elems, (p.row1 - p.row0 + br) * -(-cols // bc))
+                grid_elems = max(grid_elems, (rows + br) * -(-cols // bc))
             else:
-                grid_elems = max(grid_elems, p.row1 - p.row0)
+                grid_elems = max(grid_elems, rows)
     stage = max((b.nbytes for b in batches), default=0)
     slot, ring = opts.slot_bytes, opts.n_slots * opts.slot_bytes
     grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
@@ -234,7 +237,7 @@ def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
     kept_bytes = sum(s.nbytes for s in kspecs)
 
     io = opts.io
-    reader = {"mmap": (2 if dev.type == "cpu" else 1) * slot, "pread": 0,
+    reader = {"mmap": (2 if dev.type == "cpu" else 1) * slot + 2 * _PAGE * band_rows, "pread": 0,
               "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
     if dev.type == "cpu":
         prepass = len(prepassed)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from . import device as _device
@@ -25,13 +23,13 @@ from .assemble import Assembler, Loaded
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import DeviceError, OptionsError
-from .fp8 import Granularity, Quantizer, merge_amax
+from .fill import Filler
 from .mapped import ShardReader
 from .options import LoadOptions
 from .pairs import fp8_pairs, paired
 from .pread import open_reader
 from .policy import Policy, policy_for
-from .plan import Batch, Piece, matrix_dims, per_tensor_split, plan_batches, split_run
+from .plan import plan_batches, scale_groups, split_groups
 from .result import LoadReport, QuantizedModel, flat as _flatten
 from .ring import CopyPool, Ring, StageTimes, staged
 
@@ -41,114 +39,29 @@ __all__ = ["stream_quantize", "iter_quantized"]
 class _Pipeline:
     def __init__(self, ckpt: Checkpoint, device: torch.device, opts: LoadOptions, policy: Policy):
         self.ckpt, self.device, self.opts, self.policy = ckpt, device, opts, policy
-        gran = opts.granularity
-        self.block_rows = opts.block_size[0] if gran is Granularity.BLOCK else 1
-        self.batches = plan_batches(ckpt.tensors, policy, opts.slot_bytes, self.block_rows)   # raises before any I/O
+        self.batches = plan_batches(ckpt.tensors, policy, opts.slot_bytes, opts.granularity,
+                                    opts.block_size)   # raises before any I/O
         self.report = LoadReport(path=str(ckpt.root), device=str(device), ring_bytes=opts.ring_bytes,
                                  slot_bytes=opts.slot_bytes, policy=policy.source)
         self.times = StageTimes()
         self._peak = [0, 0, 0]   # rss, anon, file
         self._tq = 0.0           # consumer seconds (quantize + copies out of the slots)
-        self.prepass, self.hold_bytes = self._choose_per_tensor_mode()
+        # scale groups shared by several pieces: held, or pre-passed by the reader
+        self.groups = scale_groups(self.batches)
+        self.prepass, self.hold_bytes = split_groups(self.batches, opts.n_slots,
+                                                     _device.mover_class(device).copies)
         # In place (CPU) the slot is no stop on the way for a tensor kept as it is: the reader
         # reads it straight into its output, one copy instead of two, and the output's first-touch
         # page faults land on the reader thread (which waits for slots anyway), not the consumer.
         self._into_outputs = not _device.mover_class(device).copies
-        self._out: torch.Tensor | None = None   # reader: the unquantized output being filled
 
-    def _choose_per_tensor_mode(self) -> tuple[set[tuple[str, int]], int]:
-        """Per-tensor scales of chunked matrices: hold them, or pre-pass (plan.per_tensor_split)."""
-        if self.opts.granularity is not Granularity.TENSOR:
-            return set(), 0
-        return per_tensor_split(self.batches, self.opts.n_slots, _device.mover_class(self.device).copies)
-
-    # -- reader thread -----------------------------------------------------------------
     def _sample(self) -> None:
+        """Peak memory so far (called by the reader thread and the consumer)."""
         m = read_mem()
         p = self._peak
         p[0] = max(p[0], m.rss)
         p[1] = max(p[1], m.anon or 0)
         p[2] = max(p[2], m.file or 0)
-
-    def _prepass_amax(self, shard: ShardReader, piece: Piece, scratch: np.ndarray) -> torch.Tensor:
-        """Per-tensor amax of a matrix too big for one slot, read straight from the map.
-
-        The cast of the first chunk needs the amax of all of them. Reading the file in
-        slot-sized windows (zero-copy from a map; into the still-free slot otherwise) and
-        dropping each window from our RSS, but not from the page cache, so the copy pass
-        that follows is a warm read, keeps host memory bounded.
-        """
-        spec = piece.spec
-        _, rows, cols = matrix_dims(spec.shape)
-        row_bytes = cols * spec.itemsize
-        lo = piece.lo - piece.row0 * row_bytes
-        hi = lo + rows * row_bytes
-        step = max(row_bytes, self.opts.slot_bytes - self.opts.slot_bytes % row_bytes)
-        amax = None
-        for w0 in range(lo, hi, step):
-            w1 = min(hi, w0 + step)
-            raw = shard.window(w0, w1, scratch)
-            if raw.data_ptr() % 64:
-                raw = raw.clone()  # an unaligned map offset: typed views need alignment
-            x = raw.view(spec.torch_dtype).view(-1, cols)
-            part = self._prepass_quantizer.amax_2d(x)
-            amax = part if amax is None else merge_amax(amax, part)
-            del x, raw
-            shard.release(w0, w1, drop_cache=False)
-        return amax
-
-    def _output(self, piece: Piece) -> torch.Tensor | None:
-        """The output an unquantized piece is read into (allocated at its first piece); None
-        if that allocation failed: the consumer allocates again and reports it in order."""
-        if piece.first:
-            try:
-                self._out = torch.empty(piece.spec.shape, dtype=piece.spec.torch_dtype, device=self.device)
-            except RuntimeError:
-                self._out = None
-        return self._out
-
-    def _dest(self, piece: Piece, slot_np: np.ndarray, out: torch.Tensor | None) -> np.ndarray:
-        if out is None:
-            return slot_np[piece.offset:piece.offset + piece.nbytes]
-        o = piece.lo - piece.spec.start
-        return out.reshape(-1).view(torch.uint8).numpy()[o:o + piece.nbytes]
-
-    def _copy(self, shard: ShardReader, lo: int, dsts: list[np.ndarray]) -> None:
-        """One file-contiguous run into its destinations, split over the copy pool's threads."""
-        if self._pool.n == 1 or not shard.concurrent_copies:
-            shard.copy_ranges(lo, dsts)
-            return
-        shares = split_run(lo, [len(d) for d in dsts], self._pool.n)
-        self._pool.run([partial(shard.copy_ranges, at, [dsts[i][a:b] for i, a, b in segs])
-                        for at, segs in shares])
-
-    def _fill(self, batch: Batch, slot: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Read one batch; returns per piece index what the consumer needs besides the slot:
-        a pre-passed amax (quantized piece), or the output it was read into (kept piece)."""
-        slot_np = slot.numpy()
-        pieces = batch.pieces
-        # pre-passes first: a syscall reader uses the (still empty) slot as its window
-        extra = {i: self._prepass_amax(self.shards[p.spec.shard], p, slot_np)
-                 for i, p in enumerate(pieces)
-                 if p.row0 == 0 and (p.spec.name, p.expert) in self.prepass}
-        if self._into_outputs:
-            extra.update((i, self._output(p)) for i, p in enumerate(pieces) if not p.quantize)
-        start = 0
-        for end in range(1, len(pieces) + 1):      # one read per file-contiguous run
-            if end < len(pieces) and pieces[end].spec.shard == pieces[start].spec.shard \
-                    and pieces[end].lo == pieces[end - 1].hi:
-                continue
-            run, run_start, start = pieces[start:end], start, end
-            shard, hi = self.shards[run[0].spec.shard], run[-1].hi
-            ahead = self.prefetched.get(shard, 0)
-            if hi + 2 * self.opts.slot_bytes > ahead:   # keep ~2-4 slots of read-ahead going
-                shard.prefetch(max(hi, ahead), hi + 4 * self.opts.slot_bytes)
-                self.prefetched[shard] = hi + 4 * self.opts.slot_bytes
-            self._copy(shard, run[0].lo, [self._dest(p, slot_np, None if p.quantize else extra.get(i))
-                                          for i, p in enumerate(run, run_start)])
-            self._sample()
-            shard.release_behind(hi)
-        return {i: x for i, x in extra.items() if x is not None}
 
     def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
         """Quantize / copy every piece of one batch; yield the tensors it completes."""
@@ -177,7 +90,6 @@ class _Pipeline:
             torch.cuda.reset_peak_memory_stats(dev)
         stage_bytes = max((b.nbytes for b in self.batches), default=0)
         self.shards: dict[Path, ShardReader] = {}
-        self.prefetched: dict[ShardReader, int] = {}
         ring = mover = stages = asm = None
         self._pool = CopyPool(1)
         progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
@@ -193,12 +105,12 @@ class _Pipeline:
             self.report.read_threads = self._pool.n
             ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")
             self.report.pinned = ring.pinned
-            # the reader thread's own (quantizers are not thread-safe), for per-tensor amax pre-passes
-            self._prepass_quantizer = Quantizer(opts.fp8_dtype, Granularity.TENSOR, device="cpu")
+            fill = Filler(self.shards, opts.slot_bytes, dev, self._pool,
+                          {g: self.groups[g] for g in self.prepass}, self._into_outputs, self._sample)
             mover = _device.mover_class(dev)(dev, stage_bytes, self.hold_bytes)
             asm = Assembler(opts, dev, mover)
             _profile.mark("read")
-            stages = staged(self.batches, ring, self._fill, self.times)
+            stages = staged(self.batches, ring, fill, self.times)
             # A copying mover (CUDA) looks one batch ahead: batch k+1's copy is queued on the
             # copy stream before batch k is quantized, so the two overlap. (On the CPU the
             # look-ahead would only pin one more slot, which held matrices may need.)

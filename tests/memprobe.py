@@ -1,6 +1,6 @@
 """Run one loader in this (fresh) process and print its memory numbers as JSON.
 
-    python tests/memprobe.py mmapload|naive CKPT RING_BYTES
+    python tests/memprobe.py mmapload|naive CKPT RING_BYTES [GRANULARITY [IO]]
 
 Peak RSS comes from the kernel (VmHWM: ru_maxrss would start at the parent's peak, since a
 forked child inherits it) and a 2 ms sampler thread that also tracks the
@@ -62,6 +62,8 @@ def _vm_hwm() -> int:
 
 def main():
     which, ckpt, ring = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    granularity = sys.argv[4] if len(sys.argv) > 4 else "tensor"
+    io = sys.argv[5] if len(sys.argv) > 5 else "mmap"
     import mmapload  # the baseline is taken after every import either loader needs
     import mmapload.fp8, safetensors.torch  # noqa: F401,E401
     base = read_mem()
@@ -69,7 +71,7 @@ def main():
     s.start()
     t0 = time.perf_counter()
     if which == "mmapload":
-        model = mmapload.stream_quantize(ckpt, "cpu", ring_bytes=ring)
+        model = mmapload.stream_quantize(ckpt, "cpu", ring_bytes=ring, granularity=granularity, io=io)
         retained = model.nbytes
     else:
         retained, model = naive(ckpt)

@@ -18,7 +18,8 @@ ORDER = [
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"skeleton"},                                 # a model's structure as data (transformers, child process)
     {"options", "plan", "policy"},                # options; which tensors become FP8; how to cut them
-    {"assemble", "project"},                      # pieces -> finished tensors; memory projection
+    {"assemble", "project", "fill"},              # pieces -> finished tensors; memory projection;
+                                                  # the reader thread's reads and pre-passes
     {"pairs"},                                    # FP8 checkpoints: weights joined with scales
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer"},                                   # streaming safetensors writer

@@ -47,9 +47,8 @@ def _plan(path, ring, granularity):
     from mmapload.policy import policy_for
     from mmapload.plan import plan_batches
     o = LoadOptions(ring_bytes=ring, granularity=granularity)
-    rows = 128 if granularity == "block" else 1
     c = open_checkpoint(path)
-    return plan_batches(c.tensors, policy_for(c, o), o.slot_bytes, rows)
+    return plan_batches(c.tensors, policy_for(c, o), o.slot_bytes, o.granularity, o.block_size)
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -1,0 +1,138 @@
+"""The reader thread's work per batch: read its pieces into a ring slot, after pre-passing
+the amax of the scale groups too big to hold (plan.split_groups).
+
+``Filler`` is the ``fill`` of ``ring.staged``: it runs on the reader thread only, and owns
+the read-ahead and release-behind of the shards, which keep resident memory bounded.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .fp8 import Granularity, Quantizer, merge_amax
+from .mapped import ShardReader
+from .plan import Batch, Piece, runs, split_run
+from .ring import CopyPool
+
+__all__ = ["Filler"]
+
+
+def _finished_ranges(p: Piece) -> list[tuple[int, int]]:
+    """File ranges nothing reads again once ``p`` is read, for a piece read out of file order
+    (a band cut into columns): each of its rows from column 0, as the pieces before it in
+    the plan covered the columns to its left. Releasing whole rows from their start also
+    frees the pages that two pieces' ranges share."""
+    left = p.col0 * p.spec.itemsize
+    return [(lo - left, hi) for lo, hi in p.ranges()]
+
+
+class Filler:
+    """``filler(batch, slot)`` reads one batch into ``slot``; returns per piece index what
+    the consumer needs besides the slot: a pre-passed amax (the first piece of a pre-passed
+    group), or the output a kept piece was read into (``into_outputs``)."""
+
+    def __init__(self, shards: dict[Path, ShardReader], slot_bytes: int, device: torch.device,
+                 pool: CopyPool, prepass: dict[int, list[Piece]], into_outputs: bool,
+                 sample: Callable[[], None]):
+        self.shards, self.slot_bytes, self.device, self.pool = shards, slot_bytes, device, pool
+        self.prepass, self.into_outputs, self.sample = prepass, into_outputs, sample
+        self.prefetched: dict[ShardReader, int] = {}
+        self._out: torch.Tensor | None = None   # the unquantized output being filled
+        # the reader thread's own (quantizers are not thread-safe); a shared group is one
+        # granule, so its amax is one number whatever the load's granularity
+        self.quantizer = Quantizer(granularity=Granularity.TENSOR, device="cpu")
+
+    def group_amax(self, pieces: list[Piece], scratch: np.ndarray) -> torch.Tensor:
+        """The amax of one scale group too big to hold, read before any of it is cast.
+
+        Piece by piece (each fits the still-free slot): zero-copy from a map, through the
+        slot otherwise. Each piece is then dropped from our RSS but not from the page cache,
+        so the copy pass that follows is a warm read, and host memory stays bounded.
+        """
+        amax = None
+        for p in pieces:
+            shard = self.shards[p.spec.shard]
+            if p.stride:
+                raw = torch.from_numpy(self._read_strided(shard, p, scratch[:p.nbytes]))
+            else:
+                raw = shard.window(p.lo, p.hi, scratch)
+            if raw.data_ptr() % 64:
+                raw = raw.clone()  # an unaligned map offset: typed views need alignment
+            x = raw.view(p.spec.torch_dtype).view(p.row1 - p.row0, p.col1 - p.col0)
+            part = self.quantizer.amax_2d(x)
+            amax = part if amax is None else merge_amax(amax, part)
+            del x, raw
+            for lo, hi in _finished_ranges(p):
+                shard.release(lo, hi, drop_cache=False)
+        return amax
+
+    def _output(self, piece: Piece) -> torch.Tensor | None:
+        """The output an unquantized piece is read into (allocated at its first piece); None
+        if that allocation failed: the consumer allocates again and reports it in order."""
+        if piece.first:
+            try:
+                self._out = torch.empty(piece.spec.shape, dtype=piece.spec.torch_dtype, device=self.device)
+            except RuntimeError:
+                self._out = None
+        return self._out
+
+    @staticmethod
+    def _dest(piece: Piece, slot_np: np.ndarray, out: torch.Tensor | None) -> np.ndarray:
+        if out is None:
+            return slot_np[piece.offset:piece.offset + piece.nbytes]
+        o = piece.lo - piece.spec.start
+        return out.reshape(-1).view(torch.uint8).numpy()[o:o + piece.nbytes]
+
+    def _copy(self, shard: ShardReader, lo: int, dsts: list[np.ndarray]) -> None:
+        """One file-contiguous run into its destinations, split over the copy pool's threads."""
+        if self.pool.n == 1 or not shard.concurrent_copies:
+            shard.copy_ranges(lo, dsts)
+            return
+        shares = split_run(lo, [len(d) for d in dsts], self.pool.n)
+        self.pool.run([partial(shard.copy_ranges, at, [dsts[i][a:b] for i, a, b in segs])
+                       for at, segs in shares])
+
+    @staticmethod
+    def _read_strided(shard: ShardReader, piece: Piece, dst: np.ndarray) -> np.ndarray:
+        """A piece with one file range per row, its rows back to back in ``dst``."""
+        w = (piece.col1 - piece.col0) * piece.spec.itemsize
+        shard.copy_strided(piece.lo, piece.stride,
+                           [dst[k * w:(k + 1) * w] for k in range(piece.row1 - piece.row0)])
+        return dst
+
+    def _prefetch(self, shard: ShardReader, at: int) -> None:
+        ahead = self.prefetched.get(shard, 0)
+        if at + 2 * self.slot_bytes > ahead:   # keep ~2-4 slots of read-ahead going
+            shard.prefetch(max(at, ahead), at + 4 * self.slot_bytes)
+            self.prefetched[shard] = at + 4 * self.slot_bytes
+
+    def __call__(self, batch: Batch, slot: torch.Tensor) -> dict[int, torch.Tensor]:
+        slot_np = slot.numpy()
+        pieces = batch.pieces
+        # pre-passes first: a syscall reader uses the (still empty) slot as its window
+        extra = {i: self.group_amax(self.prepass[p.group], slot_np)
+                 for i, p in enumerate(pieces) if p.group_first and p.group in self.prepass}
+        if self.into_outputs:
+            extra.update((i, self._output(p)) for i, p in enumerate(pieces) if not p.quantize)
+        for start, end in runs(pieces):            # one read per file-contiguous run
+            run = pieces[start:end]
+            shard = self.shards[run[0].spec.shard]
+            self._prefetch(shard, run[-1].release_to)
+            dsts = [self._dest(p, slot_np, None if p.quantize else extra.get(i))
+                    for i, p in enumerate(run, start)]
+            if run[0].stride:
+                self._read_strided(shard, run[0], dsts[0])
+            else:
+                self._copy(shard, run[0].lo, dsts)
+            self.sample()
+            for p in run:
+                if p.release_to < p.hi:
+                    for lo, hi in _finished_ranges(p):
+                        shard.release(lo, hi)
+            shard.release_behind(run[-1].release_to)
+        return {i: x for i, x in extra.items() if x is not None}
