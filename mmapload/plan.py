@@ -61,7 +61,7 @@ def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, block_rows: int
               ) -> Iterator[tuple[int, int, dict]]:
     """(lo, hi, piece fields) per piece of one tensor, in file order."""
     if not quantize:
-        step = slot_bytes - slot_bytes % spec.itemsize
+        step = slot_bytes - slot_bytes % spec.itemsize   # whole torch elements: bytes for F4 / F6 / raw
         for lo in range(spec.start, max(spec.end, spec.start + 1), step):
             yield lo, min(lo + step, spec.end), {}
         return
