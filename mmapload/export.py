@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, open_checkpoint
+from .checkpoint import INDEX_NAME, open_checkpoint, torch_dtype_of, torch_shape
 from .errors import CheckpointError, FileChangedError, OptionsError
 from .formats import Entry, check_format, ignored_modules, output_layout, quantization_config, \
     scale_suffix, shard_metadata
@@ -85,11 +85,13 @@ def _copy_extras(root: Path, out: Path, qconfig: dict) -> None:
 
 
 def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None:
-    want, dtype, shape = expected
-    if name != want or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+    want, dtype, shape = expected   # dtype: a safetensors name (None: past the shard's end)
+    form = (torch_dtype_of(dtype), torch_shape(dtype, shape)) if dtype else (None, ())
+    if name != want or (t.dtype, tuple(t.shape)) != form:
         raise FileChangedError(f"{src}: streamed tensor {name!r} ({t.dtype}, {list(t.shape)}) does not "
-                               f"match the header read before, which expected {want!r} ({dtype}, "
-                               f"{list(shape)}) here; did the checkpoint change during the conversion?")
+                               f"match the header read before, which expected {want!r} ({dtype} "
+                               f"{list(shape)}: {form[0]}, {list(form[1])}) here; did the checkpoint "
+                               "change during the conversion?")
 
 
 def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, Checkpoint, TensorSpec
+from .checkpoint import INDEX_NAME, WIDE_FLOATS, Checkpoint, TensorSpec, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
 from .options import LoadOptions, should_quantize
@@ -40,9 +40,10 @@ __all__ = ["FORMATS", "SCALE_SUFFIX", "Entry", "check_format", "scale_suffix", "
 
 SCALE_SUFFIX = "_scale"
 FORMATS = ("compressed-tensors", "fp8")
-_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]
+# (name, safetensors dtype name, header shape): the header entry itself, whatever torch has
+# for the dtype (checkpoint.torch_dtype_of / torch_shape give the tensor the writer takes)
+Entry = tuple[str, str, tuple[int, ...]]
 
 
 def _shard_names(ckpt: Checkpoint) -> dict[Path, str]:
@@ -93,7 +94,7 @@ def ignored_modules(ckpt: Checkpoint, opts: LoadOptions) -> list[str]:
     out = []
     for spec in ckpt.tensors:
         low = spec.name.lower()
-        if (spec.dtype in _FLOAT_DTYPES and len(spec.shape) == 2 and spec.name.endswith(".weight")
+        if (spec.dtype in WIDE_FLOATS and len(spec.shape) == 2 and spec.name.endswith(".weight")
                 and not should_quantize(spec, opts) and "embed" not in low and "norm" not in low):
             out.append(spec.name[: -len(".weight")])
     return out
@@ -139,14 +140,15 @@ def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str) ->
         w = ckpt.get(name)
         _check_source_pair(w, gran, block, fmt, opts)
         first, last = sorted((name, scale), key=order.__getitem__)
-        at[first], at[last] = [], [(name, w.torch_dtype, w.shape),
-                                   (name + suffix, torch.float32, _scale_out_shape(w.shape, fmt, opts))]
+        at[first], at[last] = [], [(name, w.dtype, w.shape),
+                                   (name + suffix, "F32", _scale_out_shape(w.shape, fmt, opts))]
     return at
 
 
 def output_layout(ckpt: Checkpoint, opts: LoadOptions,
                   fmt: str = "compressed-tensors") -> list[tuple[str, list[Entry]]]:
-    """``[(shard file name, [(name, dtype, shape), ...]), ...]`` of the converted checkpoint."""
+    """``[(shard file name, [(name, safetensors dtype name, shape), ...]), ...]`` of the
+    converted checkpoint (see ``Entry``)."""
     suffix = scale_suffix(check_format(fmt, opts), opts)
     names = _shard_names(ckpt)
     if len(set(names.values())) != len(names):
@@ -160,10 +162,10 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions,
             if spec.name in pairs:
                 entries += pairs[spec.name]
             elif should_quantize(spec, opts):
-                entries.append((spec.name, opts.fp8_dtype, spec.shape))
-                entries.append((spec.name + suffix, torch.float32, _scale_out_shape(spec.shape, fmt, opts)))
-            else:
-                entries.append((spec.name, spec.torch_dtype, spec.shape))
+                entries.append((spec.name, dtype_name(opts.fp8_dtype), spec.shape))
+                entries.append((spec.name + suffix, "F32", _scale_out_shape(spec.shape, fmt, opts)))
+            else:   # its own dtype name and shape: the header entry is the source's, bytes and all
+                entries.append((spec.name, spec.dtype, spec.shape))
         for name, _, _ in entries:
             if name in seen:
                 raise CheckpointError(
