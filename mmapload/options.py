@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .checkpoint import TensorSpec
+from .checkpoint import WIDE_FLOATS, TensorSpec
 from .errors import OptionsError
 from .fp8 import Granularity, check_fp8_dtype, parse_granularity
 
@@ -24,7 +24,7 @@ MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
 IO_MODES = ("mmap", "pread", "direct")
-_QUANTIZABLE = frozenset({"F64", "F32", "F16", "BF16"})
+_QUANTIZABLE = WIDE_FLOATS   # floats wider than FP8
 _KEEP_SUBSTRINGS = ("embed", "lm_head", "norm")
 
 
