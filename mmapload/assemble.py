@@ -50,7 +50,8 @@ class _Building:
             self.scale3 = self.scale.view(len(self.out3), *self.scale.shape[-2:]) \
                 if self.scale.dim() >= 2 else self.scale.view(1, 1, 1)
         else:   # ``out``: the reader already read the tensor into it (in place, CPU)
-            self.out = out if out is not None else torch.empty(spec.shape, dtype=spec.torch_dtype, device=device)
+            self.out = out if out is not None else torch.empty(spec.torch_shape, dtype=spec.torch_dtype,
+                                                                device=device)
             self.bytes = self.out.reshape(-1).view(torch.uint8)
 
 
@@ -80,7 +81,7 @@ class Assembler:
 
     def _oom(self, piece: Piece) -> DeviceError:
         spec, dev = piece.spec, self.device
-        need = spec.numel * (self.opts.fp8_dtype.itemsize if piece.quantize else spec.itemsize)
+        need = spec.numel * self.opts.fp8_dtype.itemsize if piece.quantize else spec.nbytes
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info(dev)[0]

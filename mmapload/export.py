@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, open_checkpoint
+from .checkpoint import INDEX_NAME, open_checkpoint, torch_dtype_of, torch_shape
 from .errors import CheckpointError, FileChangedError, MmapLoadWarning, OptionsError
 from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
     quantization_config, scale_suffix, shard_metadata
@@ -87,11 +87,13 @@ def _copy_extras(root: Path, out: Path, qconfig: dict) -> None:
 
 
 def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None:
-    want, dtype, shape = expected
-    if name != want or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+    want, dtype, shape = expected   # dtype: a safetensors name (None: past the shard's end)
+    form = (torch_dtype_of(dtype), torch_shape(dtype, shape)) if dtype else (None, ())
+    if name != want or (t.dtype, tuple(t.shape)) != form:
         raise FileChangedError(f"{src}: streamed tensor {name!r} ({t.dtype}, {list(t.shape)}) does not "
-                               f"match the header read before, which expected {want!r} ({dtype}, "
-                               f"{list(shape)}) here; did the checkpoint change during the conversion?")
+                               f"match the header read before, which expected {want!r} ({dtype} "
+                               f"{list(shape)}: {form[0]}, {list(form[1])}) here; did the checkpoint "
+                               "change during the conversion?")
 
 
 def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str,
@@ -204,28 +206,29 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
 
 
 def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy: Policy) -> None:
-    """Read the written headers back as an engine would apply ``qconfig`` to them: every FP8
-    weight has its scale (float32, the format's shape) and its module is targeted (a Linear per
-    ``policy``, not ignored); every targeted Linear weight is FP8. ``CheckpointError`` if not."""
+    """Read the written headers back as an engine would apply ``qconfig`` to them: a Linear
+    weight (per ``policy``) is targeted (not in ``ignore``) exactly when it is FP8 with its float32
+    scale; an FP8 tensor with a scale is a targeted Linear weight. Other tensors are plain data.
+    ``CheckpointError`` if not."""
     ckpt = open_checkpoint(out)
     suffix = scale_suffix(fmt, opts)
     ignore = qconfig.get("ignore" if fmt == "compressed-tensors" else "ignored_layers", [])
-    fp8 = ("F8_E4M3", "F8_E5M2")
     for spec in ckpt.tensors:
         module, _, attr = spec.name.rpartition(".")
-        if attr != "weight" and spec.dtype not in fp8:
-            continue
-        targeted = policy.decide(spec).kind == LINEAR and not any(matches_module(module, p) for p in ignore)
         scale = ckpt.get(spec.name + suffix)
+        fp8 = spec.dtype in ("F8_E4M3", "F8_E5M2")
+        scaled = fp8 and scale is not None and scale.dtype == "F32"
+        linear = attr == "weight" and policy.decide(spec).kind == LINEAR
+        if not linear and not scaled:
+            continue   # plain data: no config speaks of it
+        targeted = linear and not any(matches_module(module, p) for p in ignore)
         where = f"{spec.shard}: tensor {spec.name!r} ({spec.dtype} {list(spec.shape)})"
-        if spec.dtype in fp8 and not targeted:
-            raise CheckpointError(f"{where} is FP8 but quantization_config does not target it (not a "
-                                  "Linear weight, or ignored): an engine would not dequantize it")
-        if spec.dtype in fp8 and (scale is None or scale.dtype != "F32"):
-            raise CheckpointError(f"{where} is FP8 without a float32 '{spec.name + suffix}'")
-        if targeted and spec.dtype not in fp8 and len(spec.shape) == 2:
-            raise CheckpointError(f"{where} is a Linear weight that quantization_config targets but it "
-                                  f"is not FP8: add {module!r} to ignore")
+        if scaled and not targeted:
+            raise CheckpointError(f"{where} is FP8 with a scale but quantization_config does not target it "
+                                  "(not a Linear weight, or ignored): an engine would not dequantize it")
+        if targeted and not scaled:
+            raise CheckpointError(f"{where} is a Linear weight that quantization_config targets but it is "
+                                  + ("FP8 without a float32 scale" if fp8 else f"not FP8: add {module!r} to ignore"))
     if fmt == "compressed-tensors":
         try:
             from compressed_tensors.quantization import QuantizationConfig

@@ -76,7 +76,7 @@ class Filler:
         if that allocation failed: the consumer allocates again and reports it in order."""
         if piece.first:
             try:
-                self._out = torch.empty(piece.spec.shape, dtype=piece.spec.torch_dtype, device=self.device)
+                self._out = torch.empty(piece.spec.torch_shape, dtype=piece.spec.torch_dtype, device=self.device)
             except RuntimeError:
                 self._out = None
         return self._out

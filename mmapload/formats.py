@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, Checkpoint, TensorSpec
+from .checkpoint import INDEX_NAME, WIDE_FLOATS, Checkpoint, TensorSpec, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
 from .options import LoadOptions
@@ -48,7 +48,9 @@ KEPT_BY_CONVERT = "kept in high precision by convert"
 KEPT_EXPERTS = (f"fused experts: {KEPT_BY_CONVERT} (compressed-tensors and vLLM's fp8 "
                 "format describe FP8 Linear weights only; stream_quantize quantizes them)")
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]
+# (name, safetensors dtype name, header shape): the header entry itself, whatever torch has
+# for the dtype (checkpoint.torch_dtype_of / torch_shape give the tensor the writer takes)
+Entry = tuple[str, str, tuple[int, ...]]
 
 
 def _shard_names(ckpt: Checkpoint) -> dict[Path, str]:
@@ -161,12 +163,14 @@ def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str, po
                   fp8_weight_scale: float | None) -> dict[str, list[Entry]]:
     """FP8 weights already in the source, with their scales: for each member of a pair, the
     entries written at its position (the pair, at the member the stream yields it after: the
-    later one in file order; nothing at the other). An FP8 weight without a scale gets one of
-    the options' granularity (filled with ``fp8_weight_scale``), or is an OptionsError."""
+    later one in file order; nothing at the other). An FP8 Linear weight without a scale gets
+    one of the options' granularity (filled with ``fp8_weight_scale``), or is an OptionsError."""
     order = {s.name: i for i, s in enumerate(ckpt.tensors)}
     at: dict[str, list[Entry]] = {}
     pairs = fp8_pairs(ckpt, policy.config, opts.block_size)
     for w in unscaled_fp8(ckpt, pairs):
+        if policy.decide(w).kind != LINEAR:
+            continue   # no Linear weight: nothing targets it, it passes through as it is
         if fp8_weight_scale is None:
             raise OptionsError(
                 f"{w.shard}: tensor {w.name!r} ({w.dtype} {list(w.shape)}, bytes {w.start}..{w.end}) is "
@@ -175,21 +179,21 @@ def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str, po
                 "(mmapload convert --fp8-weight-scale S; 1.0 if the stored values are the weights "
                 "themselves), or convert a high-precision copy of the checkpoint")
         _check_source_pair(w, opts.granularity, opts.block_size, fmt, opts)
-        at[w.name] = [(w.name, w.torch_dtype, w.shape),
-                      (w.name + suffix, torch.float32, _scale_out_shape(w.shape, fmt, opts))]
+        at[w.name] = [(w.name, w.dtype, w.shape), (w.name + suffix, "F32", _scale_out_shape(w.shape, fmt, opts))]
     for name, (scale, gran, block) in pairs.items():
         w = ckpt.get(name)
         _check_source_pair(w, gran, block, fmt, opts)
         first, last = sorted((name, scale), key=order.__getitem__)
-        at[first], at[last] = [], [(name, w.torch_dtype, w.shape),
-                                   (name + suffix, torch.float32, _scale_out_shape(w.shape, fmt, opts))]
+        at[first], at[last] = [], [(name, w.dtype, w.shape),
+                                   (name + suffix, "F32", _scale_out_shape(w.shape, fmt, opts))]
     return at
 
 
 def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy,
                   fp8_weight_scale: float | None = None) -> list[tuple[str, list[Entry]]]:
-    """``[(shard file name, [(name, dtype, shape), ...]), ...]`` of the converted checkpoint;
-    ``policy`` decides what is quantized (pass ``convert_policy(...)``)."""
+    """``[(shard file name, [(name, safetensors dtype name, shape), ...]), ...]`` of the
+    converted checkpoint (see ``Entry``); ``policy`` decides what is quantized (pass
+    ``convert_policy(...)``)."""
     suffix = scale_suffix(check_format(fmt, opts), opts)
     names = _shard_names(ckpt)
     if len(set(names.values())) != len(names):
@@ -203,10 +207,10 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy,
             if spec.name in pairs:
                 entries += pairs[spec.name]
             elif policy(spec):
-                entries.append((spec.name, opts.fp8_dtype, spec.shape))
-                entries.append((spec.name + suffix, torch.float32, _scale_out_shape(spec.shape, fmt, opts)))
-            else:
-                entries.append((spec.name, spec.torch_dtype, spec.shape))
+                entries.append((spec.name, dtype_name(opts.fp8_dtype), spec.shape))
+                entries.append((spec.name + suffix, "F32", _scale_out_shape(spec.shape, fmt, opts)))
+            else:   # its own dtype name and shape: the header entry is the source's, bytes and all
+                entries.append((spec.name, spec.dtype, spec.shape))
         for name, _, _ in entries:
             if name in seen:
                 raise CheckpointError(

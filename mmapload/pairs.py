@@ -16,14 +16,14 @@ from typing import Iterator
 import torch
 
 from .assemble import Loaded
-from .checkpoint import Checkpoint, TensorSpec
+from .checkpoint import DTYPES, Checkpoint, TensorSpec
 from .errors import HeaderError
-from .fp8 import Granularity
+from .fp8 import FP8_DTYPES, Granularity
 from .result import QuantizedTensor
 
 __all__ = ["fp8_pairs", "paired", "unscaled_fp8"]
 
-_FP8 = ("F8_E4M3", "F8_E5M2")
+_FP8 = frozenset(n for n, d in DTYPES.items() if d in FP8_DTYPES)   # the FP8 we write: no FNUZ / E8M0
 SUFFIXES = ("_scale", "_scale_inv")
 
 

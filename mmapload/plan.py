@@ -129,7 +129,7 @@ def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, granularity, bl
     """(lo, hi, piece fields) per piece of one tensor, in plan order; ``gn`` > 1 pieces share
     one granule's scale (``gpos``: the piece's place among them)."""
     if not quantize:
-        step = slot_bytes - slot_bytes % spec.itemsize
+        step = slot_bytes - slot_bytes % spec.itemsize   # whole torch elements: bytes for F4 / F6 / raw
         for lo in range(spec.start, max(spec.end, spec.start + 1), step):
             yield lo, min(lo + step, spec.end), {}
         return

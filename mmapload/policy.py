@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 import torch
 
-from .checkpoint import Checkpoint, TensorSpec
+from .checkpoint import WIDE_FLOATS, Checkpoint, TensorSpec
 from .errors import CheckpointError, OptionsError
 from .skeleton import Skeleton, describe, from_config
 
@@ -39,7 +39,7 @@ __all__ = ["Decision", "Policy", "policy_for", "matches_module", "LINEAR", "EXPE
            "FLOAT_DTYPES", "QuantizedSourceError"]
 
 LINEAR, EXPERTS, OTHER = "linear", "experts", "other"   # Decision.kind
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+FLOAT_DTYPES = WIDE_FLOATS   # floats wider than FP8: the only dtypes worth quantizing
 # MoE routers are kept by vLLM (its gate is a ReplicatedLinear built without quant_config) and by
 # llm-compressor's recipes; their outputs pick experts, so FP8 noise there changes which run.
 _ROUTERS = frozenset({"gate", "router", "shared_expert_gate"})

@@ -178,6 +178,14 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, **options) -> Iter
     already in the checkpoint, with their ``_scale`` / ``_scale_inv``, come out as one
     ``QuantizedTensor`` (not re-quantized).
 
+    Every dtype safetensors defines passes through. One the installed torch has comes out as
+    that torch dtype and the header's shape (F4 as ``float4_e2m1fn_x2`` with the last dim
+    halved, as ``safetensors.safe_open`` gives it). One it lacks (F6_E2M3, F6_E3M2) comes out
+    as ``torch.uint8`` holding the file's bytes, the last dim scaled to bytes (1-D if it does
+    not hold whole bytes): ``checkpoint.TensorSpec.torch_shape`` says which, and the header's
+    dtype and shape (``open_checkpoint(path)[name]``) say how to read it. Such tensors are never
+    quantized; ``SafetensorsWriter`` takes them back with their header dtype and shape.
+
     ``flat=True`` yields plain tensors for engines' weight loaders instead:
     ``("x.weight", fp8)`` followed by ``("x.weight_scale", float32 scale)``.
 

@@ -12,35 +12,38 @@ written range dropped from the page cache (``POSIX_FADV_DONTNEED``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .checkpoint import DTYPES
+from .checkpoint import dtype_name, nbytes_of, torch_dtype_of, torch_shape
 
 __all__ = ["SafetensorsWriter", "dtype_name"]
 
-_NAMES = {v: k for k, v in DTYPES.items()}
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} has no safetensors name; known: {sorted(_NAMES.values())}") from None
+def _header_dtype(dtype: str | torch.dtype) -> str:
+    """An entry's dtype as its safetensors name (a torch dtype is translated)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype_name(dtype)
+    torch_dtype_of(dtype)   # ValueError naming the known ones for a name safetensors lacks
+    return dtype
 
 
 class SafetensorsWriter:
     """``SafetensorsWriter(path, [(name, dtype, shape), ...])``, then ``write(name, t)`` in
     that order, then ``commit()``. Used as a context manager, an exception discards the file.
 
+    ``dtype`` is a safetensors name ("BF16", "F6_E2M3", ...) or a torch dtype, and ``shape``
+    the header's shape; both are written to the header as given. ``t`` must be what the
+    loader yields for that entry: ``checkpoint.torch_dtype_of(dtype)`` of
+    ``checkpoint.torch_shape(dtype, shape)`` (for F4 / F6 / raw dtypes, not the header shape).
+
     ``sync_bytes`` (0: off): flush, ``fdatasync`` and drop from the page cache every that
     many bytes written (big tensors are written in pieces of that size)."""
 
-    def __init__(self, path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, path, entries: Sequence[tuple[str, str | torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, sync_bytes: int = 0):
         if isinstance(sync_bytes, bool) or not isinstance(sync_bytes, int) or sync_bytes < 0:
             raise ValueError(f"sync_bytes must be a non-negative int, got {sync_bytes!r}")
@@ -48,15 +51,15 @@ class SafetensorsWriter:
         self.sync_bytes = sync_bytes
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-        self._order: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []   # what write() takes
         offset = 0
         for name, dtype, shape in entries:
             if name in header:
                 raise ValueError(f"duplicate tensor name {name!r}")
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
-                            "data_offsets": [offset, offset + n]}
-            self._order.append((name, dtype, tuple(shape), n))
+            dtype = _header_dtype(dtype)
+            n = nbytes_of(dtype, shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._order.append((name, torch_dtype_of(dtype), torch_shape(dtype, shape), n))
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)   # keep the data section 8-byte aligned
