@@ -1,7 +1,8 @@
 """What a load will need, from the headers alone: ``project(path, device, **options)``.
 
-Reads only the headers (``open_checkpoint``), so it takes milliseconds on a 100 GB
-checkpoint, and needs no GPU to project a CUDA load. The memory model follows what
+Reads only the headers (``open_checkpoint``) and config.json, so it takes milliseconds on a
+100 GB checkpoint with ``policy="names"``; the default policy adds the seconds transformers
+takes to build the model on meta (skeleton.py), and needs no GPU to project a CUDA load. The memory model follows what
 stream.py / assemble.py / device.py allocate; every term is an upper bound:
 
 Host peak, above the RSS the process had before the load (with torch imported and, for

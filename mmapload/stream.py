@@ -200,11 +200,17 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, **options) -> Iter
 def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
     """Load a safetensors checkpoint onto ``device``, quantizing weights to FP8 on the way.
 
+    What is quantized is the policy's (policy.py): the weights of the nn.Linear modules and
+    fused MoE experts of the model config.json describes (built on meta), else a name rule.
+
     Options: ring_bytes (256 MiB), fp8_dtype (torch.float8_e4m3fn), granularity
-    ("tensor" | "channel" | "block"), block_size ((128, 128)), skip (extra name patterns
-    kept unquantized), progress (False), drop_page_cache (True), error_stats (False),
-    keep_partial (False: on a device out-of-memory error, free what was loaded; True: the
-    ``DeviceError`` carries it as ``.partial``, a ``QuantizedModel``).
+    ("tensor" | "channel" | "block"), block_size ((128, 128)), skip (tensor-name patterns
+    kept unquantized), ignore / targets (compressed-tensors style module patterns), policy
+    ("auto" | "model" | "names"), progress (False), drop_page_cache (True), error_stats (False),
+    io ("mmap" | "pread" | "direct"), read_threads (None: automatic), keep_partial (False: on a
+    device out-of-memory error, free what was loaded; True: the ``DeviceError`` carries it as
+    ``.partial``, a ``QuantizedModel``). Raises ``QuantizedSourceError`` for a checkpoint
+    quantized by another method (GPTQ, AWQ, ...).
     """
     pipe = prepare(path, device, options)
     tensors: dict[str, Loaded] = {}
