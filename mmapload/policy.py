@@ -25,10 +25,12 @@ which ``convert`` needs for the ``ignore`` list of its ``quantization_config``.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
 import torch
 
 from .checkpoint import WIDE_FLOATS, Checkpoint, TensorSpec
@@ -158,7 +160,6 @@ class _Judge:
 
 
 def _read_config(root: Path) -> dict | None:
-    import json
     path = root / "config.json"
     if not root.is_dir() or not path.is_file():
         return None
@@ -177,7 +178,8 @@ _OTHER_METHODS = ("gptq", "awq", "bitsandbytes", "aqlm", "hqq", "eetq", "exl2", 
                   "torchao", "gguf", "mxfp4", "modelopt", "bitnet", "vptq", "higgs", "spqr", "fbgemm_fp8")
 _PACKED_SUFFIXES = {".qweight": "GPTQ/AWQ", ".qzeros": "GPTQ/AWQ", ".g_idx": "GPTQ", ".SCB": "bitsandbytes int8",
                     ".weight_packed": "compressed-tensors packed int", ".absmax": "bitsandbytes 4-bit",
-                    ".blocks": "MXFP4", ".weight_global_scale": "NVFP4"}
+                    "_blocks": "MXFP4 (gpt-oss)", ".weight_global_scale": "NVFP4"}
+_PACKED_ENDINGS = tuple(_PACKED_SUFFIXES)
 
 
 def _refuse_other_methods(ckpt: Checkpoint, cfg: dict | None) -> None:
@@ -191,13 +193,13 @@ def _refuse_other_methods(ckpt: Checkpoint, cfg: dict | None) -> None:
             f"{where} says quant_method {method!r}" + (f" (format {fmt!r})" if fmt else "") +
             ": the checkpoint is already quantized by another method, whose weights are not floats "
             "mmapload can re-quantize; convert the original bf16 / fp16 / fp32 checkpoint instead")
-    for spec in ckpt.tensors:
-        for suffix, what in _PACKED_SUFFIXES.items():
-            if spec.name.endswith(suffix) and spec.dtype not in FLOAT_DTYPES | {"F8_E4M3", "F8_E5M2"}:
-                raise QuantizedSourceError(
-                    f"{spec.shard}: tensor {spec.name!r} ({spec.dtype}, bytes {spec.start}..{spec.end}) "
-                    f"looks like {what} packed weights: the checkpoint is already quantized by another "
-                    "method; convert the original bf16 / fp16 / fp32 checkpoint instead")
+    for spec in ckpt.tensors:   # one endswith per tensor: headers may hold millions of names
+        if spec.name.endswith(_PACKED_ENDINGS) and spec.dtype not in FLOAT_DTYPES | {"F8_E4M3", "F8_E5M2"}:
+            what = next(w for suffix, w in _PACKED_SUFFIXES.items() if spec.name.endswith(suffix))
+            raise QuantizedSourceError(
+                f"{spec.shard}: tensor {spec.name!r} ({spec.dtype}, bytes {spec.start}..{spec.end}) "
+                f"looks like {what} packed weights: the checkpoint is already quantized by another "
+                "method; convert the original bf16 / fp16 / fp32 checkpoint instead")
 
 
 class Policy:

@@ -73,11 +73,12 @@ def test_policy_model_needs_a_model(tmp_path):
     ({"quant_method": "awq"}, {}),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, {}),
     (None, {"model.layers.1.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32)}),
+    (None, {"model.layers.1.mlp.experts.gate_up_proj_blocks": torch.zeros(2, 4, 8, dtype=torch.uint8)}),
 ])
 def test_a_source_quantized_by_another_method_is_refused(tmp_path, method, extra, capsys):
     cfg = {"model_type": "llama"} | ({"quantization_config": method} if method else {})
     src = _llama_like(tmp_path / "m", cfg, extra)
-    name = (method or {}).get("quant_method") or "GPTQ/AWQ"
+    name = (method or {}).get("quant_method") or ("MXFP4" if "blocks" in str(extra) else "GPTQ/AWQ")
     for call in (lambda: convert(src, tmp_path / "out"), lambda: stream_quantize(src)):
         with pytest.raises(QuantizedSourceError, match=name):
             call()
