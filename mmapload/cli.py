@@ -37,6 +37,8 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
                    "'re:REGEX' or a class name such as Embedding (compressed-tensors style)")
     p.add_argument("--targets", action="append", default=None, help="quantize only these modules "
                    "(same patterns as --ignore); default: the policy's rule")
+    p.add_argument("--fp8-weight-scale", type=float, default=None, metavar="S", help="the scale of FP8 "
+                   "Linear weights the checkpoint stores without one (convert refuses them otherwise)")
     p.add_argument("--policy", default="auto", choices=["auto", "model", "names"], help="judge tensors by "
                    "the model of config.json (auto: when transformers can build it) or by names alone")
     p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
@@ -49,7 +51,8 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
 def _load_kwargs(a: argparse.Namespace) -> dict:
     return dict(ring_bytes=a.ring_bytes, granularity=a.granularity, fp8_dtype=a.fp8,
                 skip=tuple(a.skip), ignore=tuple(a.ignore), targets=a.targets, policy=a.policy,
-                progress=getattr(a, "progress", False), io=a.io, read_threads=a.read_threads)
+                fp8_weight_scale=a.fp8_weight_scale, progress=getattr(a, "progress", False), io=a.io,
+                read_threads=a.read_threads)
 
 
 def _quantize(path, a: argparse.Namespace) -> int:
@@ -76,8 +79,7 @@ def _demo(a: argparse.Namespace) -> int:
 def _convert(a: argparse.Namespace) -> int:
     from .export import convert
     t0 = time.perf_counter()
-    out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, format=a.format,
-                  fp8_weight_scale=a.fp8_weight_scale, **_load_kwargs(a))
+    out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, format=a.format, **_load_kwargs(a))
     n = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"wrote {out}: {n / 2**20:,.1f} MiB of FP8 safetensors in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -209,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace dst (only once the new output is complete)")
     p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp8"],
                    help="checkpoint layout: compressed-tensors (default) or vLLM / DeepSeek 'fp8'")
-    p.add_argument("--fp8-weight-scale", type=float, default=None, metavar="S", help="the scale of FP8 "
-                   "weights the source stores without one (refused otherwise)")
     _add_load_options(p)
     a = parser.parse_args(argv)
     try:

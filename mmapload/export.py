@@ -96,10 +96,8 @@ def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None
                                "change during the conversion?")
 
 
-def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str,
-               fp8_weight_scale: float | None) -> int:
-    """Write every shard of ``layout`` from ``stream`` into ``tmp``; returns total data bytes.
-    A bare FP8 weight (the source had no scale for it) gets ``fp8_weight_scale`` as its scale."""
+def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str) -> int:
+    """Write every shard of ``layout`` from ``stream`` into ``tmp``; returns total data bytes."""
     meta, total, suffix = shard_metadata(opts, fmt), 0, scale_suffix(fmt, opts)
     for fname, entries in layout:
         (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
@@ -112,13 +110,11 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str
                                            f"shard {fname}; did the checkpoint change during the conversion?")
                 parts = [(name, t.data), (name + suffix, t.scale)] if isinstance(t, QuantizedTensor) \
                     else [(name, t)]
-                if not isinstance(t, QuantizedTensor) and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) \
-                        and i + 1 < len(entries) and entries[i + 1][0] == name + suffix:
-                    parts.append((name + suffix, torch.full(entries[i + 1][2], float(fp8_weight_scale))))
                 for pname, pt in parts:
                     want = entries[i] if i < len(entries) else ("<end of shard>", None, ())
                     if pname != name and pt.numel() == 1 and want[0] == pname:
-                        pt = pt.reshape(want[2])   # per-tensor scale: [] or [1] as the format says
+                        # per-tensor scale: [] or [1] as the format says; fp8_weight_scale: any grid
+                        pt = torch.empty(want[2], dtype=pt.dtype).copy_(pt.reshape(()))
                     _check_piece(want, pname, pt, src)
                     w.write(pname, pt)
                     i += 1
@@ -130,7 +126,7 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str
 
 
 def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "compressed-tensors",
-            fp8_weight_scale: float | None = None, **quant_options) -> Path:
+            **quant_options) -> Path:
     """Stream the checkpoint ``src`` into an FP8 safetensors checkpoint folder ``dst``.
 
     ``format``: "compressed-tensors" (default) or "fp8", the layout and ``quantization_config``
@@ -143,8 +139,8 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     so). The written ``quantization_config`` is checked against the written files before ``dst``
     appears: every FP8 weight has its scale and is targeted, every targeted Linear is FP8, and
     ``ignore`` names the rest. A source quantized by another method (GPTQ, AWQ, ...) raises
-    ``QuantizedSourceError``; FP8 weights stored without a scale raise ``OptionsError`` unless
-    ``fp8_weight_scale`` says what their scale is.
+    ``QuantizedSourceError``; FP8 Linear weights stored without a scale raise ``OptionsError``
+    unless the option ``fp8_weight_scale`` says what their scale is.
 
     ``quant_options`` are the options of ``stream_quantize`` (ring_bytes, fp8_dtype,
     granularity, block_size, skip, ignore, targets, policy, progress, drop_page_cache, ...);
@@ -165,15 +161,11 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     """
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
-    if fp8_weight_scale is not None and not (isinstance(fp8_weight_scale, (int, float))
-                                             and not isinstance(fp8_weight_scale, bool)
-                                             and 0 < float(fp8_weight_scale) < float("inf")):
-        raise OptionsError(f"fp8_weight_scale must be a positive finite number, got {fp8_weight_scale!r}")
     opts = LoadOptions.from_kwargs(**quant_options)
     check_format(format, opts)   # before the reader starts
     pipe = prepare(src, device, quant_options, narrow=lambda p: convert_policy(p, opts))   # validates all
     ckpt, policy = pipe.ckpt, pipe.policy
-    layout = output_layout(ckpt, opts, format, policy, fp8_weight_scale)
+    layout = output_layout(ckpt, opts, format, policy)
     kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
     if kept:
         warnings.warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
@@ -186,7 +178,7 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        total = _write_all(stream, layout, tmp, opts, src, format, fp8_weight_scale)
+        total = _write_all(stream, layout, tmp, opts, src, format)
         stream.close()
         weight_map = {name: fname for fname, entries in layout for name, _, _ in entries}
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},

@@ -159,8 +159,8 @@ def _check_source_pair(w: TensorSpec, gran: Granularity, block, fmt: str, opts: 
                            f"convert with {fix}")
 
 
-def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str, policy: Policy,
-                  fp8_weight_scale: float | None) -> dict[str, list[Entry]]:
+def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str,
+                  policy: Policy) -> dict[str, list[Entry]]:
     """FP8 weights already in the source, with their scales: for each member of a pair, the
     entries written at its position (the pair, at the member the stream yields it after: the
     later one in file order; nothing at the other). An FP8 Linear weight without a scale gets
@@ -168,10 +168,8 @@ def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str, po
     order = {s.name: i for i, s in enumerate(ckpt.tensors)}
     at: dict[str, list[Entry]] = {}
     pairs = fp8_pairs(ckpt, policy.config, opts.block_size)
-    for w in unscaled_fp8(ckpt, pairs):
-        if policy.decide(w).kind != LINEAR:
-            continue   # no Linear weight: nothing targets it, it passes through as it is
-        if fp8_weight_scale is None:
+    for w in unscaled_fp8(ckpt, pairs, lambda s: policy.decide(s).kind == LINEAR):
+        if opts.fp8_weight_scale is None:
             raise OptionsError(
                 f"{w.shard}: tensor {w.name!r} ({w.dtype} {list(w.shape)}, bytes {w.start}..{w.end}) is "
                 "FP8 without a scale next to it (no '_scale' / '_scale_inv' tensor), so what it means "
@@ -189,8 +187,7 @@ def _source_pairs(ckpt: Checkpoint, opts: LoadOptions, fmt: str, suffix: str, po
     return at
 
 
-def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy,
-                  fp8_weight_scale: float | None = None) -> list[tuple[str, list[Entry]]]:
+def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy) -> list[tuple[str, list[Entry]]]:
     """``[(shard file name, [(name, safetensors dtype name, shape), ...]), ...]`` of the
     converted checkpoint (see ``Entry``); ``policy`` decides what is quantized (pass
     ``convert_policy(...)``)."""
@@ -199,7 +196,7 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy,
     if len(set(names.values())) != len(names):
         raise CheckpointError(f"{ckpt.root}: two shards would be written to the same file name: "
                               f"{sorted(names.values())}")
-    pairs = _source_pairs(ckpt, opts, fmt, suffix, policy, fp8_weight_scale)
+    pairs = _source_pairs(ckpt, opts, fmt, suffix, policy)
     layout, seen = [], {}
     for shard in ckpt.shards:
         entries: list[Entry] = []

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import CheckpointError
-from .fp8 import Granularity, check_fp8_dtype, dequantize, fp8_max, parse_granularity, scale_shape
+from .fp8 import FP8_DTYPES, Granularity, check_fp8_dtype, dequantize, fp8_max, parse_granularity, scale_shape
 from .result import QuantizedTensor
 from .hf import Renamer, weights_read_directly
 from .options import LoadOptions
@@ -151,6 +151,10 @@ def _place(slots, t: torch.Tensor, name: str, src: str) -> None:
     if tuple(old.shape) != tuple(t.shape):
         raise ModuleMismatchError(f"{src}: tensor {name!r} has shape {list(t.shape)}, the module expects "
                                   f"{list(old.shape)}")
+    if t.dtype in FP8_DTYPES and old.dtype not in FP8_DTYPES:
+        raise ModuleMismatchError(f"{src}: tensor {name!r} is FP8 without a scale, so its values are unknown "
+                                  "to a high-precision parameter: pass fp8_weight_scale=S (the scale it was "
+                                  "stored with) or load a checkpoint that has its scales")
     if t.is_floating_point() and old.is_floating_point() and t.dtype != old.dtype:
         t = t.to(old.dtype)   # the module's declared dtype wins, as in from_pretrained
     new = nn.Parameter(t, requires_grad=False) if isinstance(old, nn.Parameter) else t

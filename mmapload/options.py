@@ -36,6 +36,7 @@ class LoadOptions:
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] | None = None
     policy: str = "auto"
+    fp8_weight_scale: float | None = None   # the scale of FP8 Linear weights stored without one
     progress: bool = False
     drop_page_cache: bool = True
     error_stats: bool = False
@@ -58,6 +59,10 @@ class LoadOptions:
         set_("block_size", tuple(bs))
         for name in ("skip", "ignore", "targets"):
             set_(name, _patterns(name, getattr(self, name)))
+        fs = self.fp8_weight_scale
+        if fs is not None and (isinstance(fs, bool) or not isinstance(fs, (int, float))
+                               or not 0 < float(fs) < float("inf")):
+            raise OptionsError(f"fp8_weight_scale must be None or a positive finite number, got {fs!r}")
         if self.policy not in POLICIES:
             raise OptionsError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.io not in IO_MODES:

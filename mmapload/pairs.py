@@ -17,7 +17,7 @@ import torch
 
 from .assemble import Loaded
 from .checkpoint import DTYPES, Checkpoint, TensorSpec
-from .errors import HeaderError
+from .errors import CheckpointError, HeaderError, NonFiniteError
 from .fp8 import FP8_DTYPES, Granularity
 from .result import QuantizedTensor
 
@@ -25,24 +25,41 @@ __all__ = ["fp8_pairs", "paired", "unscaled_fp8"]
 
 _FP8 = frozenset(n for n, d in DTYPES.items() if d in FP8_DTYPES)   # the FP8 we write: no FNUZ / E8M0
 SUFFIXES = ("_scale", "_scale_inv")
+_SCALE_DTYPES = ("F32", "BF16", "F16")   # compressed-tensors stores scales in the weight's dtype
 
 
-def _declared(config: dict | None, metadata: dict) -> tuple[Granularity | None, tuple[int, int] | None, str]:
+def _block(bs, where: str) -> tuple[int, int]:
+    if (isinstance(bs, (list, tuple)) and len(bs) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)):
+        return tuple(bs)
+    raise CheckpointError(f"{where} is {bs!r}; it must be two positive ints [rows, cols] (e.g. [128, 128]): "
+                          "fix config.json")
+
+
+def _declared(config: dict | None, metadata: dict, root) -> tuple[Granularity | None, tuple[int, int] | None, str]:
     """What the checkpoint says about its FP8 weights: (granularity or None, block size or None,
     where it says so). config.json first (vLLM / DeepSeek ``weight_block_size``; compressed-tensors
-    ``strategy`` and ``block_structure``), then what our writer recorded in the shard header."""
+    ``strategy`` and ``block_structure``), then what our writer recorded in the shard header.
+    A declaration of the wrong type is a ``CheckpointError`` naming the field and the fix."""
     q = (config or {}).get("quantization_config")
+    where = f"{root}/config.json: quantization_config"
     if isinstance(q, dict) and q.get("quant_method") == "fp8":
         bs = q.get("weight_block_size")
-        return (Granularity.BLOCK, tuple(bs), "config.json weight_block_size") if bs else \
-            (Granularity.TENSOR, None, "config.json (fp8 without weight_block_size)")
+        if bs is None:
+            return Granularity.TENSOR, None, "config.json (fp8 without weight_block_size)"
+        return Granularity.BLOCK, _block(bs, f"{where}.weight_block_size"), "config.json weight_block_size"
     if isinstance(q, dict) and q.get("quant_method") == "compressed-tensors":
-        for group in (q.get("config_groups") or {}).values():
-            w = (group or {}).get("weights") or {}
-            g = w.get("strategy")
+        groups = q.get("config_groups") or {}
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+            raise CheckpointError(f"{where}.config_groups must map group names to schemes (objects), got "
+                                  f"{type(groups).__name__}: fix config.json")
+        for name, group in groups.items():
+            w = group.get("weights") or {}
+            g = w.get("strategy") if isinstance(w, dict) else None
             if g in ("tensor", "channel", "block"):
                 bs = w.get("block_structure")
-                return Granularity(g), tuple(bs) if bs else None, "config.json config_groups strategy"
+                bs = _block(bs, f"{where}.config_groups.{name}.weights.block_structure") if bs is not None else None
+                return Granularity(g), bs, "config.json config_groups strategy"
     try:
         meta = json.loads(metadata.get("mmapload", "{}"))
         return Granularity(meta["granularity"]), tuple(meta.get("block_size", (128, 128))), \
@@ -87,31 +104,42 @@ def fp8_pairs(ckpt: Checkpoint, config: dict | None = None, block_size=(128, 128
     ``config``: the checkpoint's config.json (its quantization_config declares the block size);
     ``block_size``: the caller's, for a checkpoint that declares none."""
     out = {}
-    declared = {sh.path: _declared(config, sh.metadata) for sh in ckpt.shards}
+    declared = {sh.path: _declared(config, sh.metadata, ckpt.root) for sh in ckpt.shards}
     for w in ckpt.tensors:
         if w.dtype not in _FP8 or len(w.shape) < 2:
             continue
         for suffix in SUFFIXES:
             s = ckpt.get(w.name + suffix)
-            if s is not None and s.dtype == "F32":
+            if s is not None and s.dtype in _SCALE_DTYPES:
                 out[w.name] = (s.name, *_granularity(w, s, declared[w.shard], block_size))
                 break
     return out
 
 
-def unscaled_fp8(ckpt: Checkpoint, pairs: dict) -> list[TensorSpec]:
-    """FP8 tensors of rank >= 2 with no scale next to them (their dequantized values are unknown)."""
-    return [w for w in ckpt.tensors if w.dtype in _FP8 and len(w.shape) >= 2 and w.name not in pairs]
+def unscaled_fp8(ckpt: Checkpoint, pairs: dict, is_linear) -> list[TensorSpec]:
+    """FP8 Linear weights (``is_linear(spec)``) with no scale next to them: what they dequantize
+    to is unknown until the caller says (``fp8_weight_scale``)."""
+    return [w for w in ckpt.tensors if w.dtype in _FP8 and len(w.shape) >= 2 and w.name not in pairs
+            and is_linear(w)]
 
 
-def paired(items: Iterator[tuple[str, Loaded]], pairs: dict) -> Iterator[tuple[str, Loaded]]:
-    """Join FP8 weights with their scales as ``QuantizedTensor``; everything else passes."""
-    if not pairs:
+def paired(items: Iterator[tuple[str, Loaded]], pairs: dict, ckpt: Checkpoint | None = None,
+           unscaled: dict[str, float] | None = None) -> Iterator[tuple[str, Loaded]]:
+    """Join FP8 weights with their scales as ``QuantizedTensor`` (float32 scale); everything else
+    passes. ``unscaled``: FP8 weights stored without a scale -> the per-tensor scale to give them
+    (the caller's ``fp8_weight_scale``). A scale holding NaN, Inf, zero or a negative value is a
+    ``NonFiniteError``: the weight it belongs to cannot be dequantized."""
+    unscaled = unscaled or {}
+    if not pairs and not unscaled:
         yield from items
         return
     scale_of = {s: w for w, (s, _, _) in pairs.items()}
     waiting: dict[str, torch.Tensor] = {}
     for name, t in items:
+        if name in unscaled:
+            yield name, QuantizedTensor(t, torch.tensor(unscaled[name], dtype=torch.float32, device=t.device),
+                                        torch.bfloat16, Granularity.TENSOR)
+            continue
         weight = name if name in pairs else scale_of.get(name)
         if weight is None:
             yield name, t
@@ -122,6 +150,14 @@ def paired(items: Iterator[tuple[str, Loaded]], pairs: dict) -> Iterator[tuple[s
             continue
         data, scale = (t, waiting.pop(other)) if name == weight else (waiting.pop(other), t)
         _, gran, block = pairs[weight]
+        scale = scale.float()
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            s = ckpt[pairs[weight][0]] if ckpt is not None else None
+            where = f"{s.shard}: " if s is not None else ""
+            raise NonFiniteError(f"{where}scale {pairs[weight][0]!r} of FP8 weight {weight!r}"
+                                 + (f" (bytes {s.start}..{s.end})" if s is not None else "")
+                                 + " holds NaN, Inf, zero or negative values: the weight cannot be "
+                                 "dequantized; the checkpoint is corrupt, re-download or re-export it")
         if gran is Granularity.TENSOR and data.dim() == 2:
             scale = scale.reshape(())   # [1] (some writers) and [] mean the same
         yield weight, QuantizedTensor(data, scale, torch.bfloat16, gran, block)

@@ -25,16 +25,16 @@ which ``convert`` needs for the ``ignore`` list of its ``quantization_config``.
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .checkpoint import WIDE_FLOATS, Checkpoint, TensorSpec
-from .errors import CheckpointError, OptionsError
+from .errors import MmapLoadWarning, OptionsError
+from .foreign import QuantizedSourceError, read_config, refuse_other_methods
 from .skeleton import Skeleton, describe, from_config
 
 __all__ = ["Decision", "Policy", "policy_for", "matches_module", "LINEAR", "EXPERTS", "OTHER",
@@ -49,13 +49,11 @@ _EMBEDDINGS = frozenset({"wte", "wpe", "shared", "embeddings", "word_embeddings"
                          "position_embeddings", "token_type_embeddings", "relative_attention_bias"})
 _CONV1D = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})   # GPT-2 family names of Conv1D
 _FUSED_EXPERTS = ("experts",)
+# LM heads under other names: Meta / Mistral native "output", GPT-NeoX "embed_out", ChatGLM "output_layer"
+_HEADS = frozenset({"lm_head", "output", "embed_out", "output_layer"})
 # what a kept module is, from its class name, for the rule inspect prints
 _KEPT_CLASSES = (("Embedding", "embedding"), ("Norm", "norm"), ("Conv1D", "GPT-2 Conv1D, stored [in, out]"),
                  ("Conv", "convolution"), ("Router", "MoE router"), ("Gate", "MoE router"))
-
-
-class QuantizedSourceError(CheckpointError):
-    """The source checkpoint is already quantized by a method mmapload does not read (GPTQ, AWQ, ...)."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +85,17 @@ def _skip_matches(name: str, pattern: str) -> bool:
     return pattern in name
 
 
+def _is_router(module: str) -> bool:
+    """``mlp.gate``, ``mlp.router``, and a Linear inside a router (JetMoe / DBRX / Granite ``router.layer``)."""
+    parts = module.split(".")
+    return parts[-1] in _ROUTERS or "router" in parts
+
+
 def _by_name(spec: TensorSpec) -> Decision:
     """The rule without a model: a 2-D ``<module>.weight`` is a Linear weight unless the module's
-    name says embedding (``embed``, ``wte``, ``wpe``, ``shared``, ...), ``lm_head``, norm (``norm``,
-    ``ln_*``), MoE router (``gate``, ``router``) or GPT-2 ``Conv1D`` (``c_attn``, ``c_proj``,
+    name says embedding (``embed``, ``wte``, ``wpe``, ``shared``, ...), LM head (``lm_head``,
+    ``output``, ``embed_out``, ``output_layer``), norm (``norm``, ``ln_*``), MoE router (``gate``,
+    ``router``, anything inside a ``router``) or GPT-2 ``Conv1D`` (``c_attn``, ``c_proj``,
     ``c_fc``); a rank-3 tensor directly under an ``experts`` module is a fused expert stack."""
     module, _, attr = spec.name.rpartition(".")
     last = module.rpartition(".")[2]
@@ -101,13 +106,13 @@ def _by_name(spec: TensorSpec) -> Decision:
         return Decision(False, f"name rule: rank {len(spec.shape)} (convolution or other)")
     if attr != "weight":
         return Decision(False, "name rule: not a .weight")
+    if "lm_head" in low or last in _HEADS:
+        return Decision(False, "name rule: lm_head (output embeddings)", LINEAR)
     if "embed" in low or last in _EMBEDDINGS:
         return Decision(False, "name rule: embedding")
-    if "lm_head" in low:
-        return Decision(False, "name rule: lm_head", LINEAR)
     if "norm" in low or last.startswith("ln_") or last == "ln":
         return Decision(False, "name rule: norm")
-    if last in _ROUTERS:
+    if _is_router(module):
         return Decision(False, "name rule: MoE router", LINEAR)
     if last in _CONV1D:
         return Decision(False, "name rule: GPT-2 Conv1D ([in, out], not a Linear)")
@@ -151,55 +156,12 @@ class _Judge:
                 return Decision(False, rule(f"in _keep_in_fp32_modules {k!r}"), LINEAR)
             if module in self.sk.heads:
                 return Decision(False, rule("lm_head, output embeddings"), LINEAR)
-            if module.rpartition(".")[2] in _ROUTERS:
+            if _is_router(module):
                 return Decision(False, rule("MoE router"), LINEAR)
             return Decision(True, rule("Linear weight"), LINEAR)
         if len(spec.shape) >= 3 and ("Expert" in cls or module.rpartition(".")[2] in _FUSED_EXPERTS):
             return Decision(True, rule("fused experts"), EXPERTS)
         return Decision(False, rule(next((k for part, k in _KEPT_CLASSES if part in cls), "not a Linear")))
-
-
-def _read_config(root: Path) -> dict | None:
-    path = root / "config.json"
-    if not root.is_dir() or not path.is_file():
-        return None
-    try:
-        cfg = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or remove it") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(cfg).__name__}, not an object; fix or remove it")
-    return cfg
-
-
-# quant_method values (config.json quantization_config) of formats whose weights are not
-# high-precision floats mmapload can re-quantize, and tensor-name endings that give them away
-_OTHER_METHODS = ("gptq", "awq", "bitsandbytes", "aqlm", "hqq", "eetq", "exl2", "marlin", "quanto",
-                  "torchao", "gguf", "mxfp4", "modelopt", "bitnet", "vptq", "higgs", "spqr", "fbgemm_fp8")
-_PACKED_SUFFIXES = {".qweight": "GPTQ/AWQ", ".qzeros": "GPTQ/AWQ", ".g_idx": "GPTQ", ".SCB": "bitsandbytes int8",
-                    ".weight_packed": "compressed-tensors packed int", ".absmax": "bitsandbytes 4-bit",
-                    "_blocks": "MXFP4 (gpt-oss)", ".weight_global_scale": "NVFP4"}
-_PACKED_ENDINGS = tuple(_PACKED_SUFFIXES)
-
-
-def _refuse_other_methods(ckpt: Checkpoint, cfg: dict | None) -> None:
-    q = (cfg or {}).get("quantization_config")
-    method = q.get("quant_method") if isinstance(q, dict) else None
-    fmt = q.get("format") if isinstance(q, dict) else None
-    where = f"{ckpt.root / 'config.json'}: quantization_config"
-    if isinstance(method, str) and (method.lower() in _OTHER_METHODS or (
-            method == "compressed-tensors" and fmt not in (None, "float-quantized", "naive-quantized"))):
-        raise QuantizedSourceError(
-            f"{where} says quant_method {method!r}" + (f" (format {fmt!r})" if fmt else "") +
-            ": the checkpoint is already quantized by another method, whose weights are not floats "
-            "mmapload can re-quantize; convert the original bf16 / fp16 / fp32 checkpoint instead")
-    for spec in ckpt.tensors:   # one endswith per tensor: headers may hold millions of names
-        if spec.name.endswith(_PACKED_ENDINGS) and spec.dtype not in FLOAT_DTYPES | {"F8_E4M3", "F8_E5M2"}:
-            what = next(w for suffix, w in _PACKED_SUFFIXES.items() if spec.name.endswith(suffix))
-            raise QuantizedSourceError(
-                f"{spec.shard}: tensor {spec.name!r} ({spec.dtype}, bytes {spec.start}..{spec.end}) "
-                f"looks like {what} packed weights: the checkpoint is already quantized by another "
-                "method; convert the original bf16 / fp16 / fp32 checkpoint instead")
 
 
 class Policy:
@@ -274,15 +236,52 @@ def policy_for(ckpt: Checkpoint, opts, module: torch.nn.Module | None = None) ->
 
     Raises ``QuantizedSourceError`` for a checkpoint quantized by another method (GPTQ, AWQ,
     bitsandbytes, int / NVFP4 compressed-tensors, ...): its packed weights are no floats."""
-    cfg = _read_config(ckpt.root)
-    _refuse_other_methods(ckpt, cfg)
+    cfg = read_config(ckpt.root)
+    refuse_other_methods(ckpt, cfg)
     kw = dict(skip=opts.skip, ignore=opts.ignore, targets=opts.targets, config=cfg)
     if module is not None:
         return Policy(describe(module), type(module).__name__, **kw)
     if opts.policy == "names":
-        return Policy(None, "name rule (policy='names')", **kw)
+        return _warn_unmatched(Policy(None, "name rule (policy='names')", **kw), ckpt)
     skeleton, source = from_config(ckpt.root, cfg) if cfg is not None else (None, "name rule (no config.json)")
+    if skeleton is not None and (why := _mismatch(ckpt, skeleton)):
+        skeleton, source = None, f"name rule (config.json's {skeleton.source} {why})"
+        if opts.policy == "auto":
+            warnings.warn(f"{ckpt.root}: {source}", MmapLoadWarning, stacklevel=3)
     if skeleton is None and opts.policy == "model":
         raise OptionsError(f"{ckpt.root}: policy='model' needs a model to judge tensors by, but: "
                            f"{source}; pass policy='auto' to fall back to the name rule")
-    return Policy(skeleton, source, **kw)
+    return _warn_unmatched(Policy(skeleton, source, **kw), ckpt)
+
+
+def _warn_unmatched(policy: Policy, ckpt: Checkpoint) -> Policy:
+    """A ``targets`` / ``ignore`` pattern that matches no tensor is most likely a typo: say so."""
+    patterns = [("targets", p) for p in policy._targets or ()] + [("ignore", p) for p in policy._ignore]
+    if patterns:
+        seen = {(_module_of(s.name), policy._judge.classes(s.name) if policy._judge else (), s.name)
+                for s in ckpt.tensors if s.dtype in FLOAT_DTYPES and len(s.shape) >= 2}
+        for option, p in patterns:
+            if not any(matches_module(m, p, cls + ("Linear",)) or p == n for m, cls, n in seen):
+                warnings.warn(f"{ckpt.root}: {option} pattern {p!r} matches no tensor of the checkpoint "
+                              "(module names, 're:' + a regex from the start of the name, or class names "
+                              "such as 'Linear')", MmapLoadWarning, stacklevel=4)
+    return policy
+
+
+def _mismatch(ckpt: Checkpoint, skeleton: Skeleton) -> str | None:
+    """Why config.json's model does not describe these tensors (None if it does): a name of
+    the model is in the checkpoint with another shape (a config of another size), or the
+    checkpoint holds fewer than half of the model's parameters (another model; per-expert MoE
+    checkpoints of transformers' fused experts still hold most of them)."""
+    judge, found = _Judge(skeleton), set()
+    for spec in ckpt.tensors:
+        key = judge.resolve(spec.name)
+        if key is not None and skeleton.params[key] != spec.shape:
+            return (f"expects {key!r} of shape {list(skeleton.params[key])}, the checkpoint holds "
+                    f"{list(spec.shape)}: the config describes another model")
+        if key is not None:
+            found.add(key)
+    if 2 * len(found) < len(skeleton.params):
+        return (f"has {len(found)} of its {len(skeleton.params)} parameters in the checkpoint: the config "
+                "describes another model")
+    return None

@@ -26,9 +26,9 @@ from .errors import DeviceError, OptionsError
 from .fill import Filler
 from .mapped import ShardReader
 from .options import LoadOptions
-from .pairs import fp8_pairs, paired
+from .pairs import fp8_pairs, paired, unscaled_fp8
 from .pread import open_reader
-from .policy import Policy, policy_for
+from .policy import LINEAR, Policy, policy_for
 from .plan import plan_batches, scale_groups, split_groups
 from .result import LoadReport, QuantizedModel, flat as _flatten
 from .ring import CopyPool, Ring, StageTimes, staged
@@ -165,7 +165,11 @@ def prepare(path, device, options: dict, *, module: torch.nn.Module | None = Non
 def results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]]:
     """The pipeline's ``(name, tensor)`` stream, FP8 pairs of the source joined."""
     run = pipe.run()
-    items = paired(run, fp8_pairs(pipe.ckpt, pipe.policy.config, pipe.opts.block_size))
+    pairs = fp8_pairs(pipe.ckpt, pipe.policy.config, pipe.opts.block_size)
+    scale = pipe.opts.fp8_weight_scale
+    unscaled = {} if scale is None else {w.name: float(scale) for w in unscaled_fp8(
+        pipe.ckpt, pairs, lambda s: pipe.policy.decide(s).kind == LINEAR)}
+    items = paired(run, pairs, pipe.ckpt, unscaled)
     try:
         yield from _flatten(items) if flat_ else items
     finally:

@@ -16,7 +16,7 @@ ORDER = [
     {"timeline"},                                 # the sampler's CSV and plot
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
-    {"skeleton"},                                 # a model's structure as data (transformers, child process)
+    {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
     {"options", "plan", "policy"},                # options; which tensors become FP8; how to cut them
     {"assemble", "project", "fill"},              # pieces -> finished tensors; memory projection;
                                                   # the reader thread's reads and pre-passes

@@ -156,3 +156,108 @@ def test_check_written_catches_a_config_that_misdescribes_the_files(tmp_path):
         check_written(dst, "compressed-tensors", opts, cfg | {"ignore": []}, policy)
     with pytest.raises(mmapload.CheckpointError, match="q_proj.weight.*does not target it"):
         check_written(dst, "compressed-tensors", opts, cfg | {"ignore": ["lm_head", "re:.*q_proj"]}, policy)
+
+
+def _named(folder, names_shapes, config=None):
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: torch.randn(s).to(torch.bfloat16) for n, s in names_shapes.items()}, folder / "model.safetensors")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_name_rule_keeps_routers_inside_a_router_and_heads_under_other_names(tmp_path):
+    src = _named(tmp_path / "m", {"model.layers.0.mlp.router.layer.weight": (4, 32),      # JetMoe / DBRX
+                                  "model.layers.0.block_sparse_moe.router.layer.weight": (4, 32),   # Granite
+                                  "output.weight": (64, 32), "gpt_neox.embed_out.weight": (64, 32),
+                                  "transformer.output_layer.weight": (64, 32),
+                                  "model.layers.0.mlp.up_proj.weight": (64, 32)})
+    assert _quantized(src) == {"model.layers.0.mlp.up_proj.weight"}
+    p = policy_for(open_checkpoint(src), LoadOptions())
+    assert p.decide(open_checkpoint(src)["output.weight"]).rule == "name rule: lm_head (output embeddings)"
+    assert "router" in p.decide(open_checkpoint(src)["model.layers.0.mlp.router.layer.weight"]).rule
+
+
+def test_a_config_of_another_model_is_said_and_not_trusted(tmp_path):
+    pytest.importorskip("transformers")
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+             "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64}
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+            "n_head": 2, "vocab_size": 64}
+    for cfg, why in ((gpt2, r"has 1 of its \d+ parameters in the checkpoint"),
+                     (llama | {"hidden_size": 64, "num_attention_heads": 4}, "expects .* of shape")):
+        src = _llama_like(tmp_path / cfg["model_type"] / str(cfg["hidden_size"] if "hidden_size" in cfg else 0), cfg)
+        with pytest.warns(mmapload.MmapLoadWarning, match=why):
+            p = policy_for(open_checkpoint(src), LoadOptions())
+        assert p.source.startswith("name rule (config.json's")
+        with pytest.raises(mmapload.OptionsError, match="policy='model'.*" + why):
+            policy_for(open_checkpoint(src), LoadOptions(policy="model"))
+    import transformers
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama)).save_pretrained(tmp_path / "right")
+    assert policy_for(open_checkpoint(tmp_path / "right"), LoadOptions(policy="model")).source == "LlamaForCausalLM"
+
+
+def test_patterns_that_match_nothing_are_said(tmp_path):
+    src = _llama_like(tmp_path / "m")
+    with pytest.warns(mmapload.MmapLoadWarning, match="targets pattern 'q_proj' matches no tensor"):
+        stream_quantize(src, targets=["q_proj"])
+    with pytest.warns(mmapload.MmapLoadWarning, match="ignore pattern 'typo' matches no tensor"):
+        stream_quantize(src, ignore=["typo"])
+
+
+@pytest.mark.parametrize("value", [0.0, -0.01, float("nan"), float("inf")])
+def test_an_fp8_source_scale_that_cannot_dequantize_is_an_error(tmp_path, value, no_thread_leak):
+    q = torch.randn(16, 16).to(torch.float8_e4m3fn)
+    save_file({"l.weight": q, "l.weight_scale": torch.tensor([value])}, tmp_path / "m.safetensors")
+    with pytest.raises(mmapload.NonFiniteError, match=r"m\.safetensors: scale 'l\.weight_scale' of FP8 weight"):
+        stream_quantize(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("qcfg,match", [
+    ({"quant_method": "fp8", "weight_block_size": 32}, r"weight_block_size is 32; it must be two positive ints"),
+    ({"quant_method": "fp8", "weight_block_size": [0, 32]}, r"weight_block_size is \[0, 32\]"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": [1]},
+     "config_groups must map group names to schemes"),
+])
+def test_odd_quantization_configs_are_typed_errors(tmp_path, qcfg, match, capsys):
+    src, _, _ = _fp8_source(tmp_path / "m", (64, 64), (32, 32), None)
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qcfg}))
+    with pytest.raises(mmapload.CheckpointError, match=match):
+        stream_quantize(src)
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bf16_scales_pair_and_bare_fp8_needs_a_scale_everywhere(tmp_path):
+    from torch import nn
+    from mmapload.nn import FP8Linear, ModuleMismatchError, load_into
+    q = torch.randn(16, 32).to(torch.float8_e4m3fn)
+    save_file({"l.weight": q, "l.weight_scale": torch.tensor(0.5, dtype=torch.bfloat16)}, tmp_path / "a.safetensors")
+    got = stream_quantize(tmp_path / "a.safetensors")["l.weight"]     # compressed-tensors' bf16 scales pair
+    assert isinstance(got, QuantizedTensor) and got.scale.dtype == torch.float32 and float(got.scale) == 0.5
+    save_file({"l.weight": q}, tmp_path / "b.safetensors")
+    with torch.device("meta"):
+        m = nn.Sequential()
+        m.add_module("l", nn.Linear(32, 16, bias=False))
+    with pytest.raises(ModuleMismatchError, match="'l.weight' is FP8 without a scale.*fp8_weight_scale"):
+        load_into(m, tmp_path / "b.safetensors")                     # raw FP8 codes never reach a float param
+    with torch.device("meta"):
+        m = nn.Sequential()
+        m.add_module("l", nn.Linear(32, 16, bias=False))
+    load_into(m, tmp_path / "b.safetensors", fp8_weight_scale=0.25)
+    assert isinstance(m.l, FP8Linear) and float(m.l.weight_scale) == 0.25
+    assert torch.equal(m.l.dequantized_weight(), q.float() * 0.25)
+
+
+@pytest.mark.parametrize("extra,cfg,name", [
+    ({"model.layers.1.mlp.up_proj.weight": torch.zeros(8, 4, dtype=torch.int8),
+      "model.layers.1.mlp.up_proj.SCB": torch.ones(8)}, None, "bitsandbytes int8"),
+    ({"model.layers.1.mlp.up_proj.weight": torch.zeros(8, 4, dtype=torch.int8)},
+     {"quant_method": "compressed-tensors", "format": "naive-quantized",
+      "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"}}}}, "naive-quantized"),
+])
+def test_more_sources_of_other_methods_are_refused(tmp_path, extra, cfg, name):
+    src = _llama_like(tmp_path / "m", {"model_type": "llama"} | ({"quantization_config": cfg} if cfg else {}), extra)
+    with pytest.raises(QuantizedSourceError, match=name):
+        convert(src, tmp_path / "out", policy="names")
