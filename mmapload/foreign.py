@@ -23,7 +23,6 @@ class QuantizedSourceError(CheckpointError):
     """The source checkpoint is already quantized by a method mmapload does not read (GPTQ, AWQ, ...)."""
 
 
-
 def read_config(root: Path) -> dict | None:
     path = root / "config.json"
     if not root.is_dir() or not path.is_file():

@@ -241,7 +241,8 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
     if unexpected or missing:
         raise ModuleMismatchError(
             f"{src} does not fit {type(module).__name__}: "
-            + (f"{len(unexpected)} checkpoint tensor(s) the module lacks: {unexpected[:20]}; " if unexpected else "")
+            + (f"{len(unexpected)} checkpoint tensor(s) the module lacks: {unexpected[:20]}" if unexpected else "")
+            + ("; " if unexpected and missing else "")
             + (f"{len(missing)} parameter(s) the checkpoint lacks: {missing[:20]}" if missing else "")
             + (f" (tried with and without the prefix {prefix!r})" if prefix else ""))
     _init_meta_buffers(module, targets, loaded, device)
