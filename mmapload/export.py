@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from .checkpoint import INDEX_NAME, open_checkpoint, torch_dtype_of, torch_shape
 from .errors import CheckpointError, FileChangedError, MmapLoadWarning, OptionsError
 from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
     quantization_config, scale_suffix, shard_metadata
+from .fp8 import Granularity
 from .options import LoadOptions
 from .policy import LINEAR, Policy, matches_module
 from .result import QuantizedTensor
@@ -38,6 +40,7 @@ from .writer import SafetensorsWriter
 
 __all__ = ["convert", "SYNC_BYTES", "PARTIAL_MARK"]
 
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # Mixtral / Qwen-MoE / DeepSeek per-expert Linear weights
 SYNC_BYTES = 64 << 20        # fdatasync + drop from the page cache every this many bytes written
 PARTIAL_MARK = ".mmapload-partial-"
 
@@ -171,6 +174,12 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         warnings.warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
                       f"precision, because no FP8 checkpoint format describes them; e.g. {kept[0][0]!r}: "
                       f"{kept[0][1]}", MmapLoadWarning, stacklevel=2)
+    experts = [s.name for s in ckpt.tensors if _PER_EXPERT.search(s.name) and policy(s)]
+    if experts and opts.granularity is Granularity.BLOCK and format == "compressed-tensors":
+        warnings.warn(f"{ckpt.root}: {len(experts)} per-expert MoE weights (e.g. {experts[0]!r}) are written with "
+                      "block scales: vLLM's FusedMoE reads them, transformers 5 cannot (it fuses the experts "
+                      "and multiplies q * scale without expanding the block grid); for transformers, convert "
+                      "with granularity='channel' or 'tensor'", MmapLoadWarning, stacklevel=2)
     stream = results(pipe)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}{PARTIAL_MARK}{os.getpid()}"
