@@ -56,7 +56,7 @@ def run_in_fresh_process(cfg: dict, timeout: float | None = None) -> dict:
 
     cfg: checkpoint, strategy, device, ring_bytes, fp8 ("e4m3"|"e5m2"), granularity, skip,
     io, interval (sampling seconds), progress, threads (torch threads or None), read_threads
-    (mmapload's, optional: None is automatic).
+    (mmapload's, optional: None is automatic), policy (optional: "auto" | "model" | "names").
     The child's stderr passes through. Raises ``StrategyUnavailable`` when a peer's package
     is missing, ``StrategyError`` (a RuntimeError) when the child fails, is killed (an
     out-of-memory kill reads as signal 9) or runs past ``timeout`` seconds.
@@ -142,7 +142,8 @@ def _measure(cfg: dict) -> int:
     ckpt, dev = open_checkpoint(cfg["checkpoint"]), resolve_device(cfg["device"])
     opts = LoadOptions(ring_bytes=cfg["ring_bytes"], granularity=cfg["granularity"],
                        fp8_dtype=cfg["fp8"], skip=tuple(cfg["skip"]), io=cfg["io"],
-                       progress=cfg["progress"], read_threads=cfg.get("read_threads"))
+                       progress=cfg["progress"], read_threads=cfg.get("read_threads"),
+                       policy=cfg.get("policy", "auto"))
     if dev.type == "cuda":   # the CUDA context belongs to the baseline, not to the load
         torch.zeros(1, device=dev)
         torch.cuda.synchronize(dev)

@@ -403,7 +403,7 @@ def bench_size(size: int, root: Path, args, rows_wanted, device, opts, cold) -> 
     ceil = ceiling(ckpt, paths, device, opts, cold)
     base_cfg = dict(checkpoint=str(ckpt.root), device=str(device), ring_bytes=args.ring_bytes, fp8=args.fp8,
                     granularity=args.granularity, skip=[], interval=args.interval, progress=False,
-                    threads=args.threads, read_threads=args.read_threads)
+                    threads=args.threads, read_threads=args.read_threads, policy=args.policy)
     rows = []
     for row in rows_wanted:
         print(f"#   {label(row)} ...", file=sys.stderr, flush=True)
@@ -517,6 +517,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ring-bytes", type=parse_size, help="mmapload ring, and the capped peers' limit (256MiB)")
     ap.add_argument("--granularity", choices=["tensor", "channel", "block"], default="tensor")
     ap.add_argument("--fp8", choices=sorted(FP8), default="e4m3")
+    ap.add_argument("--policy", choices=["auto", "model", "names"], default="auto",
+                    help="which tensors are quantized (auto; names skips building the model of config.json)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per strategy; seconds are the median (1)")
     ap.add_argument("--interval", type=float, default=0.01, help="memory sampling interval in seconds (0.01)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a run counts as failed (900)")
@@ -544,7 +546,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     elif device.type != "cpu":
         ap.error("--device must be cpu or cuda[:N]")
-    opts = LoadOptions(ring_bytes=args.ring_bytes, granularity=args.granularity, fp8_dtype=FP8[args.fp8])
+    opts = LoadOptions(ring_bytes=args.ring_bytes, granularity=args.granularity, fp8_dtype=FP8[args.fp8],
+                       policy=args.policy)
 
     cold = probe_cold_method(args.cold_method) if args.cold else None
     meta = machine(device, "cold" if cold else "warm", {"drop_caches": "echo 3 > /proc/sys/vm/drop_caches",
@@ -553,6 +556,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)       # the quantize ceiling, like every child
     meta.update(threads=args.threads, threads_label=str(args.threads or f"default ({meta['torch_default_threads']})"),
                 ring_bytes=args.ring_bytes, granularity=args.granularity, fp8=args.fp8, repeat=args.repeat,
+                policy=args.policy,
                 strategies=[label(r) for r in rows_wanted], interval=args.interval,
                 command=" ".join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)]))
 
