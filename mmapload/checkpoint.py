@@ -28,8 +28,8 @@ import torch
 
 from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
-__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "INDEX_NAME", "TensorSpec",
-           "Shard", "Checkpoint", "dtype_name", "torch_dtype_of", "torch_shape", "nbytes_of",
+__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "MAX_INDEX_BYTES", "INDEX_NAME",
+           "TensorSpec", "Shard", "Checkpoint", "dtype_name", "torch_dtype_of", "torch_shape", "nbytes_of",
            "read_header", "open_checkpoint"]
 
 # Every dtype the safetensors format defines (its Rust ``Dtype`` enum, in that order): the bits
@@ -55,6 +55,7 @@ RAW_DTYPE = torch.uint8   # what a dtype torch lacks travels as: its bytes
 WIDE_FLOATS = frozenset(n for n, d in DTYPES.items() if d.is_floating_point and BITS[n] > 8)
 _NAMES = {d: n for n, d in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_INDEX_BYTES = MAX_HEADER_BYTES   # model.safetensors.index.json: a bigger one is refused unread
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = ["data_offsets", "dtype", "shape"]
 _FIX = "re-download or re-save the checkpoint"
@@ -314,14 +315,27 @@ def read_header(path: str | os.PathLike) -> Shard:
 
 def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
     """Load the shards ``index`` names, then check its weight_map against them both ways."""
+    with open(index, "rb") as f:   # capped before reading, like a header
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_INDEX_BYTES:
+            raise ShardIndexError(f"{index}: {size} bytes, over the {MAX_INDEX_BYTES}-byte limit for an "
+                                  "index file; not a safetensors index, or corrupt: re-download it")
+        raw = f.read(MAX_INDEX_BYTES + 1)
     try:
-        doc = json.loads(index.read_bytes().decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ShardIndexError(f"{index}: not valid UTF-8 JSON ({e}); re-download the index") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ShardIndexError(f"{index}: needs a non-empty \"weight_map\" object mapping tensor names to "
-                              "shard files; re-download it, or delete it to load every *.safetensors file")
+    if not isinstance(weight_map, dict):
+        raise ShardIndexError(f"{index}: needs a \"weight_map\" object mapping tensor names to shard "
+                              "files; re-download it, or delete it to load every *.safetensors file")
+    # An empty map (what convert writes for a checkpoint of no tensors) names no shard: the
+    # folder's *.safetensors files are read, and must hold no tensor (checked below).
+    files = sorted(p for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file()) \
+        if not weight_map else []
+    if not weight_map and not files:
+        raise ShardIndexError(f"{index}: its weight_map is empty and {root} holds no *.safetensors file; "
+                              "re-download the checkpoint")
     for name, shard in weight_map.items():
         rel = pathlib.PurePath(shard) if isinstance(shard, str) and shard else None
         if rel is None or rel.is_absolute() or ".." in rel.parts:
@@ -330,7 +344,7 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
         if not (root / shard).is_file():
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to shard {shard!r}, which is "
                                   f"missing from {root}; download it or regenerate the index")
-    paths = dict.fromkeys((root / shard).resolve() for shard in sorted(set(weight_map.values())))
+    paths = dict.fromkeys((root / shard).resolve() for shard in sorted(set(weight_map.values())) or files)
     ckpt = Checkpoint(root, tuple(read_header(p) for p in paths))  # one read per file, in name order
     for name, shard in weight_map.items():
         spec = ckpt.get(name)
