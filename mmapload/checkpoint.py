@@ -21,8 +21,10 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 
@@ -210,10 +212,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _parse_json(raw: bytes, path: pathlib.Path) -> dict:
     span = f"{path}: header (file bytes [8, {8 + len(raw)}))"
     try:
@@ -227,23 +225,73 @@ def _parse_json(raw: bytes, path: pathlib.Path) -> dict:
     if not isinstance(header, dict):
         raise HeaderError(f"{span} is a JSON {type(header).__name__}, expected an object mapping "
                           f"tensor names to entries; {_FIX}")
+    if _SURROGATE.search(raw):   # rare: only then look at every string
+        bad = next((t for t in _strings(header) if not t.isascii() and _unencodable(t)), None)
+        if bad is not None:
+            raise HeaderError(f"{span} holds the string {bad!r} with an unpaired UTF-16 surrogate escape "
+                              f"(\\udXXX): no UTF-8 text; safetensors refuses it, and a name cannot be "
+                              f"written back; {_FIX}")
     return header
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")   # a \uD800-\uDFFF escape (or something like it)
+
+
+def _strings(value: object):
+    """Every key and string anywhere inside a parsed JSON value."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            yield from v.keys()
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> TensorSpec:
+    """One header entry as a TensorSpec: the checks of ``_refuse`` in a fast path (headers may hold
+    millions of entries), which builds the message when one fails."""
+    try:   # keys beyond these three are ignored, as safetensors does
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        bits = BITS[dtype]
+        if type(shape) is list and type(offsets) is list and len(offsets) == 2 and type(dtype) is str \
+                and all(type(d) is int and d >= 0 for d in shape):
+            begin, end = offsets
+            if type(begin) is int and type(end) is int and 0 <= begin <= end \
+                    and (end - begin) * 8 == math.prod(shape) * bits:
+                return TensorSpec(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    except (TypeError, KeyError, IndexError):
+        pass
+    _refuse(path, name, entry, data_start)
+
+
+def _refuse(path: pathlib.Path, name: str, entry: object, data_start: int) -> NoReturn:
+    """Raise the HeaderError that says what is wrong with a header entry ``_entry`` refused."""
     where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict) or sorted(entry) != _ENTRY_KEYS:
+    try:   # keys beyond these three are ignored, as safetensors does
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, IndexError):
         got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise HeaderError(f"{where}: header entry must be an object with exactly the keys {_ENTRY_KEYS}, "
-                          f"got {got}; {_FIX}")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        raise HeaderError(f"{where}: header entry must be an object with the keys {_ENTRY_KEYS}, "
+                          f"got {got}; {_FIX}") from None
     if not isinstance(dtype, str) or dtype not in BITS:
         raise HeaderError(f"{where}: unknown dtype {dtype!r} (data_offsets {offsets!r}, data section "
                           f"at file byte {data_start}); known dtypes: {', '.join(BITS)}; convert the "
                           "tensor to one of them before saving")
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise HeaderError(f"{where}: shape {shape!r} must be a list of non-negative integers; {_FIX}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise HeaderError(f"{where}: data_offsets {offsets!r} must be two non-negative integers "
                           f"[begin, end]; {_FIX}")
     begin, end = offsets
@@ -257,7 +305,7 @@ def _entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> Ten
     if end - begin != need:
         raise HeaderError(f"{where}: {dtype} shape {shape} needs {need} bytes but {span} "
                           f"span {end - begin} bytes; {_FIX}")
-    return TensorSpec(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    raise HeaderError(f"{where}: header entry {entry!r} refused; {_FIX}")   # not reached
 
 
 def _check_layout(path: pathlib.Path, specs: list[TensorSpec], data_start: int, file_size: int) -> None:

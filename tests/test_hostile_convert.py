@@ -176,3 +176,63 @@ def test_index_over_the_size_cap_is_refused_unread(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.json, "loads", lambda *a, **k: pytest.fail("read past the cap"))
     with pytest.raises(ShardIndexError, match="4096-byte limit"):
         open_checkpoint(tmp_path)
+
+
+# -- 3. header parsing: the safetensors library's verdict, input by input -------------------------
+
+def _raw_shard(path: Path, header_text: str, data: bytes = b"xy") -> Path:
+    raw = header_text.encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def _verdicts(path: Path):
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            theirs = sorted(f.keys())
+    except Exception:   # safetensors raises its own SafetensorError
+        theirs = None
+    try:
+        ours = sorted(s.name for s in checkpoint.read_header(path).tensors)
+    except checkpoint.HeaderError:
+        ours = None
+    return ours, theirs
+
+
+_ENTRY = '"dtype":"U8","shape":[2],"data_offsets":[0,2]'
+
+
+@pytest.mark.parametrize("header, accepted", [
+    ('{"a":{%s,"extra":1}}' % _ENTRY, True),                         # extra key: safetensors ignores it
+    ('{"a":{%s,"extra":{"x":[1,{"y":null}]}}}' % _ENTRY, True),
+    ('{"\\ud800":{%s}}' % _ENTRY, False),                               # lone high surrogate
+    ('{"a\\udc00b":{%s}}' % _ENTRY, False),                             # lone low surrogate
+    ('{"__metadata__":{"k":"\\udbff"},"a":{%s}}' % _ENTRY, False),
+    ('{"\\ud83d\\ude00":{%s}}' % _ENTRY, True),                         # a pair is one character
+    ('{"a\\\\ud800":{%s}}' % _ENTRY, True),                             # a backslash, then text
+    ('{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2],"dtype":"U8"}}', False),
+    ('{"a":{"dtype":"U8","shape":[2]}}', False),
+])
+def test_headers_get_the_safetensors_verdict(tmp_path, header, accepted):
+    ours, theirs = _verdicts(_raw_shard(tmp_path / "h.safetensors", header))
+    assert (ours is not None) == (theirs is not None) == accepted, (ours, theirs)
+    assert ours == theirs
+
+
+def test_we_differ_on_purpose(tmp_path):
+    """Repeated keys: safetensors keeps the last one silently (and for an unknown key inside an
+    entry, ignores both); a repeated name is ambiguous, so mmapload refuses any repeated key."""
+    for header in ['{"a":{%s},"a":{%s}}' % (_ENTRY, _ENTRY), '{"a":{%s,"extra":1,"extra":2}}' % _ENTRY]:
+        ours, theirs = _verdicts(_raw_shard(tmp_path / "h.safetensors", header))
+        assert ours is None and theirs == ["a"]
+
+
+def test_lone_surrogate_names_are_refused_before_convert_writes(tmp_path, no_thread_leak):
+    d = tmp_path / "src"
+    d.mkdir()
+    _raw_shard(d / "model.safetensors", '{"x\\ud800.weight":{%s}}' % _ENTRY)
+    with pytest.raises(checkpoint.HeaderError, match="surrogate"):
+        convert(d, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
