@@ -170,10 +170,14 @@ class Checkpoint:
     root: pathlib.Path
     shards: tuple[Shard, ...]
     _by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False, hash=False)
+    _tensors: tuple[TensorSpec, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:  # build the name -> spec dict once; names must be unique
         by_name: dict[str, TensorSpec] = {}
-        for spec in self.tensors:
+        tensors = self.shards[0].tensors if len(self.shards) == 1 else \
+            tuple(spec for shard in self.shards for spec in shard.tensors)
+        object.__setattr__(self, "_tensors", tensors)
+        for spec in tensors:
             if (other := by_name.setdefault(spec.name, spec)) is not spec:
                 raise ShardIndexError(f"tensor {spec.name!r} is stored twice: in {other.shard} (bytes "
                                       f"[{other.start}, {other.end})) and in {spec.shard} (bytes "
@@ -182,7 +186,7 @@ class Checkpoint:
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
-        return tuple(spec for shard in self.shards for spec in shard.tensors)
+        return self._tensors
 
     @property
     def total_bytes(self) -> int:
@@ -384,7 +388,10 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
     if not weight_map and not files:
         raise ShardIndexError(f"{index}: its weight_map is empty and {root} holds no *.safetensors file; "
                               "re-download the checkpoint")
+    resolved: dict[str, pathlib.Path] = {}   # each distinct shard name checked once, not per tensor
     for name, shard in weight_map.items():
+        if isinstance(shard, str) and shard in resolved:
+            continue
         rel = pathlib.PurePath(shard) if isinstance(shard, str) and shard else None
         if rel is None or rel.is_absolute() or ".." in rel.parts:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}; expected the "
@@ -392,14 +399,15 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
         if not (root / shard).is_file():
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to shard {shard!r}, which is "
                                   f"missing from {root}; download it or regenerate the index")
-    paths = dict.fromkeys((root / shard).resolve() for shard in sorted(set(weight_map.values())) or files)
+        resolved[shard] = (root / shard).resolve()
+    paths = dict.fromkeys([resolved[shard] for shard in sorted(resolved)] or [p.resolve() for p in files])
     ckpt = Checkpoint(root, tuple(read_header(p) for p in paths))  # one read per file, in name order
     for name, shard in weight_map.items():
         spec = ckpt.get(name)
         if spec is None:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but that shard "
                                   "does not contain it; the index and shards come from different saves")
-        if spec.shard != (root / shard).resolve():
+        if spec.shard != resolved[shard]:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but it is in "
                                   f"{spec.shard} (bytes [{spec.start}, {spec.end})); regenerate the index")
     for spec in ckpt.tensors:
