@@ -21,15 +21,17 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 
 from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
-__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "INDEX_NAME", "TensorSpec",
-           "Shard", "Checkpoint", "dtype_name", "torch_dtype_of", "torch_shape", "nbytes_of",
+__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "MAX_INDEX_BYTES", "INDEX_NAME",
+           "TensorSpec", "Shard", "Checkpoint", "dtype_name", "torch_dtype_of", "torch_shape", "nbytes_of",
            "read_header", "open_checkpoint"]
 
 # Every dtype the safetensors format defines (its Rust ``Dtype`` enum, in that order): the bits
@@ -55,6 +57,7 @@ RAW_DTYPE = torch.uint8   # what a dtype torch lacks travels as: its bytes
 WIDE_FLOATS = frozenset(n for n, d in DTYPES.items() if d.is_floating_point and BITS[n] > 8)
 _NAMES = {d: n for n, d in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_INDEX_BYTES = MAX_HEADER_BYTES   # model.safetensors.index.json: a bigger one is refused unread
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = ["data_offsets", "dtype", "shape"]
 _FIX = "re-download or re-save the checkpoint"
@@ -167,10 +170,14 @@ class Checkpoint:
     root: pathlib.Path
     shards: tuple[Shard, ...]
     _by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False, hash=False)
+    _tensors: tuple[TensorSpec, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:  # build the name -> spec dict once; names must be unique
         by_name: dict[str, TensorSpec] = {}
-        for spec in self.tensors:
+        tensors = self.shards[0].tensors if len(self.shards) == 1 else \
+            tuple(spec for shard in self.shards for spec in shard.tensors)
+        object.__setattr__(self, "_tensors", tensors)
+        for spec in tensors:
             if (other := by_name.setdefault(spec.name, spec)) is not spec:
                 raise ShardIndexError(f"tensor {spec.name!r} is stored twice: in {other.shard} (bytes "
                                       f"[{other.start}, {other.end})) and in {spec.shard} (bytes "
@@ -179,7 +186,7 @@ class Checkpoint:
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
-        return tuple(spec for shard in self.shards for spec in shard.tensors)
+        return self._tensors
 
     @property
     def total_bytes(self) -> int:
@@ -209,10 +216,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _parse_json(raw: bytes, path: pathlib.Path) -> dict:
     span = f"{path}: header (file bytes [8, {8 + len(raw)}))"
     try:
@@ -226,23 +229,73 @@ def _parse_json(raw: bytes, path: pathlib.Path) -> dict:
     if not isinstance(header, dict):
         raise HeaderError(f"{span} is a JSON {type(header).__name__}, expected an object mapping "
                           f"tensor names to entries; {_FIX}")
+    if _SURROGATE.search(raw):   # rare: only then look at every string
+        bad = next((t for t in _strings(header) if not t.isascii() and _unencodable(t)), None)
+        if bad is not None:
+            raise HeaderError(f"{span} holds the string {bad!r} with an unpaired UTF-16 surrogate escape "
+                              f"(\\udXXX): no UTF-8 text; safetensors refuses it, and a name cannot be "
+                              f"written back; {_FIX}")
     return header
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")   # a \uD800-\uDFFF escape (or something like it)
+
+
+def _strings(value: object):
+    """Every key and string anywhere inside a parsed JSON value."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            yield from v.keys()
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> TensorSpec:
+    """One header entry as a TensorSpec: the checks of ``_refuse`` in a fast path (headers may hold
+    millions of entries), which builds the message when one fails."""
+    try:   # keys beyond these three are ignored, as safetensors does
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        bits = BITS[dtype]
+        if type(shape) is list and type(offsets) is list and len(offsets) == 2 and type(dtype) is str \
+                and all(type(d) is int and d >= 0 for d in shape):
+            begin, end = offsets
+            if type(begin) is int and type(end) is int and 0 <= begin <= end \
+                    and (end - begin) * 8 == math.prod(shape) * bits:
+                return TensorSpec(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    except (TypeError, KeyError, IndexError):
+        pass
+    _refuse(path, name, entry, data_start)
+
+
+def _refuse(path: pathlib.Path, name: str, entry: object, data_start: int) -> NoReturn:
+    """Raise the HeaderError that says what is wrong with a header entry ``_entry`` refused."""
     where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict) or sorted(entry) != _ENTRY_KEYS:
+    try:   # keys beyond these three are ignored, as safetensors does
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, IndexError):
         got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise HeaderError(f"{where}: header entry must be an object with exactly the keys {_ENTRY_KEYS}, "
-                          f"got {got}; {_FIX}")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        raise HeaderError(f"{where}: header entry must be an object with the keys {_ENTRY_KEYS}, "
+                          f"got {got}; {_FIX}") from None
     if not isinstance(dtype, str) or dtype not in BITS:
         raise HeaderError(f"{where}: unknown dtype {dtype!r} (data_offsets {offsets!r}, data section "
                           f"at file byte {data_start}); known dtypes: {', '.join(BITS)}; convert the "
                           "tensor to one of them before saving")
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise HeaderError(f"{where}: shape {shape!r} must be a list of non-negative integers; {_FIX}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise HeaderError(f"{where}: data_offsets {offsets!r} must be two non-negative integers "
                           f"[begin, end]; {_FIX}")
     begin, end = offsets
@@ -256,7 +309,7 @@ def _entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> Ten
     if end - begin != need:
         raise HeaderError(f"{where}: {dtype} shape {shape} needs {need} bytes but {span} "
                           f"span {end - begin} bytes; {_FIX}")
-    return TensorSpec(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    raise HeaderError(f"{where}: header entry {entry!r} refused; {_FIX}")   # not reached
 
 
 def _check_layout(path: pathlib.Path, specs: list[TensorSpec], data_start: int, file_size: int) -> None:
@@ -314,15 +367,31 @@ def read_header(path: str | os.PathLike) -> Shard:
 
 def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
     """Load the shards ``index`` names, then check its weight_map against them both ways."""
+    with open(index, "rb") as f:   # capped before reading, like a header
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_INDEX_BYTES:
+            raise ShardIndexError(f"{index}: {size} bytes, over the {MAX_INDEX_BYTES}-byte limit for an "
+                                  "index file; not a safetensors index, or corrupt: re-download it")
+        raw = f.read(MAX_INDEX_BYTES + 1)
     try:
-        doc = json.loads(index.read_bytes().decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ShardIndexError(f"{index}: not valid UTF-8 JSON ({e}); re-download the index") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ShardIndexError(f"{index}: needs a non-empty \"weight_map\" object mapping tensor names to "
-                              "shard files; re-download it, or delete it to load every *.safetensors file")
+    if not isinstance(weight_map, dict):
+        raise ShardIndexError(f"{index}: needs a \"weight_map\" object mapping tensor names to shard "
+                              "files; re-download it, or delete it to load every *.safetensors file")
+    # An empty map (what convert writes for a checkpoint of no tensors) names no shard: the
+    # folder's *.safetensors files are read, and must hold no tensor (checked below).
+    files = sorted(p for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file()) \
+        if not weight_map else []
+    if not weight_map and not files:
+        raise ShardIndexError(f"{index}: its weight_map is empty and {root} holds no *.safetensors file; "
+                              "re-download the checkpoint")
+    resolved: dict[str, pathlib.Path] = {}   # each distinct shard name checked once, not per tensor
     for name, shard in weight_map.items():
+        if isinstance(shard, str) and shard in resolved:
+            continue
         rel = pathlib.PurePath(shard) if isinstance(shard, str) and shard else None
         if rel is None or rel.is_absolute() or ".." in rel.parts:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}; expected the "
@@ -330,14 +399,15 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
         if not (root / shard).is_file():
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to shard {shard!r}, which is "
                                   f"missing from {root}; download it or regenerate the index")
-    paths = dict.fromkeys((root / shard).resolve() for shard in sorted(set(weight_map.values())))
+        resolved[shard] = (root / shard).resolve()
+    paths = dict.fromkeys([resolved[shard] for shard in sorted(resolved)] or [p.resolve() for p in files])
     ckpt = Checkpoint(root, tuple(read_header(p) for p in paths))  # one read per file, in name order
     for name, shard in weight_map.items():
         spec = ckpt.get(name)
         if spec is None:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but that shard "
                                   "does not contain it; the index and shards come from different saves")
-        if spec.shard != (root / shard).resolve():
+        if spec.shard != resolved[shard]:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but it is in "
                                   f"{spec.shard} (bytes [{spec.start}, {spec.end})); regenerate the index")
     for spec in ckpt.tensors:

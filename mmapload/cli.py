@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -223,6 +224,24 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "profile":
             return _profile(a)
         return _quantize(a.checkpoint, a)
-    except (MmapLoadError, FileNotFoundError) as e:
+    except MmapLoadError as e:
         print(f"mmapload: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # missing file, permission denied, read-only or full disk, ...
+        print(f"mmapload: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmapload: interrupted", file=sys.stderr)
+        return 130
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: what failed, on which path (both, for a rename), and the fix."""
+    what = e.strerror or str(e) or type(e).__name__
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    fix = {errno.ENOSPC: "free some space or choose another destination",
+           errno.EDQUOT: "free some space or choose another destination",
+           errno.EROFS: "choose a writable destination",
+           errno.EACCES: "check the permissions, or choose another path",
+           errno.EPERM: "check the permissions, or choose another path"}.get(e.errno)
+    return (f"{paths}: " if paths else "") + what + (f"; {fix}" if fix else "")

@@ -11,15 +11,15 @@ Layout and formats ("compressed-tensors", "fp8"): formats.py. A ``model.safetens
 is always written; config.json (when the source has one) gets the format's ``quantization_config``.
 
 Failure safety: everything is written into a hidden sibling directory
-``.<dst name>.mmapload-partial-<pid>`` that is renamed onto ``dst`` only at the very end.
-A Python-level failure removes it; after a SIGKILL or power loss it stays behind, hidden
-and named partial, and ``dst`` does not exist (or is left as it was).
+``.<dst name>.mmapload-partial-<pid>`` (outdir.py) that is renamed onto ``dst`` only at the very
+end. A Python-level failure removes it; after a SIGKILL or power loss it stays behind, hidden and
+named partial, ``dst`` does not exist (or is left as it was), and the next conversion into the same
+``dst`` removes it once its process is gone.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -33,6 +33,7 @@ from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignor
     quantization_config, scale_suffix, shard_metadata
 from .fp8 import Granularity
 from .options import LoadOptions
+from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import LINEAR, Policy, matches_module
 from .result import QuantizedTensor
 from .stream import prepare, results
@@ -42,7 +43,6 @@ __all__ = ["convert", "SYNC_BYTES", "PARTIAL_MARK"]
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # Mixtral / Qwen-MoE / DeepSeek per-expert Linear weights
 SYNC_BYTES = 64 << 20        # fdatasync + drop from the page cache every this many bytes written
-PARTIAL_MARK = ".mmapload-partial-"
 
 
 def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
@@ -56,37 +56,6 @@ def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
         return   # an empty directory is replaced by the rename
     raise OptionsError(f"destination {dst} already exists and is not an empty directory; pass "
                        "overwrite=True (mmapload convert --overwrite) to replace it, or choose another path")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _copy_extras(root: Path, out: Path, qconfig: dict) -> None:
-    """config.json, tokenizer and generation files: every regular, non-hidden top-level file
-    of the source folder except shards and the index, copied as they are, except that
-    config.json gets ``quantization_config`` (any earlier one replaced)."""
-    for p in sorted(root.iterdir()):
-        if (p.name.startswith(".") or p.name.endswith(".safetensors") or p.name == INDEX_NAME
-                or not p.is_file()):
-            continue
-        if p.name == "config.json":
-            try:
-                cfg = json.loads(p.read_text("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{p}: not valid JSON ({e}); cannot add quantization_config") from None
-            if not isinstance(cfg, dict):
-                raise CheckpointError(f"{p}: holds a JSON {type(cfg).__name__}, not an object; "
-                                      "cannot add quantization_config")
-            cfg["quantization_config"] = qconfig
-            (out / p.name).write_text(json.dumps(cfg, indent=2) + "\n", "utf-8")
-        else:
-            shutil.copyfile(p, out / p.name)
-        _fsync_path(out / p.name)
 
 
 def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None:
@@ -157,7 +126,9 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     The output is written into ``.<dst name>.mmapload-partial-<pid>`` next to ``dst`` and
     renamed onto it at the very end: a failure never leaves a complete-looking ``dst``.
     A Python-level failure (bad input, disk full, Ctrl-C) removes that directory; a killed
-    process leaves it behind (hidden, named partial: delete it).
+    process leaves it behind, and the next conversion into the same ``dst`` removes it (when no
+    process with its pid runs). A symlink ``dst`` is replaced, never what it points to. Extra
+    files that are symlinks leading out of the source folder are not copied (a warning says so).
 
     Returns ``dst``. Raises ``MmapLoadError`` subclasses (naming file, tensor and offsets)
     on bad input, ``OSError`` from the file system.
@@ -182,9 +153,8 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
                       "with granularity='channel' or 'tensor'", MmapLoadWarning, stacklevel=2)
     stream = results(pipe)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}{PARTIAL_MARK}{os.getpid()}"
-    if tmp.exists():   # left by a killed process whose pid we now have: it is dead
-        shutil.rmtree(tmp)
+    remove_stale_partials(dst)   # left by killed processes (ours too, if a dead one had our pid)
+    tmp = work_name(dst)
     tmp.mkdir()
     try:
         total = _write_all(stream, layout, tmp, opts, src, format)
@@ -192,13 +162,13 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         weight_map = {name: fname for fname, entries in layout for name, _, _ in entries}
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": weight_map}, indent=2))
-        _fsync_path(tmp / INDEX_NAME)
+        fsync_path(tmp / INDEX_NAME)
         qconfig = quantization_config(format, opts, ignored_modules(ckpt, policy))
         if ckpt.root.is_dir():
-            _copy_extras(ckpt.root, tmp, qconfig)
+            copy_extras(ckpt.root, tmp, qconfig)
         check_written(tmp, format, opts, qconfig, policy)
-        _fsync_path(tmp)
-        _swap_in(tmp, dst, overwrite)
+        fsync_path(tmp)
+        swap_in(tmp, dst, overwrite)
     except BaseException:
         stream.close()        # joins the reader thread
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,30 +206,3 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
         except ImportError:
             return
         QuantizationConfig.model_validate(qconfig)   # the library's own validator
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _swap_in(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` onto ``dst`` (atomic: dst appears complete or not at all). With
-    ``overwrite`` an existing dst is first renamed aside, put back if the rename fails, and
-    deleted once the new one is in place."""
-    old = None
-    if overwrite and (dst.exists() or dst.is_symlink()):
-        old = dst.parent / f".{dst.name}.mmapload-old-{os.getpid()}"
-        _remove(old)
-        os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dst)
-        raise
-    _fsync_path(dst.parent)
-    if old is not None:
-        _remove(old)

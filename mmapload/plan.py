@@ -23,7 +23,7 @@ There is no row-width limit: a slot needs room for one element.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from .checkpoint import TensorSpec
@@ -172,14 +172,15 @@ def plan_batches(tensors: Iterable[TensorSpec], quantize: Callable[[TensorSpec],
             if gn > 1:
                 groups += gpos == 0
                 extra.update(group=groups - 1, group_first=gpos == 0, group_last=gpos == gn - 1)
-            piece = Piece(spec, lo, hi, 0, q, first=(i == 0), last=(i == len(segs) - 1),
-                          release_to=rel, **extra)
+            nbytes = ((extra["row1"] - extra["row0"]) * (extra["col1"] - extra["col0"]) * spec.itemsize
+                      if extra.get("stride") else hi - lo)   # Piece.nbytes, before the piece exists
             offset = -(-used // ALIGN) * ALIGN
-            if current and offset + piece.nbytes > slot_bytes:
+            if current and offset + nbytes > slot_bytes:
                 batches.append(Batch(tuple(current)))
                 current, offset = [], 0
-            current.append(replace(piece, offset=offset))
-            used = offset + piece.nbytes
+            current.append(Piece(spec, lo, hi, offset, q, first=(i == 0), last=(i == len(segs) - 1),
+                                 release_to=rel, **extra))
+            used = offset + nbytes
     if current:
         batches.append(Batch(tuple(current)))
     return batches

@@ -25,6 +25,7 @@ which ``convert`` needs for the ``ignore`` list of its ``quantization_config``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,16 @@ def _is_router(module: str) -> bool:
     return parts[-1] in _ROUTERS or "router" in parts
 
 
+_RANK = {}   # rank -> the Decision of a rank >= 3 tensor that is no fused expert stack (shared)
+_NAME_RULES = {k: Decision(*v) for k, v in {   # shared: one object per verdict, not per tensor
+    "experts": (True, "name rule: fused experts", EXPERTS), "attr": (False, "name rule: not a .weight"),
+    "embed": (False, "name rule: embedding"), "lm_head": (False, "name rule: lm_head (output embeddings)", LINEAR),
+    "norm": (False, "name rule: norm"), "router": (False, "name rule: MoE router", LINEAR),
+    "conv1d": (False, "name rule: GPT-2 Conv1D ([in, out], not a Linear)"),
+    "linear": (True, "name rule: Linear weight", LINEAR)}.items()}
+
+
+
 def _by_name(spec: TensorSpec) -> Decision:
     """The rule without a model: a 2-D ``<module>.weight`` is a Linear weight unless the module's
     name says embedding (``embed``, ``wte``, ``wpe``, ``shared``, ...), LM head (``lm_head``,
@@ -102,21 +113,22 @@ def _by_name(spec: TensorSpec) -> Decision:
     low = module.lower()
     if len(spec.shape) >= 3:
         if last in _FUSED_EXPERTS and not attr.endswith("bias") and not attr.endswith("scale"):
-            return Decision(True, "name rule: fused experts", EXPERTS)
-        return Decision(False, f"name rule: rank {len(spec.shape)} (convolution or other)")
+            return _NAME_RULES["experts"]
+        n = len(spec.shape)
+        return _RANK.get(n) or _RANK.setdefault(n, Decision(False, f"name rule: rank {n} (convolution or other)"))
     if attr != "weight":
-        return Decision(False, "name rule: not a .weight")
+        return _NAME_RULES["attr"]
     if "lm_head" in low or last in _HEADS:
-        return Decision(False, "name rule: lm_head (output embeddings)", LINEAR)
+        return _NAME_RULES["lm_head"]
     if "embed" in low or last in _EMBEDDINGS:
-        return Decision(False, "name rule: embedding")
+        return _NAME_RULES["embed"]
     if "norm" in low or last.startswith("ln_") or last == "ln":
-        return Decision(False, "name rule: norm")
+        return _NAME_RULES["norm"]
     if _is_router(module):
-        return Decision(False, "name rule: MoE router", LINEAR)
+        return _NAME_RULES["router"]
     if last in _CONV1D:
-        return Decision(False, "name rule: GPT-2 Conv1D ([in, out], not a Linear)")
-    return Decision(True, "name rule: Linear weight", LINEAR)
+        return _NAME_RULES["conv1d"]
+    return _NAME_RULES["linear"]
 
 
 class _Judge:
@@ -164,6 +176,12 @@ class _Judge:
         return Decision(False, rule(next((k for part, k in _KEPT_CLASSES if part in cls), "not a Linear")))
 
 
+@functools.lru_cache(maxsize=None)
+def _kept(rule: str, kind: str) -> Decision:
+    """A shared Decision to keep a tensor (millions of small tensors share a handful)."""
+    return Decision(False, rule, kind)
+
+
 class Policy:
     """``policy(spec) -> bool`` (quantize?) and ``policy.decide(spec) -> Decision``; built by
     :func:`policy_for`. ``source`` names the model the decisions came from, or the name rule."""
@@ -194,10 +212,9 @@ class Policy:
         # structure, then the options, then the module's (or the name rule's) verdict
         base = (self._judge.decide(spec) if self._judge else None) or _by_name(spec)
         if spec.dtype not in FLOAT_DTYPES:
-            return Decision(False, f"{spec.dtype} (not a float to quantize)", base.kind)
+            return _kept(f"{spec.dtype} (not a float to quantize)", base.kind)
         if len(spec.shape) < 2 or spec.numel == 0:
-            return Decision(False, "rank < 2 (norms, biases, vectors)" if len(spec.shape) < 2 else "no elements",
-                            base.kind)
+            return _kept("rank < 2 (norms, biases, vectors)" if len(spec.shape) < 2 else "no elements", base.kind)
         module = _module_of(spec.name)
         classes = self._judge.classes(spec.name) if self._judge else ()
         if base.kind == LINEAR and "Linear" not in classes:

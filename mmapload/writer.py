@@ -1,7 +1,8 @@
 """A streaming safetensors writer: the header first, then tensors one at a time.
 
 The header is computable from names, dtypes and shapes alone, so a file can be written
-without ever holding all of its tensors. The file is written under a temporary name and
+without ever holding all of its tensors. The file is written under a short temporary name
+(``.mmapload-<pid>-<n>.partial``: the file's own name may be near the 255-byte limit) and
 renamed into place only by ``commit()``: a failure never leaves a complete-looking file.
 
 With ``sync_bytes`` set, written data does not pile up as dirty page cache (which counts
@@ -11,6 +12,7 @@ written range dropped from the page cache (``POSIX_FADV_DONTNEED``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -21,6 +23,8 @@ import torch
 from .checkpoint import dtype_name, nbytes_of, torch_dtype_of, torch_shape
 
 __all__ = ["SafetensorsWriter", "dtype_name"]
+
+_SEQ = itertools.count()   # temporary names unique within this process
 
 
 def _header_dtype(dtype: str | torch.dtype) -> str:
@@ -49,7 +53,7 @@ class SafetensorsWriter:
             raise ValueError(f"sync_bytes must be a non-negative int, got {sync_bytes!r}")
         self.path = Path(path)
         self.sync_bytes = sync_bytes
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp = self.path.with_name(f".mmapload-{os.getpid()}-{next(_SEQ)}.partial")
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self._order: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []   # what write() takes
         offset = 0

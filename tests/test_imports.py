@@ -22,7 +22,7 @@ ORDER = [
                                                   # the reader thread's reads and pre-passes
     {"pairs"},                                    # FP8 checkpoints: weights joined with scales
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
-    {"writer"},                                   # streaming safetensors writer
+    {"writer", "outdir"},                         # streaming safetensors writer; convert's output folder
     {"export"},                                   # convert: FP8 checkpoint on disk
     {"hf"},                                       # transformers names and code, for load_into
     {"nn"},                                       # FP8Linear, load_into (torch modules)
