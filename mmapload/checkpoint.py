@@ -66,6 +66,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = ["data_offsets", "dtype", "shape"]
 _FIX = "re-download or re-save the checkpoint"
+_INT64_MAX = 2**63 - 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -128,6 +129,15 @@ class TensorSpec:
     shard: pathlib.Path
     start: int
     end: int
+
+    def __post_init__(self) -> None:
+        # Non-empty tensors are bounded by their bytes; an empty one is not: torch holds sizes
+        # and contiguous strides (products of the later sizes) in int64
+        if 0 in self.shape and (max(self.shape) > _INT64_MAX or math.prod(max(d, 1) for d in self.shape[1:])
+                                > _INT64_MAX):
+            raise HeaderError(f"{self.shard}: tensor {self.name!r} (file bytes [{self.start}, {self.end})) has "
+                              f"shape {list(self.shape)}: no element, but sizes whose products exceed "
+                              f"int64 ({_INT64_MAX}), which torch cannot hold; {_FIX}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

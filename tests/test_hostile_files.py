@@ -127,9 +127,13 @@ def many_scales(tmp_path):
     return path, tensors
 
 
-@pytest.mark.parametrize("io", IO)
-def test_more_tensors_in_one_run_than_iov_max(many_scales, io, no_thread_leak):
+@pytest.mark.parametrize("io", [*IO, "direct-fallback"])
+def test_more_tensors_in_one_run_than_iov_max(many_scales, io, monkeypatch, no_thread_leak):
     path, tensors = many_scales
+    if io == "direct-fallback":   # where O_DIRECT is refused, direct reads with preadv
+        from mmapload.pread import DirectShard
+        monkeypatch.setattr(DirectShard, "_open_flags", 0)
+        io = "direct"
     model = stream_quantize(path, "cpu", io=io)
     assert all(torch.equal(model[k], v) for k, v in tensors.items())
 
@@ -192,3 +196,124 @@ def test_fifo_swapped_in_after_validation_fails_fast(tmp_path, io, no_thread_lea
     os.mkfifo(a)
     with deadline(), pytest.raises(FileChangedError):
         next(it)
+
+
+# ------------------------------------------------------------- 5. shards named as the user sees them
+@pytest.fixture
+def hf_snapshot(tmp_path):
+    """A Hugging Face cache layout: snapshots/<rev>/<shard> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    weight_map = {}
+    for k, names in enumerate([["a.weight"], ["b.weight", "c"]]):
+        shard = f"model-{k + 1:05d}-of-00002.safetensors"
+        blob = repo / "blobs" / f"{k:040x}"
+        save_file({n: torch.randn(32, 32) for n in names}, str(blob))
+        os.symlink(f"../../blobs/{blob.name}", snap / shard)
+        weight_map.update(dict.fromkeys(names, shard))
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return snap
+
+
+def test_hf_snapshot_shards_keep_their_names(hf_snapshot):
+    ck = open_checkpoint(hf_snapshot)
+    assert [s.path for s in ck.shards] == [hf_snapshot / "model-00001-of-00002.safetensors",
+                                          hf_snapshot / "model-00002-of-00002.safetensors"]
+    assert ck["c"].shard == hf_snapshot / "model-00002-of-00002.safetensors"
+    assert all(s.real.parent.name == "blobs" for s in ck.shards)
+    assert [name for name, _, _ in project(hf_snapshot, "cpu").shards] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_hf_snapshot_errors_name_the_shard(hf_snapshot, tmp_path, no_thread_leak):
+    shard = hf_snapshot / "model-00002-of-00002.safetensors"
+    it = iter_quantized(hf_snapshot, "cpu")
+    blob = shard.resolve()
+    data, before = blob.read_bytes(), os.stat(blob).st_mtime_ns
+    os.remove(blob)
+    blob.write_bytes(data)            # same bytes, another inode: replaced
+    _touch_later(blob, before)
+    with pytest.raises(FileChangedError) as e:
+        list(it)
+    # (the new file may get the freed inode number back: then its mtime tells)
+    assert str(e.value).startswith(f"{shard} (-> {blob}): was re")
+    blob.write_bytes(data[:-4])       # truncated: a header error naming the shard first
+    with pytest.raises(HeaderError, match=f"^{shard}: file is truncated"):
+        open_checkpoint(hf_snapshot)
+
+
+def test_convert_of_hf_snapshot_writes_the_shard_names(hf_snapshot, tmp_path, no_thread_leak):
+    convert(hf_snapshot, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+# ------------------------------------------------------------- 4. typed errors, not raw ones
+def _raw_file(path, entries):
+    """A safetensors file written by hand: name -> (dtype, shape, data bytes)."""
+    header, off, data = {}, 0, b""
+    for name, (dtype, shape, raw) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        off, data = off + len(raw), data + raw
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**62, 2], [2**64, 0]])
+def test_empty_tensor_with_sizes_beyond_int64(tmp_path, shape, no_thread_leak):
+    path = tmp_path / "model.safetensors"
+    _raw_file(path, {"a.weight": ("BF16", shape, b""), "b": ("F32", [1], b"\0" * 4)})
+    with pytest.raises(HeaderError, match=rf"{path}: tensor 'a.weight' \(file bytes \[\d+, \d+\)\) has "
+                                          r"shape .*exceed int64"):
+        stream_quantize(path, "cpu")
+
+
+def test_empty_tensor_with_large_but_valid_sizes_loads(tmp_path, no_thread_leak):
+    path = tmp_path / "model.safetensors"
+    _raw_file(path, {"a.weight": ("BF16", [2**62, 0], b""), "b": ("F32", [0, 2**63 - 1], b"")})
+    model = stream_quantize(path, "cpu", policy="names")
+    assert tuple(model["b"].shape) == (0, 2**63 - 1)
+
+
+def test_index_naming_a_300_character_file(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    long = "x" * 300 + ".safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": long}}))
+    with pytest.raises(ShardIndexError, match=r"maps tensor 'a' to shard 'x{300}\.safetensors'.*File name too long"):
+        open_checkpoint(tmp_path)
+
+
+def test_self_referential_symlink_in_a_folder(tmp_path, no_thread_leak):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_file({"a": torch.ones(2)}, str(ck / "a.safetensors"))
+    os.symlink("loop.safetensors", ck / "loop.safetensors")
+    for call in (lambda: stream_quantize(ck, "cpu"), lambda: convert(ck, tmp_path / "out"),
+                 lambda: project(ck, "cpu")):
+        with pytest.raises(CheckpointError, match=f"{ck / 'loop.safetensors'}: .*symbolic link"):
+            call()
+
+
+def test_dangling_symlink_in_a_folder_is_no_silently_missing_shard(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_file({"a": torch.ones(2)}, str(ck / "a.safetensors"))
+    os.symlink("../blobs/gone", ck / "b.safetensors")
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: is a symbolic link to \.\./blobs/gone, which "
+                                              "does not exist"):
+        open_checkpoint(ck)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + b"\0" * 64, b"version https://git-lfs.github.com/spec/v1\n"])
+def test_shard_linked_to_a_non_safetensors_file(tmp_path, content):
+    target = tmp_path / "blob"
+    target.write_bytes(content)
+    link = tmp_path / "model.safetensors"
+    os.symlink(target, link)
+    with pytest.raises(HeaderError) as e:
+        open_checkpoint(link)
+    msg = str(e.value)
+    assert msg.startswith(f"{link} (-> {target}): not a safetensors file: it starts with {content[:16]!r}")
+    assert "header length" in msg and "exceeds" not in msg
