@@ -23,7 +23,7 @@ from mmapload.checkpoint import (
     open_checkpoint,
     read_header,
 )
-from mmapload.errors import CheckpointError, FileChangedError, HeaderError, MmapLoadError, ShardIndexError
+from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
 # ----------------------------------------------------------------------------- helpers
 

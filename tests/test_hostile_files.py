@@ -7,7 +7,6 @@ import os
 import signal
 import struct
 import time
-import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from mmapload import convert, iter_quantized, stream_quantize
 from mmapload.checkpoint import open_checkpoint
-from mmapload.errors import CheckpointError, FileChangedError, HeaderError, MmapLoadError, ShardIndexError
+from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 from mmapload.mapped import IOV_MAX
 from mmapload.project import project
 
