@@ -11,8 +11,15 @@ Layouts accepted by :func:`open_checkpoint`:
 * a folder without an index: every ``*.safetensors`` file directly inside it (not recursive), in
   file-name order (this covers a folder holding only ``model.safetensors``).
 
+Only regular files are opened (a FIFO, a device or a directory named as a shard is a
+``CheckpointError`` before ``open``, which would block on a FIFO). Shards keep the name the user gave
+or the folder / index lists (``Shard.path``, ``TensorSpec.shard``: a Hugging Face cache snapshot's
+``model-00001-of-00002.safetensors``, not the blob it links to); ``Shard.real`` is the resolved file,
+and ``Shard.ident`` its (device, inode, size, mtime) when validated, which the readers check again.
+
 Problems raise ``HeaderError``, ``ShardIndexError`` or ``CheckpointError`` naming the file, the tensor
-and the byte offsets; ``OSError`` from the file system propagates as is.
+and the byte offsets; ``OSError`` from the file system propagates as is (a missing file:
+``FileNotFoundError``), except a symlink loop or a name too long, which are ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import NoReturn
 
 import torch
 
+from mmapload._files import identity, open_regular, real_path, shown, stat_shard
 from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
 __all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "MAX_INDEX_BYTES", "INDEX_NAME",
@@ -61,6 +69,7 @@ MAX_INDEX_BYTES = MAX_HEADER_BYTES   # model.safetensors.index.json: a bigger on
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = ["data_offsets", "dtype", "shape"]
 _FIX = "re-download or re-save the checkpoint"
+_INT64_MAX = 2**63 - 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -124,6 +133,15 @@ class TensorSpec:
     start: int
     end: int
 
+    def __post_init__(self) -> None:
+        # Non-empty tensors are bounded by their bytes; an empty one is not: torch holds sizes
+        # and contiguous strides (products of the later sizes) in int64
+        if 0 in self.shape and (max(self.shape) > _INT64_MAX or math.prod(max(d, 1) for d in self.shape[1:])
+                                > _INT64_MAX):
+            raise HeaderError(f"{self.shard}: tensor {self.name!r} (file bytes [{self.start}, {self.end})) has "
+                              f"shape {list(self.shape)}: no element, but sizes whose products exceed "
+                              f"int64 ({_INT64_MAX}), which torch cannot hold; {_FIX}")
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype_of(self.dtype)
@@ -154,13 +172,23 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Shard:
-    """One validated ``.safetensors`` file; ``tensors`` are in file order."""
+    """One validated ``.safetensors`` file; ``tensors`` are in file order.
+
+    ``path``: the name the user sees (as given, or folder / index name); ``real``: the file it
+    resolves to, which is what is read; ``ident``: ``identity()`` of that file when validated."""
 
     path: pathlib.Path
     data_start: int
     file_size: int
     tensors: tuple[TensorSpec, ...]
     metadata: dict[str, str] = field(default_factory=dict, hash=False)
+    real: pathlib.Path | None = None
+    ident: tuple[int, int, int, int] | None = None
+
+    @property
+    def shown(self) -> str:
+        """``path``, followed by the resolved file where that is another one (a symlink)."""
+        return shown(self.path, self.real)
 
 
 @dataclass(frozen=True)
@@ -334,24 +362,37 @@ def _check_layout(path: pathlib.Path, specs: list[TensorSpec], data_start: int, 
                           f"(data section starts at byte {data_start}); {_FIX}")
 
 
+def _not_safetensors(head: bytes, shown: str) -> str:
+    return (f"{shown}: not a safetensors file: it starts with {head[:16]!r}, where a safetensors file "
+            "starts with an 8-byte little-endian header length and a JSON header '{...}'; point at the "
+            "checkpoint's .safetensors files")
+
+
 def read_header(path: str | os.PathLike) -> Shard:
-    """Parse and validate one safetensors file's header; reads only its first ``8 + header_len`` bytes."""
-    path = pathlib.Path(path).resolve()
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
+    """Parse and validate one safetensors file's header; reads only its first ``8 + header_len`` bytes.
+    ``Shard.path`` keeps the name given (made absolute); ``Shard.real`` is the file it resolves to."""
+    path = pathlib.Path(os.path.abspath(path))
+    stat_shard(path)
+    real = real_path(path)
+    where = shown(path, real)
+    with open(open_regular(real, where), "rb") as f:
+        st = os.fstat(f.fileno())
+        file_size = st.st_size
         if file_size < 8:
-            raise HeaderError(f"{path}: file is {file_size} bytes, too short for the 8-byte header length "
+            raise HeaderError(f"{where}: file is {file_size} bytes, too short for the 8-byte header length "
                               f"of a safetensors file; {_FIX}")
         header_len = int.from_bytes(f.read(8), "little")
-        if header_len > MAX_HEADER_BYTES:
-            raise HeaderError(f"{path}: header length {header_len} (file bytes [0, 8)) exceeds the "
-                              f"{MAX_HEADER_BYTES}-byte limit; not a safetensors file, or corrupt")
-        if 8 + header_len > file_size:
-            raise HeaderError(f"{path}: header would span file bytes [8, {8 + header_len}) but the file is "
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+            if (head := os.pread(f.fileno(), 16, 0))[8:9] != b"{":
+                raise HeaderError(_not_safetensors(head, where))
+            if header_len > MAX_HEADER_BYTES:
+                raise HeaderError(f"{where}: header length {header_len} (file bytes [0, 8)) exceeds the "
+                                  f"{MAX_HEADER_BYTES}-byte limit; not a safetensors file, or corrupt")
+            raise HeaderError(f"{where}: header would span file bytes [8, {8 + header_len}) but the file is "
                               f"only {file_size} bytes; truncated or not a safetensors file: {_FIX}")
         raw = f.read(header_len)
     if len(raw) != header_len:
-        raise FileChangedError(f"{path}: file shrank while its header (file bytes [8, {8 + header_len})) "
+        raise FileChangedError(f"{where}: file shrank while its header (file bytes [8, {8 + header_len})) "
                                f"was read; got {len(raw)} bytes")
     header, data_start = _parse_json(raw, path), 8 + header_len
     metadata = header.pop("__metadata__", None)
@@ -362,7 +403,7 @@ def read_header(path: str | os.PathLike) -> Shard:
     specs = sorted((_entry(path, name, entry, data_start) for name, entry in header.items()),
                    key=lambda s: (s.start, s.end, s.name))
     _check_layout(path, specs, data_start, file_size)
-    return Shard(path, data_start, file_size, tuple(specs), metadata)
+    return Shard(path, data_start, file_size, tuple(specs), metadata, real, identity(st))
 
 
 def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
@@ -388,26 +429,33 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
     if not weight_map and not files:
         raise ShardIndexError(f"{index}: its weight_map is empty and {root} holds no *.safetensors file; "
                               "re-download the checkpoint")
-    resolved: dict[str, pathlib.Path] = {}   # each distinct shard name checked once, not per tensor
+    real: dict[str, pathlib.Path] = {}   # index name -> resolved file: each name checked once, not per tensor
     for name, shard in weight_map.items():
-        if isinstance(shard, str) and shard in resolved:
+        if isinstance(shard, str) and shard in real:
             continue
         rel = pathlib.PurePath(shard) if isinstance(shard, str) and shard else None
         if rel is None or rel.is_absolute() or ".." in rel.parts:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}; expected the "
                                   "name of a shard file in the index's folder")
-        if not (root / shard).is_file():
+        try:
+            stat_shard(root / shard)
+        except FileNotFoundError:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to shard {shard!r}, which is "
-                                  f"missing from {root}; download it or regenerate the index")
-        resolved[shard] = (root / shard).resolve()
-    paths = dict.fromkeys([resolved[shard] for shard in sorted(resolved)] or [p.resolve() for p in files])
+                                  f"missing from {root}; download it or regenerate the index") from None
+        except CheckpointError as e:
+            raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to shard {shard!r}: {e}") from None
+        real[shard] = real_path(root / shard)
+    by_real: dict[pathlib.Path, pathlib.Path] = {}  # resolved -> the index's (first) name for it
+    for shard in sorted(real):
+        by_real.setdefault(real[shard], root / shard)
+    paths = list(by_real.values()) or files   # an empty map: the folder's files
     ckpt = Checkpoint(root, tuple(read_header(p) for p in paths))  # one read per file, in name order
     for name, shard in weight_map.items():
         spec = ckpt.get(name)
         if spec is None:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but that shard "
                                   "does not contain it; the index and shards come from different saves")
-        if spec.shard != resolved[shard]:
+        if spec.shard != by_real[real[shard]]:
             raise ShardIndexError(f"{index}: weight_map maps tensor {name!r} to {shard!r}, but it is in "
                                   f"{spec.shard} (bytes [{spec.start}, {spec.end})); regenerate the index")
     for spec in ckpt.tensors:
@@ -419,12 +467,15 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Discover and validate every shard of ``path`` (a file or a folder); see the module docstring."""
-    root = pathlib.Path(path).resolve()
-    if not root.is_dir():  # a missing path raises FileNotFoundError from open()
-        return Checkpoint(root, (read_header(root),))
+    given = pathlib.Path(os.path.abspath(path))
+    root = real_path(given)
+    if not root.is_dir():  # a missing path raises FileNotFoundError from os.stat
+        return Checkpoint(root, (read_header(given),))
     if (root / INDEX_NAME).is_file():
         return _indexed(root, root / INDEX_NAME)
-    files = sorted((p for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file()),
+    # every *.safetensors entry but directories (never shards); a FIFO, a device or a link to
+    # nowhere is an error from read_header, not silently a missing shard
+    files = sorted((p for p in root.iterdir() if p.name.endswith(".safetensors") and not p.is_dir()),
                    key=lambda p: p.name)
     if not files:
         raise CheckpointError(f"{root}: folder holds neither {INDEX_NAME} nor any *.safetensors file; "

@@ -135,4 +135,8 @@ class Filler:
                     for lo, hi in _finished_ranges(p):
                         shard.release(lo, hi)
             shard.release_behind(run[-1].release_to)
+        # the file read is the file validated: a shard rewritten in place (its mtime moved) while
+        # this batch was read fails here, before any of the batch is handed on
+        for path in dict.fromkeys(p.spec.shard for p in pieces):
+            self.shards[path].verify()
         return {i: x for i, x in extra.items() if x is not None}

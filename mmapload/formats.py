@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, WIDE_FLOATS, Checkpoint, TensorSpec, dtype_name
+from .checkpoint import WIDE_FLOATS, Checkpoint, TensorSpec, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
 from .options import LoadOptions
@@ -54,20 +54,12 @@ Entry = tuple[str, str, tuple[int, ...]]
 
 
 def _shard_names(ckpt: Checkpoint) -> dict[Path, str]:
-    """Output file name (relative to the folder) of each input shard, as the input names it.
-
-    Shard paths in a Checkpoint are resolved (a Hugging Face cache links them to blobs), so
-    the names come from the index or the folder listing, not from the resolved paths.
-    """
+    """Output file name (relative to the folder) of each input shard, as the input names it:
+    Shard paths keep the index's or the folder's names (a Hugging Face cache links them to blobs)."""
     root = ckpt.root
     if not root.is_dir():
         return {ckpt.shards[0].path: "model.safetensors"}
-    if (root / INDEX_NAME).is_file():
-        names = json.loads((root / INDEX_NAME).read_text("utf-8"))["weight_map"].values()
-    else:
-        names = [p.name for p in root.iterdir() if p.name.endswith(".safetensors")]
-    by_path = {(root / n).resolve(): n for n in sorted(set(names))}
-    return {s.path: by_path.get(s.path, s.path.name) for s in ckpt.shards}
+    return {s.path: s.path.relative_to(root).as_posix() for s in ckpt.shards}
 
 
 def check_format(fmt, opts: LoadOptions) -> str:

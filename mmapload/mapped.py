@@ -28,15 +28,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._files import identity
 from .errors import FileChangedError
 
-__all__ = ["ShardReader", "MappedShard", "PAGE"]
+__all__ = ["ShardReader", "MappedShard", "PAGE", "IOV_MAX"]
 
 PAGE = mmap.PAGESIZE
 # Named in Python 3.13+; value 22 on Linux >= 5.14. Pre-faulting a range turns the SIGBUS a
 # truncated file would raise on access into an EFAULT we can report as an error.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-_IOV_MAX = 1024
+
+
+def _iov_max() -> int:
+    try:
+        n = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError, AttributeError):
+        n = -1
+    return n if n > 0 else 1024
+
+
+IOV_MAX = _iov_max()   # buffers per vectored read (preadv, process_vm_readv): EINVAL above it
 
 
 class _Iovec(ctypes.Structure):
@@ -69,29 +80,56 @@ def _ceil(x: int) -> int:
 
 
 class ShardReader:
-    """One shard file whose size must stay ``expected_size``; subclasses say how to read."""
+    """One shard file whose size must stay ``expected_size``; subclasses say how to read.
+
+    ``ident``: the file's ``identity()`` when its header was validated (``Shard.ident``); the
+    file opened must be that file, unchanged, and stay so (``verify``), else FileChangedError.
+    ``name``: how messages name it (``Shard.shown``); ``path`` is what is opened."""
 
     _open_flags = 0
     concurrent_copies = True    # copy_ranges of disjoint ranges may run on several threads
 
-    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True):
+    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True,
+                 ident: tuple | None = None, name: str | None = None):
         self.path = Path(path)
+        self.name = name or str(self.path)
         self.size = expected_size
+        self.ident = ident
         self.drop_page_cache = drop_page_cache
         self._released = 0          # bytes [0, _released) already given back
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | self._open_flags)
-        try:
-            self._check_size()
-        except BaseException:
+        self._fd = -1
+        self._open()
+
+    def _open(self) -> None:
+        """(Re)open ``path`` and check it is the validated file."""
+        # non-blocking: a FIFO swapped in for the shard must not hang open(); it fails verify()
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | self._open_flags)
+        if self._fd >= 0:
             os.close(self._fd)
+        self._fd = fd
+        try:
+            self.verify()
+            os.set_blocking(fd, True)
+        except BaseException:
+            ShardReader.close(self)
             raise
 
-    def _check_size(self) -> None:
-        actual = os.fstat(self._fd).st_size
-        if actual != self.size:
+    def verify(self) -> None:
+        """FileChangedError unless the open file still has its validated size (and identity:
+        device, inode, size, mtime). Readers call it before handing read bytes on."""
+        st = os.fstat(self._fd)
+        if st.st_size != self.size:
             raise FileChangedError(
-                f"{self.path}: file is {actual} bytes but its header describes {self.size}; "
+                f"{self.name}: file is {st.st_size} bytes but its header describes {self.size}; "
                 "it changed after the checkpoint was opened (do not rewrite shards while loading)")
+        if self.ident is not None and identity(st) != tuple(self.ident):
+            (dev, ino, _, mtime), now = self.ident, identity(st)
+            what = ("was replaced by another file (device/inode "
+                    f"{dev}/{ino} -> {now[0]}/{now[1]})" if now[:2] != (dev, ino) else
+                    f"was rewritten in place (mtime {mtime} -> {now[3]} ns)")
+            raise FileChangedError(
+                f"{self.name}: {what} after its header was validated; load again once the "
+                "checkpoint is complete (do not replace or rewrite shards while loading)")
 
     def _fadvise(self, lo: int, hi: int, advice: int) -> None:
         if hi > lo:
@@ -106,8 +144,8 @@ class ShardReader:
         while done < len(buf):
             n = os.preadv(self._fd, [buf[done:]], offset + done)
             if n == 0:
-                self._check_size()  # the file shrank: say so, with both sizes
-                raise FileChangedError(f"{self.path}: unexpected end of file at byte {offset + done}")
+                self.verify()  # the file shrank: say so, with both sizes
+                raise FileChangedError(f"{self.name}: unexpected end of file at byte {offset + done}")
             done += n
 
     # -- what the reader thread uses -------------------------------------------------
@@ -163,8 +201,8 @@ class ShardReader:
 class MappedShard(ShardReader):
     """A read-only map of the shard: zero-copy windows, page faults for reads."""
 
-    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True):
-        super().__init__(path, expected_size, drop_page_cache=drop_page_cache)
+    def __init__(self, path: Path, expected_size: int, **kw):
+        super().__init__(path, expected_size, **kw)
         self._populate_ok = True
         try:
             self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
@@ -187,7 +225,7 @@ class MappedShard(ShardReader):
     def view(self, lo: int, hi: int) -> np.ndarray:
         """Zero-copy uint8 view of file bytes [lo, hi). Holds the map open while alive."""
         if not 0 <= lo <= hi <= self.size:
-            raise ValueError(f"{self.path}: range [{lo}, {hi}) outside the file (0..{self.size})")
+            raise ValueError(f"{self.name}: range [{lo}, {hi}) outside the file (0..{self.size})")
         return self._array[lo:hi]
 
     def tensor(self, lo: int, hi: int) -> torch.Tensor:
@@ -203,7 +241,7 @@ class MappedShard(ShardReader):
 
     def populate(self, lo: int, hi: int) -> None:
         """Fault [lo, hi) in with one syscall; a file truncated under us becomes an error."""
-        self._check_size()
+        self.verify()
         if not self._populate_ok or hi <= lo:
             return
         start = _floor(lo)
@@ -217,15 +255,15 @@ class MappedShard(ShardReader):
         except OSError as e:
             if e.errno == errno.EFAULT:
                 raise FileChangedError(
-                    f"{self.path}: bytes [{lo}, {hi}) can no longer be read (file truncated or "
+                    f"{self.name}: bytes [{lo}, {hi}) can no longer be read (file truncated or "
                     "replaced while loading)") from None
             self._populate_ok = False  # EINVAL: kernel older than 5.14; plain faults still work
 
     def _kernel_copy(self, lo: int, dsts: list[np.ndarray]) -> bool:
         """Map bytes from ``lo`` into ``dsts`` via process_vm_readv; False if that syscall is
         not allowed here (seccomp), and the caller must copy itself."""
-        for k in range(0, len(dsts), _IOV_MAX):
-            part = dsts[k:k + _IOV_MAX]
+        for k in range(0, len(dsts), IOV_MAX):
+            part = dsts[k:k + IOV_MAX]
             n = sum(len(d) for d in part)
             local = (_Iovec * len(part))(*[(d.ctypes.data, len(d)) for d in part])
             remote = _Iovec(self._addr + lo, n)
@@ -234,16 +272,16 @@ class MappedShard(ShardReader):
                 err = ctypes.get_errno() if got < 0 else errno.EFAULT
                 if got < 0 and err in (errno.EPERM, errno.ENOSYS) and k == 0:
                     return False
-                self._check_size()   # the file shrank: say so, with both sizes
+                self.verify()   # the file shrank: say so, with both sizes
                 raise FileChangedError(
-                    f"{self.path}: bytes [{lo + max(got, 0)}, {lo + n}) can no longer be read from the "
+                    f"{self.name}: bytes [{lo + max(got, 0)}, {lo + n}) can no longer be read from the "
                     f"map ({os.strerror(err)}; file truncated or replaced while loading?)")
             lo += n
         return True
 
     def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
         dsts = [d for d in dsts if len(d)]
-        self._check_size()
+        self.verify()
         if self._kernel_copies and self._kernel_copy(lo, dsts):
             return
         self._kernel_copies = False
@@ -258,7 +296,7 @@ class MappedShard(ShardReader):
     def copy_strided(self, lo: int, stride: int, dsts: list[np.ndarray]) -> None:
         """With pread, not through the map: faulting each short row into our RSS and dropping it
         again row by row (an madvise each, TLB shootdowns included) measured 3-4x slower."""
-        self._check_size()
+        self.verify()
         for k, d in enumerate(dsts):
             self._read(lo + k * stride, memoryview(d).cast("B"))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FileChangedError
-from .mapped import PAGE, ShardReader
+from .mapped import IOV_MAX, PAGE, ShardReader
 
 __all__ = ["PreadShard", "DirectShard", "open_reader"]
 
@@ -34,28 +34,29 @@ class PreadShard(ShardReader):
     def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
         """One vectored read scatters a file-contiguous run into its slot places."""
         bufs = [memoryview(d).cast("B") for d in dsts if len(d)]
-        got = os.preadv(self._fd, bufs, lo) if bufs else 0
-        for b in bufs:                 # a short read: finish buffer by buffer
-            if got < len(b):
-                self._read(lo + got, b[got:])
-                got = len(b)
-            lo, got = lo + len(b), got - len(b)
+        for k in range(0, len(bufs), IOV_MAX):       # at most IOV_MAX buffers a call (EINVAL)
+            part = bufs[k:k + IOV_MAX]
+            got = os.preadv(self._fd, part, lo)
+            for b in part:                 # a short read: finish buffer by buffer
+                if got < len(b):
+                    self._read(lo + got, b[got:])
+                    got = len(b)
+                lo, got = lo + len(b), got - len(b)
 
 
 class DirectShard(PreadShard):
     _open_flags = getattr(os, "O_DIRECT", 0)
     concurrent_copies = False   # one bounce buffer
 
-    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True,
-                 max_read: int = 16 << 20):
+    def __init__(self, path: Path, expected_size: int, *, max_read: int = 16 << 20, **kw):
         try:
-            super().__init__(path, expected_size, drop_page_cache=drop_page_cache)
+            super().__init__(path, expected_size, **kw)
         except OSError as e:
             if not self._open_flags or isinstance(e, FileNotFoundError):
                 raise
             self._warn(e)
             self._open_flags = 0
-            super().__init__(path, expected_size, drop_page_cache=drop_page_cache)
+            super().__init__(path, expected_size, **kw)
         self._bounce = mmap.mmap(-1, max_read + 2 * PAGE)     # anonymous: page-aligned
         self._bounce_np = np.frombuffer(self._bounce, dtype=np.uint8)
         self._direct = bool(self._open_flags)
@@ -77,8 +78,8 @@ class DirectShard(PreadShard):
                 return super().copy_into(lo, hi, dst)
             want = min(b, self.size) - a
             if got < want:
-                self._check_size()
-                raise FileChangedError(f"{self.path}: unexpected end of file at byte {a + got}")
+                self.verify()
+                raise FileChangedError(f"{self.name}: unexpected end of file at byte {a + got}")
             s, t = max(lo, a), min(hi, b)
             dst[s - lo:t - lo] = self._bounce_np[s - a:t - a]
 
@@ -97,22 +98,22 @@ class DirectShard(PreadShard):
             self._fall_back(e)
             return super().copy_ranges(lo, dsts)
         if got < min(end, self.size) - start:
-            self._check_size()
-            raise FileChangedError(f"{self.path}: unexpected end of file at byte {start + got}")
+            self.verify()
+            raise FileChangedError(f"{self.name}: unexpected end of file at byte {start + got}")
         at = lo - start
         for d in dsts:
             d[:] = self._bounce_np[at:at + len(d)]
             at += len(d)
 
     def _warn(self, e: OSError) -> None:
-        warnings.warn(f"mmapload: O_DIRECT on {self.path} refused ({e}); using pread "
+        warnings.warn(f"mmapload: O_DIRECT on {self.name} refused ({e}); using pread "
                       "(the page cache will hold what is read)", stacklevel=3)
 
     def _fall_back(self, e: OSError) -> None:
         self._warn(e)
         self._direct = False
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._open_flags = 0
+        self._open()     # the validated file again, or FileChangedError
 
     def prefetch(self, lo: int, hi: int) -> None:
         if not self._direct:
@@ -127,11 +128,14 @@ class DirectShard(PreadShard):
         super().close()
 
 
-def open_reader(io: str, path: Path, expected_size: int, *, drop_page_cache: bool,
-                max_read: int) -> ShardReader:
+def open_reader(io: str, shard, *, drop_page_cache: bool, max_read: int) -> ShardReader:
+    """The reader of ``shard`` (a checkpoint.Shard) for ``io``: its resolved file, checked to be
+    the file validated (``Shard.ident``), named in messages as the user names it."""
     from .mapped import MappedShard
+    kw = dict(drop_page_cache=drop_page_cache, ident=shard.ident, name=shard.shown)
+    path = shard.real or shard.path
     if io == "mmap":
-        return MappedShard(path, expected_size, drop_page_cache=drop_page_cache)
+        return MappedShard(path, shard.file_size, **kw)
     if io == "pread":
-        return PreadShard(path, expected_size, drop_page_cache=drop_page_cache)
-    return DirectShard(path, expected_size, drop_page_cache=drop_page_cache, max_read=max_read)
+        return PreadShard(path, shard.file_size, **kw)
+    return DirectShard(path, shard.file_size, max_read=max_read, **kw)

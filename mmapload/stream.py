@@ -95,8 +95,7 @@ class _Pipeline:
         progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
         try:
             for s in self.ckpt.shards:
-                self.shards[s.path] = open_reader(opts.io, s.path, s.file_size,
-                                                  drop_page_cache=opts.drop_page_cache,
+                self.shards[s.path] = open_reader(opts.io, s, drop_page_cache=opts.drop_page_cache,
                                                   max_read=opts.slot_bytes)
             if not self.batches:
                 return

@@ -23,7 +23,7 @@ from mmapload.checkpoint import (
     open_checkpoint,
     read_header,
 )
-from mmapload.errors import CheckpointError, FileChangedError, HeaderError, MmapLoadError, ShardIndexError
+from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -382,10 +382,10 @@ def test_missing_path(tmp_path):
         read_header(tmp_path / "nope.safetensors")
 
 
-def test_os_errors_propagate_unwrapped(tmp_path):
-    with pytest.raises(IsADirectoryError) as info:
+def test_a_directory_is_no_shard(tmp_path):
+    # refused before open() (issue 13: only regular files are opened as shards)
+    with raises(CheckpointError, tmp_path, "is a directory, not a regular file"):
         read_header(tmp_path)
-    assert not isinstance(info.value, MmapLoadError)
 
 
 def test_folder_without_shards(tmp_path):

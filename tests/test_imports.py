@@ -6,7 +6,8 @@ from pathlib import Path
 import mmapload
 
 ORDER = [
-    {"errors", "_procmem", "_progress"},          # leaf utilities
+    {"errors", "_procmem", "_progress"},
+    {"_files"},                                   # opening shard files (regular, identity)          # leaf utilities
     {"checkpoint"},                               # index: shards and headers
     {"mapped"},                                   # mmap reader
     {"pread"},                                    # pread / O_DIRECT readers
