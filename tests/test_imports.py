@@ -6,8 +6,9 @@ from pathlib import Path
 import mmapload
 
 ORDER = [
-    {"errors", "_procmem", "_progress"},
-    {"_files"},                                   # opening shard files (regular, identity)          # leaf utilities
+    {"errors", "_procmem", "_progress"},          # leaf utilities
+    {"_files"},                                   # opening shard files (regular, identity)
+    {"dtypes"},                                   # every safetensors dtype: bits, torch dtype
     {"checkpoint"},                               # index: shards and headers
     {"mapped"},                                   # mmap reader
     {"pread"},                                    # pread / O_DIRECT readers
