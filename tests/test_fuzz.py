@@ -11,7 +11,8 @@ mmapload disagree about whether a file loads, only the README's deliberate diffe
 keeps unquantized is bit-identical to safetensors' and every FP8 weight dequantizes close to it.
 
 Size: ``MMAPLOAD_FUZZ_EXAMPLES`` inputs (default 200) in batches of ``MMAPLOAD_FUZZ_BATCH`` (40).
-A failing batch's files are kept under ``MMAPLOAD_FUZZ_REPROS`` (default: pytest's tmp dir).
+A failing batch's files are kept under ``MMAPLOAD_FUZZ_REPROS`` (default: pytest's tmp dir); with
+``MMAPLOAD_FUZZ_LOG=file`` problems are appended there and the run goes on (long local runs).
 """
 
 from __future__ import annotations
@@ -615,6 +616,12 @@ def _check(inputs, tmp: Path):
             for p in judge(job, res):
                 problems.append("%s (mutation %r): %s" % (job["path"], inp, p))
     _tally(verdicts or [])
+    if problems and os.environ.get("MMAPLOAD_FUZZ_LOG"):   # long local runs: log and go on
+        with open(os.environ["MMAPLOAD_FUZZ_LOG"], "a") as f:
+            f.write("\n\n".join(problems) + "\n\n")
+        if keep:
+            shutil.copytree(tmp, Path(keep) / tmp.name, dirs_exist_ok=True)
+        return
     if problems:
         if keep:
             dst = Path(keep) / tmp.name
