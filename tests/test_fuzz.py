@@ -378,7 +378,7 @@ def write_input(root: Path, inp) -> dict:
 # --------------------------------------------------------------------------- the child
 
 _RUNNER = textwrap.dedent(r'''
-import hashlib, json, os, shutil, signal, sys, tempfile, threading, time, traceback, warnings
+import gc, hashlib, json, os, shutil, signal, sys, tempfile, threading, time, traceback, warnings
 warnings.simplefilter("ignore")
 import torch
 torch.set_num_threads(1)
@@ -517,8 +517,9 @@ def one(job, targets):
                  "tb": traceback.format_exc()[-1500:]}
         finally:
             signal.alarm(0)
-        import gc; gc.collect()
         v["threads"] = leaked_threads()
+        if set(fds()) - set(before):      # maybe only garbage not yet collected: collect, look again
+            gc.collect()                  # (not on every call: a collection costs ~0.1 s with torch)
         after = fds()
         v["fds"] = sorted(set(after) - set(before))
         if v["fds"]:
@@ -529,7 +530,8 @@ def one(job, targets):
                 except OSError:
                     pass
             # a leaked fd may be transient (a closing file object): give it one more look
-            time.sleep(0.05); gc.collect()
+            time.sleep(0.05)
+            gc.collect()
             v["fds"] = sorted(set(fds()) - set(before))
         res[t] = v
     shutil.rmtree(tmp, ignore_errors=True)
