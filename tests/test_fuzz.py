@@ -169,8 +169,33 @@ INDEX_MUTATIONS = st.one_of(
 
 
 @st.composite
+def benign_mutation(draw, n_entries):
+    """Edits after which safetensors still loads the file, mostly: the differential's food."""
+    kind = draw(st.sampled_from(["extra_key", "metadata", "rename", "drop_entry", "flip", "pad", "dup"]))
+    i = draw(st.integers(0, n_entries - 1))
+    if kind == "extra_key":
+        return {"header": [["extra_key", i, draw(st.sampled_from(["extra", "", "dtype2"])),
+                            draw(st.sampled_from(ODD_VALUES))]], "bytes": []}
+    if kind == "metadata":
+        return {"header": [["metadata", draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)),
+                            draw(st.booleans())]], "bytes": []}
+    if kind == "rename":
+        return {"header": [["rename", i, draw(st.one_of(st.sampled_from(NAMES), st.text(max_size=12)))]],
+                "bytes": []}
+    if kind == "drop_entry":   # a hole in the data section (safetensors refuses it) unless it is the last
+        return {"header": [["drop_entry", i, 0]], "bytes": []}
+    if kind == "flip":         # values: NaN / Inf / denormals in any tensor
+        return {"header": [], "bytes": [("flip_data", draw(st.integers(0, 800)), draw(st.integers(0, 255)))]}
+    if kind == "pad":
+        return {"header": [], "bytes": [("header_pad", draw(st.sampled_from([" ", "  ", "\n", "\t"])))]}
+    return {"header": [["duplicate_name", i, 0]], "bytes": []}
+
+
+@st.composite
 def an_input(draw):
-    if draw(st.integers(0, 3)) > 0:      # 3 of 4: a single-file checkpoint
+    if draw(st.integers(0, 3)) == 0:     # 1 of 4: a benign edit of a single file
+        return {"kind": "file", "shard": draw(benign_mutation(len(BASE)))}
+    if draw(st.integers(0, 2)) > 0:      # then 2 of 3: a single-file checkpoint
         return {"kind": "file", "shard": draw(file_mutation(len(BASE)))}
     which = draw(st.sampled_from(["shard0", "shard1", "index", "index+shard"]))
     out = {"kind": "dir", "index": [], "shards": [None, None]}
@@ -204,8 +229,8 @@ def _header_text(entries, meta, muts) -> str:
             continue
         i = m[1] % len(entries)
         name, e = entries[i]
-        if kind == "dtype":
-            e["dtype"] = m[2] if isinstance(e, dict) else e
+        if kind == "dtype" and isinstance(e, dict):
+            e["dtype"] = m[2]
         elif kind == "shape" and isinstance(e, dict):
             e["shape"] = m[2]
         elif kind == "offsets" and isinstance(e, dict):
@@ -304,14 +329,15 @@ def _index_text(muts) -> str:
     cut = 0
     for m in muts:
         k = m[0]
-        if k == "map_file" and isinstance(idx.get("weight_map"), dict) and idx["weight_map"]:
+        wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+        if k == "map_file" and isinstance(wmap, dict) and idx["weight_map"]:
             n = names[m[1] % len(names)]
             idx["weight_map"][n] = m[2]
-        elif k == "map_drop" and isinstance(idx.get("weight_map"), dict):
+        elif k == "map_drop" and isinstance(wmap, dict):
             idx["weight_map"].pop(names[m[1] % len(names)], None)
-        elif k == "map_add" and isinstance(idx.get("weight_map"), dict):
+        elif k == "map_add" and isinstance(wmap, dict):
             idx["weight_map"][m[1]] = m[2]
-        elif k == "map_value":
+        elif k == "map_value" and isinstance(idx, dict):
             idx["weight_map"] = m[1]
         elif k == "index_value":
             idx = m[1]
