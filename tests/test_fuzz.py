@@ -695,7 +695,10 @@ def test_base_checkpoint_loads_everywhere(tmp_path):
         assert judge(job, res) == []
 
 
+# CI runs a fixed set of inputs (derandomized: a landing is never blocked by a draw no one saw before);
+# a local run with MMAPLOAD_FUZZ_EXAMPLES set explores new draws each time.
 @settings(max_examples=max(1, -(-EXAMPLES // BATCH)), deadline=None, database=None,
+          derandomize="MMAPLOAD_FUZZ_EXAMPLES" not in os.environ,
           phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
 @given(st.lists(an_input(), min_size=BATCH, max_size=BATCH))
