@@ -215,19 +215,23 @@ class Policy:
             return _kept(f"{spec.dtype} (not a float to quantize)", base.kind)
         if len(spec.shape) < 2 or spec.numel == 0:
             return _kept("rank < 2 (norms, biases, vectors)" if len(spec.shape) < 2 else "no elements", base.kind)
-        module = _module_of(spec.name)
-        classes = self._judge.classes(spec.name) if self._judge else ()
-        if base.kind == LINEAR and "Linear" not in classes:
-            classes += ("Linear",)   # the name rule's Linear weights match the target "Linear" too
         if any(_skip_matches(spec.name, p) for p in self._skip):
             return Decision(False, "skip option", base.kind)
-        if any(matches_module(module, p, classes) or p == spec.name for p in self._ignore):
+        if any(self.matches(spec, p, base.kind) for p in self._ignore):
             return Decision(False, "ignore option", base.kind)
         if self._targets is not None:
-            if any(matches_module(module, p, classes) or p == spec.name for p in self._targets):
+            if any(self.matches(spec, p, base.kind) for p in self._targets):
                 return Decision(True, "targets option", base.kind)
             return Decision(False, "not in targets", base.kind)
         return base
+
+    def matches(self, spec: TensorSpec, pattern: str, kind: str) -> bool:
+        """An ``ignore`` / ``targets`` pattern against the tensor's module (name, ``re:``, class
+        name) or its full name; the name rule's Linear weights (``kind``) match "Linear" too."""
+        classes = self._judge.classes(spec.name) if self._judge else ()
+        if kind == LINEAR and "Linear" not in classes:
+            classes += ("Linear",)
+        return matches_module(_module_of(spec.name), pattern, classes) or pattern == spec.name
 
     def narrowed(self, veto: Callable[[TensorSpec, Decision], str | None]) -> "Policy":
         """This policy, but a tensor it quantizes is kept where ``veto(spec, decision)`` gives a
@@ -275,10 +279,9 @@ def _warn_unmatched(policy: Policy, ckpt: Checkpoint) -> Policy:
     """A ``targets`` / ``ignore`` pattern that matches no tensor is most likely a typo: say so."""
     patterns = [("targets", p) for p in policy._targets or ()] + [("ignore", p) for p in policy._ignore]
     if patterns:
-        seen = {(_module_of(s.name), policy._judge.classes(s.name) if policy._judge else (), s.name)
-                for s in ckpt.tensors if s.dtype in FLOAT_DTYPES and len(s.shape) >= 2}
+        seen = [(s, policy.decide(s).kind) for s in ckpt.tensors if s.dtype in FLOAT_DTYPES and len(s.shape) >= 2]
         for option, p in patterns:
-            if not any(matches_module(m, p, cls + ("Linear",)) or p == n for m, cls, n in seen):
+            if not any(policy.matches(s, p, kind) for s, kind in seen):
                 warnings.warn(f"{ckpt.root}: {option} pattern {p!r} matches no tensor of the checkpoint "
                               "(module names, 're:' + a regex from the start of the name, or class names "
                               "such as 'Linear')", MmapLoadWarning, stacklevel=4)
