@@ -31,7 +31,7 @@ import pathlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 
@@ -44,7 +44,7 @@ __all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "MA
            "TensorSpec", "Shard", "Checkpoint", "dtype_name", "torch_dtype_of", "torch_shape", "nbytes_of",
            "read_header", "open_checkpoint"]
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000     # safetensors' MAX_HEADER_SIZE: the same files are refused unread
 MAX_INDEX_BYTES = MAX_HEADER_BYTES   # model.safetensors.index.json: a bigger one is refused unread
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = ["data_offsets", "dtype", "shape"]
@@ -52,14 +52,16 @@ _FIX = "re-download or re-save the checkpoint"
 _INT64_MAX = 2**63 - 1
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """Where one tensor lives: ``start``/``end`` are absolute byte offsets in ``shard``.
 
     ``dtype`` and ``shape`` are the header's (safetensors names: "BF16", "F4", ...). Loaded,
     a tensor that is not quantized comes out as ``torch_dtype`` of ``torch_shape``, holding the
     file's bytes: the dtype's own torch dtype and the header's shape where torch has one;
     ``torch.uint8`` bytes where the installed torch has none (``raw``); see ``torch_shape``.
+
+    An immutable record (a NamedTuple: a header may hold millions of entries, and building a
+    tuple costs half of what a frozen dataclass does); ``read_header`` validates it.
     """
 
     name: str
@@ -68,15 +70,6 @@ class TensorSpec:
     shard: pathlib.Path
     start: int
     end: int
-
-    def __post_init__(self) -> None:
-        # Non-empty tensors are bounded by their bytes; an empty one is not: torch holds sizes
-        # and contiguous strides (products of the later sizes) in int64
-        if 0 in self.shape and (max(self.shape) > _INT64_MAX or math.prod(max(d, 1) for d in self.shape[1:])
-                                > _INT64_MAX):
-            raise HeaderError(f"{self.shard}: tensor {self.name!r} (file bytes [{self.start}, {self.end})) has "
-                              f"shape {list(self.shape)}: no element, but sizes whose products exceed "
-                              f"int64 ({_INT64_MAX}), which torch cannot hold; {_FIX}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -227,21 +220,36 @@ def _unencodable(text: str) -> bool:
     return False
 
 
-def _entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> TensorSpec:
+def _entry(path: pathlib.Path, name: str, entry: object, data_start: int, *, _spec=TensorSpec, _bits=BITS,
+           _prod=math.prod, _list=list, _int=int) -> TensorSpec:
     """One header entry as a TensorSpec: the checks of ``_refuse`` in a fast path (headers may hold
-    millions of entries), which builds the message when one fails."""
+    millions of entries; the defaults bind globals as locals), which builds the message when one fails."""
     try:   # keys beyond these three are ignored, as safetensors does
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        bits = BITS[dtype]
-        if type(shape) is list and type(offsets) is list and len(offsets) == 2 and type(dtype) is str \
-                and all(type(d) is int and d >= 0 for d in shape):
+        bits = _bits[dtype]   # a str key (a list or dict is unhashable: TypeError)
+        if type(shape) is _list and type(offsets) is _list and len(offsets) == 2:
             begin, end = offsets
-            if type(begin) is int and type(end) is int and 0 <= begin <= end \
-                    and (end - begin) * 8 == math.prod(shape) * bits:
-                return TensorSpec(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+            shape = tuple(shape)
+            # min() first: it raises TypeError on mixed types, and is C-speed on a long shape
+            if type(begin) is _int and type(end) is _int and 0 <= begin <= end \
+                    and (not shape or (min(shape) >= 0 and all(type(d) is _int for d in shape))) \
+                    and (end - begin) * 8 == _prod(shape) * bits:
+                if begin == end and 0 in shape and (len(shape) > 2 or max(shape) > _INT64_MAX):
+                    _fits_torch(path, name, shape, data_start + begin)   # rare: see there
+                return _spec(name, dtype, shape, path, data_start + begin, data_start + end)
     except (TypeError, KeyError, IndexError):
         pass
     _refuse(path, name, entry, data_start)
+
+
+def _fits_torch(path: pathlib.Path, name: str, shape: tuple[int, ...], start: int) -> None:
+    # Non-empty tensors are bounded by their bytes; an empty one is not: torch holds sizes
+    # and contiguous strides (products of the later sizes) in int64. With two dims or fewer the
+    # one later size is bounded by max(shape), so _entry only calls this for more or for a huge one.
+    if max(shape) > _INT64_MAX or math.prod(max(d, 1) for d in shape[1:]) > _INT64_MAX:
+        raise HeaderError(f"{path}: tensor {name!r} (file bytes [{start}, {start})) has shape {list(shape)}: "
+                          f"no element, but sizes whose products exceed int64 ({_INT64_MAX}), which torch "
+                          f"cannot hold; {_FIX}")
 
 
 def _refuse(path: pathlib.Path, name: str, entry: object, data_start: int) -> NoReturn:

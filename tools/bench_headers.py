@@ -6,7 +6,8 @@ Writes one shard whose header holds ``--tensors`` zero-size tensors (``"t<i>": F
 fresh process and prints its wall seconds and peak RSS (``ru_maxrss``), and the peak above the
 process's RSS after its imports:
 
-* ``safe_open``: ``safetensors.safe_open(path, "pt")`` and its ``keys()``;
+* ``safe_open``: ``safetensors.safe_open(path, "pt")`` and its ``keys()`` (the parse alone);
+* ``load_file``: ``safetensors.torch.load_file``, every tensor built (what ``stream_quantize`` returns);
 * ``open_checkpoint``: mmapload's header parse and validation alone;
 * ``stream_quantize`` (``io="mmap"``), ``inspect`` (``mmapload.project.project``), ``convert``.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 TARGETS = {
     "safe_open": "from safetensors import safe_open\nwith safe_open(P, 'pt') as f: n = len(f.keys())",
+    "load_file": "from safetensors.torch import load_file\nn = len(load_file(P))",
     "open_checkpoint": "from mmapload.checkpoint import open_checkpoint\nn = len(open_checkpoint(P).tensors)",
     "stream_quantize": "from mmapload import stream_quantize\nn = len(stream_quantize(P, 'cpu', policy='names'))",
     "inspect": "from mmapload.project import project\nn = project(P, 'cpu', policy='names').tensors",
