@@ -11,7 +11,7 @@ from .fp8 import Granularity
 from .options import LoadOptions
 from .result import LoadReport, QuantizedModel, QuantizedTensor
 from .stream import iter_quantized, stream_quantize
-from .export import convert
+from .converter import convert
 
 __all__ = [
     "stream_quantize", "iter_quantized", "convert",

@@ -78,7 +78,7 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from .export import convert
+    from .converter import convert
     t0 = time.perf_counter()
     out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, format=a.format, **_load_kwargs(a))
     n = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -87,14 +87,14 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def _inspect(a: argparse.Namespace) -> int:
-    from .project import project
-    p = project(a.checkpoint, a.device, top=a.top, **_load_kwargs(a))
+    from .estimate import estimate
+    p = estimate(a.checkpoint, a.device, top=a.top, **_load_kwargs(a))
     print(json.dumps(p.as_dict(a.device_memory), indent=2) if a.json else p.format(a.device_memory))
     return 0
 
 
-# -- profile: each loader in a fresh process, sampled by mmapload.profile ----------------------
-from .loaders import ALL_STRATEGIES, STRATEGIES  # noqa: E402 - grouped with the profile command it serves
+# -- profile: each loader in a fresh process, sampled by mmapload.bench.sampler ----------------------
+from .bench import ALL_STRATEGIES, STRATEGIES  # noqa: E402 - names only; the harness loads lazily
 
 
 def _strategies(text: str) -> list[str]:
@@ -115,9 +115,9 @@ def _seconds(text: str) -> float:
 
 def _profile(a: argparse.Namespace) -> int:
     from .checkpoint import open_checkpoint
-    from .loaders import drop_cache, run_in_fresh_process
-    from .profile import Sample
-    from .timeline import plot, write_csv
+    from .bench.loaders import drop_cache, run_in_fresh_process
+    from .bench.sampler import Sample
+    from .bench.timeline import plot, write_csv
     if a.cold and not hasattr(os, "posix_fadvise"):
         print("mmapload: error: --cold needs posix_fadvise (Linux)", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .fp8 import Granularity, Quantizer, merge_amax
-from .mapped import ShardReader
+from .readers import ShardReader
 from .plan import Batch, Piece, runs, split_run
 from .ring import CopyPool
 

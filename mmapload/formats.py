@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WIDE_FLOATS, Checkpoint, TensorSpec, dtype_name
+from .checkpoint import Checkpoint, TensorSpec, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
 from .options import LoadOptions
-from .pairs import fp8_pairs, unscaled_fp8
+from .prequantized import fp8_pairs, unscaled_fp8
 from .policy import LINEAR, Policy
 
 __all__ = ["FORMATS", "SCALE_SUFFIX", "Entry", "check_format", "scale_suffix", "ignored_modules",

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import device as _device
-from . import profile as _profile
+from . import phases
 from ._procmem import read_mem
 from ._progress import Progress
 from .assemble import Assembler, Loaded
@@ -24,10 +24,10 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import DeviceError, OptionsError
 from .fill import Filler
-from .mapped import ShardReader
+from .readers import ShardReader
 from .options import LoadOptions
-from .pairs import fp8_pairs, paired, unscaled_fp8
-from .pread import open_reader
+from .prequantized import fp8_pairs, paired, unscaled_fp8
+from .readers import open_reader
 from .policy import LINEAR, Policy, policy_for
 from .plan import plan_batches, scale_groups, split_groups
 from .result import LoadReport, QuantizedModel, flat as _flatten
@@ -65,7 +65,7 @@ class _Pipeline:
 
     def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
         """Quantize / copy every piece of one batch; yield the tensors it completes."""
-        _profile.mark("quantize")
+        phases.mark("quantize")
         t1 = time.perf_counter()
         finished = []
         for i, piece in enumerate(lease.item.pieces):
@@ -83,7 +83,7 @@ class _Pipeline:
     def run(self) -> Iterator[tuple[str, Loaded]]:
         opts, dev = self.opts, self.device
         t0 = time.perf_counter()
-        _profile.mark("open")
+        phases.mark("open")
         self.report.rss_before = read_mem().rss
         self._sample()
         if dev.type == "cuda":
@@ -108,7 +108,7 @@ class _Pipeline:
                           {g: self.groups[g] for g in self.prepass}, self._into_outputs, self._sample)
             mover = _device.mover_class(dev)(dev, stage_bytes, self.hold_bytes)
             asm = Assembler(opts, dev, mover)
-            _profile.mark("read")
+            phases.mark("read")
             stages = staged(self.batches, ring, fill, self.times)
             # A copying mover (CUDA) looks one batch ahead: batch k+1's copy is queued on the
             # copy stream before batch k is quantized, so the two overlap. (On the CPU the
@@ -125,7 +125,7 @@ class _Pipeline:
             if pending is not None:
                 yield from self._consume(asm, mover, *pending, progress)
         finally:
-            _profile.mark("done")
+            phases.mark("done")
             if stages is not None:
                 stages.close()  # joins the reader thread, also on exceptions and early close
             self._pool.close()  # then its copy threads

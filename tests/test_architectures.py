@@ -17,7 +17,7 @@ from mmapload.checkpoint import open_checkpoint  # noqa: E402
 from mmapload.nn import FP8Linear, load_into  # noqa: E402
 from mmapload.options import LoadOptions  # noqa: E402
 from mmapload.policy import policy_for  # noqa: E402
-from mmapload.project import project  # noqa: E402
+from mmapload.estimate import estimate  # noqa: E402
 
 BLOCK = (32, 32)   # the tiny models' sides (64, 128) are whole blocks; Mamba's x_proj / dt_proj are not
 ATTN = r"model\.layers\.\d\.self_attn\.[qkvo]_proj\.weight"
@@ -87,12 +87,12 @@ def test_the_name_rule_alone_gets_the_families_right(kind, built):
 
 def test_inspect_names_the_rule_that_kept_each_tensor(built):
     folder, _ = built("mixtral")
-    text = project(folder, "cpu").format()
+    text = estimate(folder, "cpu").format()
     assert "decided by MixtralForCausalLM" in text
     assert re.search(r"2 x +name rule: MoE router: .*block_sparse_moe\.gate\.weight", text)
     assert re.search(r"1 x +MixtralForCausalLM: embedding \(Embedding\)", text)
     folder, _ = built("gpt2")
-    assert "GPT2LMHeadModel: GPT-2 Conv1D, stored [in, out] (Conv1D)" in project(folder, "cpu").format()
+    assert "GPT2LMHeadModel: GPT-2 Conv1D, stored [in, out] (Conv1D)" in estimate(folder, "cpu").format()
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])

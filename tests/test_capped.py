@@ -101,7 +101,7 @@ def _compare(src: Path, dst: Path, ring: int) -> dict:
 def test_convert_fits_under_the_limit_and_matches_in_memory(big, tmp_path, io):
     dst = tmp_path / "fp8"
     opts = dict(ring_bytes=RING, io=io)
-    r = _capped(f"from mmapload.export import convert; convert({str(big)!r}, {str(dst)!r}, **{opts!r})", big)
+    r = _capped(f"from mmapload.converter import convert; convert({str(big)!r}, {str(dst)!r}, **{opts!r})", big)
     assert r["exit_code"] == 0 and not r["oom_kill"], r["stderr"][-3000:]
     assert r["limit_bytes"] == LIMIT_BYTES and 0 < r["peak_bytes"] < LIMIT_BYTES
 

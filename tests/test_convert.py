@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import mmapload
-from mmapload import export
+from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import scale_shape
 from mmapload.options import LoadOptions
@@ -269,7 +269,7 @@ def _tree_bytes(d: Path) -> int:
 
 def test_sigkill_mid_conversion_leaves_nothing_complete_looking(medium, tmp_path):
     dst = tmp_path / "out"
-    code = (f"from mmapload.export import convert; convert({str(medium)!r}, {str(dst)!r}, "
+    code = (f"from mmapload.converter import convert; convert({str(medium)!r}, {str(dst)!r}, "
             f"ring_bytes=1 << 20)")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     partial = tmp_path / f".out.mmapload-partial-{child.pid}"

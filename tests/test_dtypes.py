@@ -16,7 +16,7 @@ from safetensors import safe_open
 from mmapload import convert, iter_quantized, stream_quantize
 from mmapload.checkpoint import BITS, DTYPES, open_checkpoint, read_header, torch_shape
 from mmapload.errors import HeaderError
-from mmapload.project import project
+from mmapload.estimate import estimate
 from mmapload.result import QuantizedTensor
 from mmapload.writer import SafetensorsWriter
 
@@ -183,7 +183,7 @@ def test_writer_takes_dtype_names_and_torch_dtypes(tmp_path):
 
 
 def test_inspect_totals_every_dtype(ckpt_dir):
-    p = project(ckpt_dir, "cpu")
+    p = estimate(ckpt_dir, "cpu")
     src = _source(ckpt_dir)
     want: dict[str, tuple[int, int]] = {}
     for dtype, _, data in src.values():

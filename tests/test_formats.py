@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import mmapload
-from mmapload import export
+from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import dequantize, scale_shape
 from mmapload.options import LoadOptions

@@ -410,7 +410,7 @@ import torch
 torch.set_num_threads(1)
 import mmapload
 from mmapload import MmapLoadError, NonFiniteError, QuantizedTensor
-from mmapload.project import project
+from mmapload.estimate import estimate
 from safetensors import safe_open
 
 TIMEOUT = int(sys.argv[2])
@@ -489,7 +489,7 @@ def run_target(target, job, ref, tmp):
         del m
         return digest, bad
     if target == "inspect":
-        pr = project(p, "cpu")
+        pr = estimate(p, "cpu")
         s = pr.format()
         return hashlib.sha1(s.encode("utf-8", "surrogatepass")).hexdigest()[:12], []
     dst = os.path.join(tmp, "out")

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmapload import MmapLoadWarning, ShardIndexError, convert, stream_quantize
-from mmapload import cli, checkpoint, export, outdir
+from mmapload import cli, checkpoint, outdir
+from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint
 
 

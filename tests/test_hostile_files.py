@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from mmapload import convert, iter_quantized, stream_quantize
 from mmapload.checkpoint import open_checkpoint
 from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
-from mmapload.mapped import IOV_MAX
-from mmapload.project import project
+from mmapload.readers import IOV_MAX
+from mmapload.estimate import estimate
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def many_scales(tmp_path):
 def test_more_tensors_in_one_run_than_iov_max(many_scales, io, monkeypatch, no_thread_leak):
     path, tensors = many_scales
     if io == "direct-fallback":   # where O_DIRECT is refused, direct reads with preadv
-        from mmapload.pread import DirectShard
+        from mmapload.readers import DirectShard
         monkeypatch.setattr(DirectShard, "_open_flags", 0)
         io = "direct"
     model = stream_quantize(path, "cpu", io=io)
@@ -152,7 +152,7 @@ def _every_entry_point(path, tmp_path):
         with pytest.raises(CheckpointError) as e1:
             stream_quantize(path, "cpu")
         with pytest.raises(CheckpointError) as e2:
-            project(path, "cpu")
+            estimate(path, "cpu")
         with pytest.raises(CheckpointError) as e3:
             convert(path, tmp_path / "out")
     return [str(e.value) for e in (e1, e2, e3)]
@@ -224,7 +224,7 @@ def test_hf_snapshot_shards_keep_their_names(hf_snapshot):
                                           hf_snapshot / "model-00002-of-00002.safetensors"]
     assert ck["c"].shard == hf_snapshot / "model-00002-of-00002.safetensors"
     assert all(s.real.parent.name == "blobs" for s in ck.shards)
-    assert [name for name, _, _ in project(hf_snapshot, "cpu").shards] == [
+    assert [name for name, _, _ in estimate(hf_snapshot, "cpu").shards] == [
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
 
@@ -292,7 +292,7 @@ def test_self_referential_symlink_in_a_folder(tmp_path, no_thread_leak):
     save_file({"a": torch.ones(2)}, str(ck / "a.safetensors"))
     os.symlink("loop.safetensors", ck / "loop.safetensors")
     for call in (lambda: stream_quantize(ck, "cpu"), lambda: convert(ck, tmp_path / "out"),
-                 lambda: project(ck, "cpu")):
+                 lambda: estimate(ck, "cpu")):
         with pytest.raises(CheckpointError, match=f"{ck / 'loop.safetensors'}: .*symbolic link"):
             call()
 

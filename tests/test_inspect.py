@@ -1,4 +1,4 @@
-"""mmapload.project.project and ``python -m mmapload inspect``: totals and projected memory."""
+"""mmapload.estimate.estimate and ``python -m mmapload inspect``: totals and projected memory."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from mmapload import stream_quantize
 from mmapload.errors import DeviceError, OptionsError
 from mmapload.options import LoadOptions
 from mmapload.policy import policy_for
-from mmapload.project import CUDA_CONTEXT, DEVICE_MARGIN, HOST_MARGIN, project
+from mmapload.estimate import CUDA_CONTEXT, DEVICE_MARGIN, HOST_MARGIN, estimate
 from mmapload.synth import make_llama_checkpoint
 
 MiB = 2**20
@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
 def test_totals_come_from_the_headers(ckpt):
     from mmapload.checkpoint import open_checkpoint
     c = open_checkpoint(ckpt)
-    p = project(ckpt, "cpu", ring_bytes=RING, top=4)
+    p = estimate(ckpt, "cpu", ring_bytes=RING, top=4)
     assert p.tensors == len(c.tensors) and p.total_bytes == c.total_bytes
     assert [f for f, _, _ in p.shards] == [s.path.name for s in c.shards]
     assert sum(n for _, n, _ in p.shards) == p.tensors and sum(b for _, _, b in p.shards) == p.total_bytes
@@ -46,14 +46,14 @@ def test_totals_come_from_the_headers(ckpt):
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_projected_retained_bytes_are_exact(ckpt, granularity):
     model = stream_quantize(ckpt, "cpu", ring_bytes=MiB, granularity=granularity)  # block: 128 rows
-    p = project(ckpt, "cpu", ring_bytes=MiB, granularity=granularity)
+    p = estimate(ckpt, "cpu", ring_bytes=MiB, granularity=granularity)
     assert p.retained_bytes == model.nbytes == model.report.retained_bytes
     assert p.kept.count + p.quantized.count == model.report.tensors
     assert p.quantized.count == model.report.quantized
 
 
 def test_cpu_and_cuda_models(ckpt):
-    cpu = project(ckpt, "cpu", ring_bytes=RING)
+    cpu = estimate(ckpt, "cpu", ring_bytes=RING)
     slot = cpu.options.slot_bytes
     assert slot == 64 << 10 and cpu.ring_bytes == RING
     assert cpu.prepass > 0                 # mlp matrices span 5 batches of a 4-slot ring
@@ -62,7 +62,7 @@ def test_cpu_and_cuda_models(ckpt):
     assert cpu.host_terms["margin"] == HOST_MARGIN
     assert cpu.host_peak >= cpu.retained_bytes + cpu.ring_bytes + 2 * slot + HOST_MARGIN
 
-    cuda = project(ckpt, "cuda:0", ring_bytes=RING)   # no GPU needed to project
+    cuda = estimate(ckpt, "cuda:0", ring_bytes=RING)   # no GPU needed to project
     assert cuda.prepass == 0
     biggest_cut = max(s.nbytes for s in cuda.largest if "mlp" in s.name)
     assert cuda.hold_bytes == biggest_cut       # the largest per-tensor matrix cut into pieces
@@ -75,7 +75,7 @@ def test_cpu_and_cuda_models(ckpt):
     assert cuda.needed() == cuda.device_peak + CUDA_CONTEXT + DEVICE_MARGIN
     assert cuda.fits(cuda.needed()) and not cuda.fits(cuda.needed() - 1)
     # channel scales need no pre-pass and no hold buffer; the ring rounds up when pinned
-    ch = project(ckpt, "cuda", ring_bytes=320 << 10, granularity="channel")
+    ch = estimate(ckpt, "cuda", ring_bytes=320 << 10, granularity="channel")
     assert ch.hold_bytes == 0 and ch.host_terms["ring (pinned)"] == 512 << 10
     assert ch.scale_bytes == 4 * sum(s.numel // s.shape[-1] for s in _quantized(ckpt))
 
@@ -87,22 +87,22 @@ def _quantized(ckpt):
 
 
 def test_io_mode_changes_the_reader_term(ckpt):
-    mm = project(ckpt, "cpu", ring_bytes=RING, io="mmap")
-    pr = project(ckpt, "cpu", ring_bytes=RING, io="pread")
-    di = project(ckpt, "cpu", ring_bytes=RING, io="direct")
+    mm = estimate(ckpt, "cpu", ring_bytes=RING, io="mmap")
+    pr = estimate(ckpt, "cpu", ring_bytes=RING, io="pread")
+    di = estimate(ckpt, "cpu", ring_bytes=RING, io="direct")
     assert mm.host_terms["reader (mmap)"] == 2 * 64 << 10 and pr.host_terms["reader (pread)"] == 0
     assert di.host_terms["reader (direct)"] >= 3 * 64 << 10      # a bounce buffer per shard
 
 
 def test_bad_input_raises_typed_errors(ckpt, tmp_path):
     with pytest.raises(DeviceError):
-        project(ckpt, "tpu")
+        estimate(ckpt, "tpu")
     with pytest.raises(OptionsError):
-        project(ckpt, "cpu", ring_bytes=1)
+        estimate(ckpt, "cpu", ring_bytes=1)
     with pytest.raises(OptionsError):
-        project(ckpt, "cpu", ring_size=1)
+        estimate(ckpt, "cpu", ring_size=1)
     with pytest.raises(FileNotFoundError):
-        project(tmp_path / "nope.safetensors")
+        estimate(tmp_path / "nope.safetensors")
 
 
 def test_cli_answers_fits_and_does_not_fit(ckpt, capsys):
@@ -112,7 +112,7 @@ def test_cli_answers_fits_and_does_not_fit(ckpt, capsys):
         assert main(["inspect", str(ckpt), "--ring-bytes", "256KiB", *args]) == 0
         return capsys.readouterr().out
 
-    p = project(ckpt, "cuda", ring_bytes=RING)
+    p = estimate(ckpt, "cuda", ring_bytes=RING)
     ok = run("--device-memory", "80GiB")
     for text in ("model-00001-of-00003.safetensors", "BF16", "largest", "quantized", "kept",
                  "model.embed_tokens.weight", "host peak", "device peak", "fits"):
@@ -120,7 +120,7 @@ def test_cli_answers_fits_and_does_not_fit(ckpt, capsys):
     assert "does NOT fit" not in ok
     assert "does NOT fit" in run("--device-memory", str(p.needed() - 1))
     d = json.loads(run("--device", "cpu", "--device-memory", "1GiB", "--json"))
-    cpu = project(ckpt, "cpu", ring_bytes=RING)
+    cpu = estimate(ckpt, "cpu", ring_bytes=RING)
     assert d["host_peak"] == cpu.host_peak and d["retained_bytes"] == cpu.retained_bytes
     assert d["device_peak"] is None and d["fits"] is True and d["prepass"] == cpu.prepass
     assert main(["inspect", str(ckpt.parent / "missing")]) == 2
@@ -145,13 +145,13 @@ def _sparse_checkpoint(path, n=40, rows=32768, cols=40960):
 
 def test_inspect_reads_only_headers_of_a_100_gb_checkpoint(tmp_path, capsys):
     from mmapload.cli import main
-    from mmapload.profile import page_cache_bytes
+    from mmapload.bench.sampler import page_cache_bytes
     f = tmp_path / "huge.safetensors"
     total = _sparse_checkpoint(f)
     try:
         assert total >= 100 * 10**9
         t0 = time.perf_counter()
-        p = project(f, "cuda", ring_bytes=256 * MiB, granularity="block")
+        p = estimate(f, "cuda", ring_bytes=256 * MiB, granularity="block")
         assert time.perf_counter() - t0 < 5
         assert p.total_bytes == total and p.quantized.count == 40 and p.fp8_bytes == total // 2
         assert p.hold_bytes == 0 and p.device_peak >= total // 2

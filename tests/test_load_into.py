@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mmapload
-from mmapload import export
+from mmapload import converter as export
 from mmapload.fp8 import quantize
 from mmapload.nn import FP8Linear, ModuleMismatchError, load_into
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import mmapload
 from mmapload._procmem import read_mem
-from mmapload.mapped import MappedShard
+from mmapload.readers import MappedShard
 from mmapload.synth import make_llama_checkpoint
 
 
@@ -70,7 +70,7 @@ def test_writer_and_synth_output_reads_back_with_safetensors(tmp_path):
 def test_direct_falls_back_to_pread_with_a_warning_where_refused(tmp_path, monkeypatch):
     import errno
     import fcntl
-    import mmapload.pread as pread_mod
+    import mmapload.readers.pread as pread_mod
     real = os.preadv
 
     def refusing_preadv(fd, bufs, offset):       # what a filesystem without O_DIRECT does
@@ -91,7 +91,7 @@ def test_direct_falls_back_to_pread_with_a_warning_where_refused(tmp_path, monke
 def test_mmap_copies_fall_back_to_memcpy_where_process_vm_readv_is_refused(tmp_path, monkeypatch):
     import ctypes
     import errno
-    import mmapload.mapped as mapped_mod
+    import mmapload.readers.mapped as mapped_mod
     calls = []
 
     def refused(*args):                       # what a seccomp profile without it answers

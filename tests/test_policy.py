@@ -11,7 +11,7 @@ import mmapload
 from mmapload import QuantizedSourceError, QuantizedTensor, convert, stream_quantize
 from mmapload.checkpoint import open_checkpoint
 from mmapload.cli import main
-from mmapload.export import check_written
+from mmapload.converter import check_written
 from mmapload.fp8 import quantize
 from mmapload.options import LoadOptions
 from mmapload.policy import policy_for

@@ -1,4 +1,4 @@
-"""mmapload.profile (the sampler) and ``python -m mmapload profile`` (loaders side by side)."""
+"""mmapload.bench.sampler (the sampler) and ``python -m mmapload profile`` (loaders side by side)."""
 
 import csv
 import json
@@ -14,7 +14,7 @@ import pytest
 
 from mmapload._procmem import fstype
 from mmapload.errors import DeviceError, OptionsError
-from mmapload.profile import METRICS, MemorySampler, mark, page_cache_bytes
+from mmapload.bench.sampler import METRICS, MemorySampler, mark, page_cache_bytes
 
 MiB = 2**20
 RING = 16 * MiB
@@ -242,10 +242,10 @@ def test_mmapload_keeps_less_of_the_file_mapped_than_naive(profiled):
 
 
 def test_projection_bounds_the_measured_host_peak(profiled, small_checkpoint):
-    from mmapload.project import project
+    from mmapload.estimate import estimate
     out_dir, _ = profiled
     s = json.loads((out_dir / "summary.json").read_text())["strategies"]["mmapload"]
-    p = project(small_checkpoint, "cpu", ring_bytes=RING)
+    p = estimate(small_checkpoint, "cpu", ring_bytes=RING)
     assert p.retained_bytes == s["retained_bytes"]
     measured = s["peak_rss"] - s["baseline_rss"]
     assert measured <= p.host_peak, (measured, p.host_terms)
@@ -254,8 +254,8 @@ def test_projection_bounds_the_measured_host_peak(profiled, small_checkpoint):
 
 def test_profile_without_matplotlib_cold_cache_and_a_pre_pass(small_checkpoint, tmp_path):
     """A 4 MiB ring forces the per-tensor amax pre-pass; matplotlib is made unimportable."""
-    from mmapload.project import project
-    p = project(small_checkpoint, "cpu", ring_bytes=4 * MiB)
+    from mmapload.estimate import estimate
+    p = estimate(small_checkpoint, "cpu", ring_bytes=4 * MiB)
     assert p.prepass > 0
     out = _profile([small_checkpoint, "--strategies", "mmapload", "--ring-bytes", "4MiB", "--cold",
                     "--out", tmp_path / "o", "--interval", "0.005"], block_matplotlib=True)

@@ -1,3 +1,4 @@
+import threading
 import time
 
 import pytest
@@ -57,10 +58,17 @@ def test_reader_exception_surfaces_in_consumer(no_thread_leak):
             pass
 
 
+def _readers():
+    return [t for t in threading.enumerate() if t.name == "mmapload-reader"]
+
+
 def test_early_close_joins_reader(no_thread_leak):
-    gen = staged(range(1000), Ring(2, 8), lambda i, s: None)
-    next(gen)
+    filled = []
+    gen = staged(range(1000), Ring(2, 8), lambda i, s: filled.append(i))
+    assert next(gen).item == 0 and len(_readers()) == 1   # the reader runs ahead ...
     gen.close()
+    assert _readers() == []                               # ... and close() has joined it, not left it
+    assert len(filled) < 1000                             # stopped early, not drained to the end
 
 
 def test_consumer_exception_joins_reader(no_thread_leak):

@@ -1,4 +1,5 @@
 import gc
+import threading
 import json
 
 import pytest
@@ -149,9 +150,12 @@ def test_early_close_stops_reader(tmp_path, no_thread_leak):
     tensors = {f"l{i}.weight": torch.randn(64, 64) for i in range(40)}
     save_file(tensors, tmp_path / "m.safetensors")
     gen = iter_quantized(tmp_path / "m.safetensors", ring_bytes=64 << 10)
-    next(gen)
-    next(gen)
-    gen.close()
+    assert [next(gen)[0], next(gen)[0]] == ["l0.weight", "l1.weight"]
+    assert [t.name for t in threading.enumerate() if t.name == "mmapload-reader"] != []
+    gen.close()   # joins the reader now, without waiting for garbage collection
+    assert [t for t in threading.enumerate() if t.name.startswith("mmapload-")] == []
+    with pytest.raises(StopIteration):
+        next(gen)
     gc.collect()
 
 

@@ -151,7 +151,7 @@ def test_host_memory_stays_bounded_with_wide_rows(wide_mib, granularity, io):
     process: under inspect's projection, and the file-backed RSS far below one block band
     (about 10 MiB of it is torch's code pages, touched for the first time)."""
     import mmapload
-    from mmapload.project import project
+    from mmapload.estimate import estimate
     ring = 1 << 20
     root = str(Path(mmapload.__file__).parent.parent)   # this copy of mmapload, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
@@ -160,7 +160,7 @@ def test_host_memory_stays_bounded_with_wide_rows(wide_mib, granularity, io):
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    p = project(wide_mib, "cpu", ring_bytes=ring, granularity=granularity, io=io)
+    p = estimate(wide_mib, "cpu", ring_bytes=ring, granularity=granularity, io=io)
     assert r["retained"] == p.retained_bytes
     assert r["peak_rss"] - r["base_rss"] <= p.host_peak, (r, p.host_terms)
     assert r["peak_rss"] - r["base_rss"] - r["retained"] <= ring + (32 << 20), r

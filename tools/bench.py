@@ -3,7 +3,7 @@
 
 Every strategy loads the same checkpoint and quantizes its weights with the same FP8
 quantizer (mmapload.fp8), so only the loading differs; each runs in a fresh process
-(mmapload.loaders.run_in_fresh_process) that samples its own memory:
+(mmapload.bench.loaders.run_in_fresh_process) that samples its own memory:
 
     naive                    safetensors.torch.load_file of every shard, then quantize
     safe_open                safetensors.safe_open, one tensor at a time
@@ -57,11 +57,11 @@ from mmapload._procmem import fstype
 from mmapload.checkpoint import open_checkpoint
 from mmapload.cli import parse_size
 from mmapload.fp8 import Quantizer
-from mmapload.loaders import (ALL_STRATEGIES, PEER_PACKAGES, STRATEGIES, StrategyError,
+from mmapload.bench.loaders import (ALL_STRATEGIES, PEER_PACKAGES, STRATEGIES, StrategyError,
                               StrategyUnavailable, drop_cache, run_in_fresh_process)
 from mmapload.options import IO_MODES, LoadOptions
 from mmapload.policy import policy_for
-from mmapload.profile import page_cache_bytes
+from mmapload.bench.sampler import page_cache_bytes
 from mmapload.synth import llama_layout, make_llama_checkpoint
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -9,7 +9,7 @@ process's RSS after its imports:
 * ``safe_open``: ``safetensors.safe_open(path, "pt")`` and its ``keys()`` (the parse alone);
 * ``load_file``: ``safetensors.torch.load_file``, every tensor built (what ``stream_quantize`` returns);
 * ``open_checkpoint``: mmapload's header parse and validation alone;
-* ``stream_quantize`` (``io="mmap"``), ``inspect`` (``mmapload.project.project``), ``convert``.
+* ``stream_quantize`` (``io="mmap"``), ``inspect`` (``mmapload.estimate.estimate``), ``convert``.
 
     python tools/bench_headers.py --tensors 100000 --targets safe_open,stream_quantize
 """
@@ -29,7 +29,7 @@ TARGETS = {
     "load_file": "from safetensors.torch import load_file\nn = len(load_file(P))",
     "open_checkpoint": "from mmapload.checkpoint import open_checkpoint\nn = len(open_checkpoint(P).tensors)",
     "stream_quantize": "from mmapload import stream_quantize\nn = len(stream_quantize(P, 'cpu', policy='names'))",
-    "inspect": "from mmapload.project import project\nn = project(P, 'cpu', policy='names').tensors",
+    "inspect": "from mmapload.estimate import estimate\nn = estimate(P, 'cpu', policy='names').tensors",
     "convert": "from mmapload import convert\nimport os\n"
                "n = len(os.listdir(convert(P, OUT, policy='names')))",
 }

@@ -1,4 +1,4 @@
-"""The loaders users compare, run one per fresh process and sampled by mmapload.profile.
+"""The loaders users compare, run one per fresh process and sampled by mmapload.bench.sampler.
 
 The strategies themselves (what each one does): strategies.py.
 
@@ -15,22 +15,18 @@ import time
 
 import torch
 
+from . import ALL_STRATEGIES, PEER_STRATEGIES, STRATEGIES
 from .strategies import RUNNERS
 
 __all__ = ["STRATEGIES", "PEER_STRATEGIES", "ALL_STRATEGIES", "PEER_PACKAGES", "StrategyError",
            "StrategyUnavailable", "run_in_fresh_process", "drop_cache"]
 
-# STRATEGIES need nothing beyond our own dependencies: what `mmapload profile` runs by default.
-# PEER_STRATEGIES need an optional package each; run_in_fresh_process takes ALL_STRATEGIES.
-STRATEGIES = ("mmapload", "naive", "safe_open")
-PEER_STRATEGIES = ("runai", "runai_capped", "fastsafetensors", "fastsafetensors_capped")
-ALL_STRATEGIES = STRATEGIES + PEER_STRATEGIES
 # strategy -> (module imported before the baseline, pip distribution that provides it)
 PEER_PACKAGES = {"runai": ("runai_model_streamer", "runai-model-streamer"),
                  "runai_capped": ("runai_model_streamer", "runai-model-streamer"),
                  "fastsafetensors": ("fastsafetensors", "fastsafetensors"),
                  "fastsafetensors_capped": ("fastsafetensors", "fastsafetensors")}
-_CHILD = "import sys; from mmapload.loaders import _child; sys.exit(_child(sys.stdin.read()))"
+_CHILD = "import sys; from mmapload.bench.loaders import _child; sys.exit(_child(sys.stdin.read()))"
 _RESULT = "@mmapload-result "     # prefix of the child's one result line on stdout
 _EXIT_UNAVAILABLE = 3
 
@@ -130,13 +126,13 @@ def _fail(reason: str, code: int) -> int:
 def _measure(cfg: dict) -> int:
     import gc
     import safetensors.torch  # noqa: F401 - every strategy's imports come before the baseline
-    from ._procmem import read_mem
-    from .checkpoint import open_checkpoint
-    from .device import resolve_device
-    from .fp8 import quantize  # noqa: F401
-    from .options import LoadOptions
-    from .profile import MemorySampler, mark
-    from .stream import stream_quantize  # noqa: F401
+    from .._procmem import read_mem
+    from ..checkpoint import open_checkpoint
+    from ..device import resolve_device
+    from ..fp8 import quantize  # noqa: F401
+    from ..options import LoadOptions
+    from .sampler import MemorySampler, mark
+    from ..stream import stream_quantize  # noqa: F401
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     ckpt, dev = open_checkpoint(cfg["checkpoint"]), resolve_device(cfg["device"])

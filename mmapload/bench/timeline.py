@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from .profile import LABELS, METRICS, Sample
+from .sampler import LABELS, METRICS, Sample
 
 __all__ = ["write_csv", "plot"]
 

@@ -1,10 +1,4 @@
-"""Readers that copy with system calls instead of page faults.
-
-``PreadShard`` (``io="pread"``): ``preadv`` straight into the ring slot. For network
-filesystems, where page-by-page faults are slow, and immune to SIGBUS when a file shrinks
-under us (a short read becomes an error).
-
-``DirectShard`` (``io="direct"``): ``O_DIRECT`` reads that bypass the page cache, so the
+"""``DirectShard`` (``io="direct"``): ``O_DIRECT`` reads that bypass the page cache, so the
 cache does not grow at all. O_DIRECT wants the file offset, the length and the buffer
 address aligned to the device's logical block; reads go through a page-aligned bounce
 buffer covering the aligned superset of the range, then one memcpy into the slot. Where
@@ -20,28 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FileChangedError
-from .mapped import IOV_MAX, PAGE, ShardReader
+from ..errors import FileChangedError
+from .base import PAGE, ShardReader
+from .pread import PreadShard
 
-__all__ = ["PreadShard", "DirectShard", "open_reader"]
-
-
-class PreadShard(ShardReader):
-    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
-        if hi > lo:
-            self._read(lo, memoryview(dst).cast("B"))
-
-    def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
-        """One vectored read scatters a file-contiguous run into its slot places."""
-        bufs = [memoryview(d).cast("B") for d in dsts if len(d)]
-        for k in range(0, len(bufs), IOV_MAX):       # at most IOV_MAX buffers a call (EINVAL)
-            part = bufs[k:k + IOV_MAX]
-            got = os.preadv(self._fd, part, lo)
-            for b in part:                 # a short read: finish buffer by buffer
-                if got < len(b):
-                    self._read(lo + got, b[got:])
-                    got = len(b)
-                lo, got = lo + len(b), got - len(b)
+__all__ = ["DirectShard"]
 
 
 class DirectShard(PreadShard):
@@ -126,16 +103,3 @@ class DirectShard(PreadShard):
         except BufferError:
             pass
         super().close()
-
-
-def open_reader(io: str, shard, *, drop_page_cache: bool, max_read: int) -> ShardReader:
-    """The reader of ``shard`` (a checkpoint.Shard) for ``io``: its resolved file, checked to be
-    the file validated (``Shard.ident``), named in messages as the user names it."""
-    from .mapped import MappedShard
-    kw = dict(drop_page_cache=drop_page_cache, ident=shard.ident, name=shard.shown)
-    path = shard.real or shard.path
-    if io == "mmap":
-        return MappedShard(path, shard.file_size, **kw)
-    if io == "pread":
-        return PreadShard(path, shard.file_size, **kw)
-    return DirectShard(path, shard.file_size, max_read=max_read, **kw)

@@ -1,4 +1,4 @@
-"""What a load will need, from the headers alone: ``project(path, device, **options)``.
+"""What a load will need, from the headers alone: ``estimate(path, device, **options)``.
 
 Reads only the headers (``open_checkpoint``) and config.json, so it takes milliseconds on a
 100 GB checkpoint with ``policy="names"``; the default policy adds the seconds transformers
@@ -52,7 +52,7 @@ from .options import LoadOptions
 from .plan import plan_batches, split_groups
 from .policy import policy_for
 
-__all__ = ["Projection", "TensorGroup", "project", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
+__all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
 
 HOST_MARGIN = 64 << 20
 DEVICE_MARGIN = 64 << 20
@@ -191,7 +191,7 @@ def _round(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def project(path, device="cpu", *, top: int = 5, **options) -> Projection:
+def estimate(path, device="cpu", *, top: int = 5, **options) -> Projection:
     """Project a load of ``path`` onto ``device`` ("cpu" or "cuda[:N]", which need not
     exist here) with ``options`` (as for ``stream_quantize``); reads only headers.
     Raises what ``open_checkpoint`` and ``LoadOptions`` raise."""

@@ -32,7 +32,7 @@ __all__ = ["RUNNERS"]
 
 def _by_mmapload(ckpt, dev, opts, notes):
     from dataclasses import fields
-    from .stream import stream_quantize
+    from ..stream import stream_quantize
     model = stream_quantize(ckpt.root, dev, **{f.name: getattr(opts, f.name) for f in fields(opts)})
     return model, model.nbytes
 
@@ -42,7 +42,7 @@ _POLICIES: dict = {}
 
 def _policy(ckpt, opts):
     """mmapload's policy for this checkpoint, built once: every loader quantizes the same tensors."""
-    from .policy import policy_for
+    from ..policy import policy_for
     key = (ckpt.root, opts)
     if key not in _POLICIES:
         _POLICIES[key] = policy_for(ckpt, opts)
@@ -51,8 +51,8 @@ def _policy(ckpt, opts):
 
 def _keep(name, t, ckpt, dev, opts, keep: dict) -> int:
     """Quantize ``t`` (moved to ``dev``) as mmapload would; returns the bytes kept."""
-    from .fp8 import quantize
-    from .profile import mark
+    from ..fp8 import quantize
+    from .sampler import mark
     if _policy(ckpt, opts)(ckpt[name]):
         t = t.to(dev)
         mark("quantize")
@@ -68,8 +68,8 @@ def _by_naive(ckpt, dev, opts, notes):
     """Every shard read whole into host RAM (safetensors.torch.load_file), then each weight
     moved to the device and quantized there: the plain "load, then quantize" path."""
     from safetensors.torch import load_file
-    from ._progress import Progress
-    from .profile import mark
+    from .._progress import Progress
+    from .sampler import mark
     progress = Progress(2 * ckpt.total_bytes, enabled=opts.progress, desc="naive")
     mark("read")
     loaded = []
@@ -89,8 +89,8 @@ def _by_safe_open(ckpt, dev, opts, notes):
     """``safetensors.safe_open(shard, "pt", device=...)``, one tensor at a time, each
     quantized as it arrives; only the results are kept."""
     from safetensors import safe_open
-    from ._progress import Progress
-    from .profile import mark
+    from .._progress import Progress
+    from .sampler import mark
     progress = Progress(ckpt.total_bytes, enabled=opts.progress, desc="safe_open")
     keep, retained = {}, 0
     mark("read")
@@ -105,8 +105,8 @@ def _by_safe_open(ckpt, dev, opts, notes):
 
 def _consume(pairs, ckpt, dev, opts, desc: str):
     """Quantize every (name, tensor) of a peer's iterator as it arrives; keep only the results."""
-    from ._progress import Progress
-    from .profile import mark
+    from .._progress import Progress
+    from .sampler import mark
     progress = Progress(ckpt.total_bytes, enabled=opts.progress, desc=desc)
     keep, retained = {}, 0
     mark("read")

@@ -26,9 +26,10 @@ from typing import Iterable
 
 import numpy as np
 
-from ._procmem import read_mem
-from .device import resolve_device
-from .errors import OptionsError
+from .. import phases
+from .._procmem import read_mem
+from ..device import resolve_device
+from ..errors import OptionsError
 
 __all__ = ["Sample", "MemorySampler", "mark", "page_cache_bytes", "METRICS", "LABELS"]
 
@@ -53,15 +54,7 @@ class Sample:
     phase: str                  # the last marked phase ("" before the first)
 
 
-_active: tuple["MemorySampler", ...] = ()
-_registry = threading.Lock()
-
-
-def mark(phase: str) -> None:
-    """Record ``phase`` in every running sampler; a no-op when none runs."""
-    targets = _active  # a tuple swapped whole under the lock: safe to read without it
-    for s in targets:
-        s._mark(phase)
+mark = phases.mark   # records a phase in every running sampler (the core marks through phases.py)
 
 
 class _CacheProbe:
@@ -178,7 +171,6 @@ class MemorySampler:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "MemorySampler":
-        global _active
         if self._thread is not None:
             raise RuntimeError("a MemorySampler runs once; make a new one")
         if self.files:
@@ -186,15 +178,12 @@ class MemorySampler:
         self._t0 = time.perf_counter()
         self._thread = _Ticker(self)
         self._take(cache=True)
-        with _registry:
-            _active = _active + (self,)
+        phases.listen(self._mark)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        global _active
-        with _registry:
-            _active = tuple(s for s in _active if s is not self)
+        phases.unlisten(self._mark)
         if self._thread is None or self._stop.is_set():
             return
         self._stop.set()

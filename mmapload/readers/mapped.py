@@ -1,8 +1,7 @@
 """Reading shards: read-only memory maps (default), with read-ahead and release-behind.
 
-``ShardReader`` is what the reader thread sees, whatever the I/O mode: ``copy_into`` a slot,
-``window`` for a transient look at file bytes, ``prefetch`` ahead, ``release_behind`` what
-was copied. ``MappedShard`` maps the file; pread.py has the pread and O_DIRECT readers.
+``MappedShard`` (``io="mmap"``) maps the file; base.py has the interface, pread.py and direct.py
+the modes that copy with system calls.
 
 Copies out of the map go through the kernel (``process_vm_readv`` on our own address space),
 so a file truncated under us is a short copy, reported as ``FileChangedError``, never the
@@ -28,26 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._files import identity
-from .errors import FileChangedError
+from ..errors import FileChangedError
+from .base import IOV_MAX, ShardReader, _ceil, _floor
 
-__all__ = ["ShardReader", "MappedShard", "PAGE", "IOV_MAX"]
+__all__ = ["MappedShard"]
 
-PAGE = mmap.PAGESIZE
 # Named in Python 3.13+; value 22 on Linux >= 5.14. Pre-faulting a range turns the SIGBUS a
 # truncated file would raise on access into an EFAULT we can report as an error.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-
-
-def _iov_max() -> int:
-    try:
-        n = os.sysconf("SC_IOV_MAX")
-    except (ValueError, OSError, AttributeError):
-        n = -1
-    return n if n > 0 else 1024
-
-
-IOV_MAX = _iov_max()   # buffers per vectored read (preadv, process_vm_readv): EINVAL above it
 
 
 class _Iovec(ctypes.Structure):
@@ -70,132 +57,6 @@ try:
 except (OSError, AttributeError):
     pass
 
-
-def _floor(x: int) -> int:
-    return x - x % PAGE
-
-
-def _ceil(x: int) -> int:
-    return _floor(x + PAGE - 1)
-
-
-class ShardReader:
-    """One shard file whose size must stay ``expected_size``; subclasses say how to read.
-
-    ``ident``: the file's ``identity()`` when its header was validated (``Shard.ident``); the
-    file opened must be that file, unchanged, and stay so (``verify``), else FileChangedError.
-    ``name``: how messages name it (``Shard.shown``); ``path`` is what is opened."""
-
-    _open_flags = 0
-    concurrent_copies = True    # copy_ranges of disjoint ranges may run on several threads
-
-    def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True,
-                 ident: tuple | None = None, name: str | None = None):
-        self.path = Path(path)
-        self.name = name or str(self.path)
-        self.size = expected_size
-        self.ident = ident
-        self.drop_page_cache = drop_page_cache
-        self._released = 0          # bytes [0, _released) already given back
-        self._fd = -1
-        self._open()
-
-    def _open(self) -> None:
-        """(Re)open ``path`` and check it is the validated file."""
-        # non-blocking: a FIFO swapped in for the shard must not hang open(); it fails verify()
-        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | self._open_flags)
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
-        try:
-            self.verify()
-            os.set_blocking(fd, True)
-        except BaseException:
-            ShardReader.close(self)
-            raise
-
-    def verify(self) -> None:
-        """FileChangedError unless the open file still has its validated size (and identity:
-        device, inode, size, mtime). Readers call it before handing read bytes on."""
-        st = os.fstat(self._fd)
-        if st.st_size != self.size:
-            raise FileChangedError(
-                f"{self.name}: file is {st.st_size} bytes but its header describes {self.size}; "
-                "it changed after the checkpoint was opened (do not rewrite shards while loading)")
-        if self.ident is not None and identity(st) != tuple(self.ident):
-            (dev, ino, _, mtime), now = self.ident, identity(st)
-            what = ("was replaced by another file (device/inode "
-                    f"{dev}/{ino} -> {now[0]}/{now[1]})" if now[:2] != (dev, ino) else
-                    f"was rewritten in place (mtime {mtime} -> {now[3]} ns)")
-            raise FileChangedError(
-                f"{self.name}: {what} after its header was validated; load again once the "
-                "checkpoint is complete (do not replace or rewrite shards while loading)")
-
-    def _fadvise(self, lo: int, hi: int, advice: int) -> None:
-        if hi > lo:
-            try:
-                os.posix_fadvise(self._fd, lo, hi - lo, advice)
-            except (OSError, AttributeError):
-                pass  # hints only
-
-    def _read(self, offset: int, buf: memoryview) -> None:
-        """pread file bytes from ``offset`` into all of ``buf``."""
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n == 0:
-                self.verify()  # the file shrank: say so, with both sizes
-                raise FileChangedError(f"{self.name}: unexpected end of file at byte {offset + done}")
-            done += n
-
-    # -- what the reader thread uses -------------------------------------------------
-    def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
-        """Copy file bytes [lo, hi) into ``dst`` (a uint8 array of hi - lo bytes)."""
-        raise NotImplementedError
-
-    def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
-        """Copy consecutive file bytes from ``lo`` into each of ``dsts`` in turn."""
-        for d in dsts:
-            self.copy_into(lo, lo + len(d), d)
-            lo += len(d)
-
-    def copy_strided(self, lo: int, stride: int, dsts: list[np.ndarray]) -> None:
-        """Copy ``len(dsts[k])`` file bytes from ``lo + k * stride`` into each ``dsts[k]``: the
-        rows of a piece narrower than its matrix."""
-        for k, d in enumerate(dsts):
-            self.copy_ranges(lo + k * stride, [d])
-
-    def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
-        """File bytes [lo, hi) as a uint8 tensor, valid until the next call (may use scratch)."""
-        self.copy_into(lo, hi, scratch[:hi - lo])
-        return torch.from_numpy(scratch[:hi - lo])
-
-    def prefetch(self, lo: int, hi: int) -> None:
-        """Ask the kernel to start reading [lo, hi) into the page cache."""
-        self._fadvise(lo, min(hi, self.size), os.POSIX_FADV_WILLNEED)
-
-    def release(self, lo: int, hi: int, *, drop_cache: bool | None = None) -> None:
-        """Drop the whole pages inside [lo, hi) from the page cache (if asked)."""
-        lo, hi = _ceil(lo), _floor(hi)
-        if hi > lo and (self.drop_page_cache if drop_cache is None else drop_cache):
-            self._fadvise(lo, hi, os.POSIX_FADV_DONTNEED)
-
-    def release_behind(self, upto: int) -> None:
-        """Release everything before ``upto`` not released yet (sequential reader)."""
-        if upto > self._released:
-            self.release(_floor(self._released), upto if upto < self.size else _ceil(self.size))
-            self._released = _floor(upto) if upto < self.size else self.size
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class MappedShard(ShardReader):
