@@ -60,3 +60,12 @@ class FileChangedError(MmapLoadError):
 
 class MmapLoadWarning(UserWarning):
     """Something was done differently from what was asked, for a reason the message gives."""
+
+
+class TPError(MmapLoadError):
+    """A tensor cannot be cut for tensor parallelism as asked: tp_size does not divide a sharded
+    dim or a fused part, kv heads cannot be replicated evenly, or a shard boundary is off the
+    block-scale grid. The message names the tensor, its shape, the dim, tp_size and the fix."""
+
+
+__all__.append("TPError")

@@ -19,7 +19,8 @@ ORDER = [
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
-    {"options", "plan", "policy"},                # options; which tensors become FP8; how to cut them
+    {"options", "plan", "policy", "tp"},          # options; which tensors become FP8; how to cut them;
+                                                  # tensor parallelism: each rank's slices
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes
     {"prequantized"},                             # FP8 checkpoints: weights joined with scales
