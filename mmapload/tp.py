@@ -1,27 +1,22 @@
-"""Tensor parallelism as arithmetic: the part of each tensor that rank ``tp_rank`` of ``tp_size``
-holds, and the file bytes it reads. Pure: no I/O, no torch.distributed (the load wires it later).
+"""Tensor parallelism as arithmetic: the part of each tensor rank ``tp_rank`` of ``tp_size`` holds,
+and the file bytes it reads. Pure: no I/O, no torch.distributed (the load wires it in later).
 
-The layout is vLLM's (``vllm/model_executor/layers/linear.py``, ``.../fused_moe/layer.py``,
-``.../vocab_parallel_embedding.py``); a weight is ``[out, in]`` (``[experts, out, in]`` fused):
-
+vLLM's layout (``vllm/model_executor/layers/linear.py``, ``fused_moe/layer.py``); a weight is
+``[out, in]``, a fused expert stack ``[experts, out, in]``:
 - column-parallel (``ColumnParallelLinear``): ``q_proj k_proj v_proj gate_proj up_proj qkv_proj
-  gate_up_proj``, ``w1 w3`` under ``experts``, and ``embed_tokens`` / ``lm_head`` by vocabulary rows:
-  the output features (dim -2) in tp_size equal parts; their bias (dim -1) with them;
+  gate_up_proj``, ``w1 w3`` under ``experts``, ``embed_tokens`` / ``lm_head`` by vocabulary rows:
+  the output features (dim -2) in tp_size equal parts, their bias (dim -1) with them;
 - row-parallel (``RowParallelLinear``): ``o_proj down_proj``, ``w2`` under ``experts``: the input
-  features (dim -1); their bias is replicated (vLLM adds it once, after the all-reduce);
-- everything else is replicated: norms, routers, GPT-2's ``Conv1D`` (``c_attn c_proj c_fc``,
-  stored ``[in, out]``), and every attribute other than ``weight`` / ``bias`` (weight scales
-  are sliced from the weight's slice by :func:`scale_slice`).
-
-Fused column tensors are split per logical part, as the weight loaders do: rank r holds the r-th
-slice of each part, parts in order (``MergedColumnParallelLinear.weight_loader``: ``shard_offset
-= sum(output_sizes[:i]) // tp_size``, ``start_idx = tp_rank * shard_size``; ``gate_up_proj``: two
-equal halves). ``QKVParallelLinear`` splits q, k, v by heads; when ``tp_size >= num_kv_heads``
-it keeps one kv head per rank, ``num_kv_head_replicas = tp_size // num_kv_heads`` ranks sharing
-it (``shard_rank = tp_rank // num_kv_head_replicas``: kv head ``tp_rank * num_kv_heads //
-tp_size``); it requires ``num_heads % tp_size == 0`` and ``tp_size % num_kv_heads == 0`` then.
-The same holds for separate ``k_proj`` / ``v_proj`` given :class:`Heads`. ``FusedMoE._load_w13``
-/ ``_load_w2`` narrow expert weights the same way along their output / input dims.
+  features (dim -1); their bias is replicated (added once, after the all-reduce);
+- all else replicated: norms, routers, GPT-2's ``Conv1D`` (``c_attn c_proj c_fc``, ``[in, out]``),
+  every attribute but ``weight`` / ``bias`` (weight scales: :func:`scale_slice` of the weight's).
+Fused tensors split per logical part, parts in order (``MergedColumnParallelLinear.weight_loader``:
+rank r holds the r-th ``output_size // tp_size`` of each; ``gate_up_proj``: halves).
+``QKVParallelLinear`` splits q, k, v by heads (``num_heads % tp_size == 0``); with ``tp_size >=
+num_kv_heads`` a kv head is shared by ``num_kv_head_replicas = tp_size // num_kv_heads`` ranks
+(``tp_size % num_kv_heads == 0``): ``shard_rank = tp_rank // num_kv_head_replicas``, i.e. kv head
+``tp_rank * num_kv_heads // tp_size``; separate ``k_proj`` / ``v_proj`` load the same way (pass
+:class:`Heads`). ``FusedMoE._load_w13`` / ``_load_w2`` narrow expert weights likewise.
 """
 
 from __future__ import annotations
@@ -33,17 +28,16 @@ from typing import Mapping, NamedTuple
 
 import torch
 
+from ._math import ceil_div
 from .errors import OptionsError, TPError
 
 __all__ = ["COLUMN", "ROW", "REPLICATE", "TPPlan", "tp_plan", "Heads", "Sharding", "Slice",
            "Strided", "sharding_of", "shard_of", "byte_ranges", "strided_ranges", "scale_slice", "take"]
 
 COLUMN, ROW, REPLICATE = "column", "row", "replicate"
-_STYLES = (COLUMN, ROW, REPLICATE)
 _COLUMN = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
                      "embed_tokens", "lm_head"})
 _ROW = frozenset({"o_proj", "down_proj"})
-_EXPERT_COLUMN, _EXPERT_ROW = frozenset({"w1", "w3"}), frozenset({"w2"})
 
 
 def _int(v) -> int | None:
@@ -52,10 +46,9 @@ def _int(v) -> int | None:
 
 @dataclass(frozen=True)
 class TPPlan:
-    """Overrides of the default rule: ``rules`` are (pattern, style) pairs, first match wins.
-    A pattern is compressed-tensors style: an exact module or tensor name, or ``re:`` + a regex
-    matched at the start of the module (or tensor) name; a module's rule covers its weight and
-    bias. Build one with :func:`tp_plan`."""
+    """Overrides of the default rule, (pattern, style) pairs, first match wins. Patterns are
+    compressed-tensors style: an exact module or tensor name, or ``re:`` + a regex matched at the
+    start of the module (or tensor) name; a module's rule covers its weight and bias."""
 
     rules: tuple[tuple[str, str], ...] = ()
 
@@ -63,10 +56,8 @@ class TPPlan:
         """"column" | "row" | "replicate" for tensor ``name``, or None when no rule matches."""
         module = name.rpartition(".")[0]
         for pattern, style in self.rules:
-            if pattern.startswith("re:"):
-                if re.match(pattern[3:], module) or re.match(pattern[3:], name):
-                    return style
-            elif pattern in (module, name):
+            regex = pattern[3:] if pattern.startswith("re:") else None
+            if (re.match(regex, module) or re.match(regex, name)) if regex else pattern in (module, name):
                 return style
         return None
 
@@ -79,15 +70,14 @@ def tp_plan(value) -> TPPlan:
     if not isinstance(value, Mapping):
         raise OptionsError(f"tp_plan must map name patterns to 'column' | 'row' | 'replicate', got {value!r}")
     for pattern, style in value.items():
-        if not isinstance(pattern, str) or not pattern or pattern == "re:":
-            raise OptionsError(f"tp_plan pattern must be a non-empty string, got {pattern!r}")
-        if style not in _STYLES:
-            raise OptionsError(f"tp_plan[{pattern!r}] = {style!r}; use 'column', 'row' or 'replicate'")
-        if pattern.startswith("re:"):
-            try:
+        if not isinstance(pattern, str) or pattern in ("", "re:") or style not in (COLUMN, ROW, REPLICATE):
+            raise OptionsError(f"tp_plan[{pattern!r}] = {style!r}: use a name or 're:' pattern -> "
+                               f"'column', 'row' or 'replicate'")
+        try:
+            if pattern.startswith("re:"):
                 re.compile(pattern[3:])
-            except re.error as e:
-                raise OptionsError(f"tp_plan pattern {pattern!r} is not a valid regex: {e}") from None
+        except re.error as e:
+            raise OptionsError(f"tp_plan pattern {pattern!r} is not a valid regex: {e}") from None
     return TPPlan(tuple(value.items()))
 
 
@@ -103,17 +93,15 @@ class Heads:
     v_head_dim: int | None = None
 
     def __post_init__(self):
-        for f in ("num_heads", "num_kv_heads", "head_dim", "v_head_dim"):
-            v = getattr(self, f)
-            if (v is not None or f != "v_head_dim") and not ((_int(v) or 0) > 0):
+        for f, v in vars(self).items():
+            if (v is not None or f != "v_head_dim") and (_int(v) or 0) < 1:
                 raise OptionsError(f"Heads.{f} must be a positive int, got {v!r}")
 
 
 @dataclass(frozen=True)
 class Sharding:
-    """How a tensor is cut: ``dim`` None = replicated; ``parts``: the logical part sizes along
-    ``dim`` (one part: the whole dim); ``heads``: per part, its head count when it is split by
-    heads (else empty); ``kv``: per part, whether fewer heads than tp_size are replicated."""
+    """How a tensor is cut: ``dim`` None = replicated; ``parts``: logical part sizes along ``dim``;
+    ``heads`` / ``kv``: per part, its head count and whether its heads may be replicated (kv)."""
 
     dim: int | None
     parts: tuple[int, ...] = ()
@@ -123,9 +111,8 @@ class Sharding:
 
 @dataclass(frozen=True)
 class Slice:
-    """Rank ``tp_rank``'s part of tensor ``name`` of shape ``full_shape``: along ``dim``, the
-    index ranges ``[lo, hi)`` of the full tensor (one per logical part, concatenated in order);
-    ``shape`` is the rank's tensor. ``dim`` None: the whole tensor (replicated, ``ranges`` empty)."""
+    """A rank's part of tensor ``name`` (``full_shape``): the index ranges ``[lo, hi)`` along ``dim``
+    (one per logical part, concatenated in order), of the rank's ``shape``. ``dim`` None: all of it."""
 
     name: str
     full_shape: tuple[int, ...]
@@ -134,20 +121,13 @@ class Slice:
     shape: tuple[int, ...]
 
 
-class Strided(NamedTuple):
-    """``count`` byte runs of ``length`` bytes, the first at file offset ``first_lo``, each
-    ``stride`` bytes after the previous (one vectored read)."""
-
-    first_lo: int
-    length: int
-    stride: int
-    count: int
+# ``count`` runs of ``length`` bytes from file offset ``first_lo``, ``stride`` bytes apart
+Strided = NamedTuple("Strided", [("first_lo", int), ("length", int), ("stride", int), ("count", int)])
 
 
 def _role(name: str) -> tuple[str | None, str, bool]:
-    """(module leaf, attribute, under experts) of a tensor name: ``a.q_proj.weight`` ->
-    ("q_proj", "weight", False); a fused expert tensor ``mlp.experts.gate_up_proj`` is its own
-    module's weight (``..._bias``: its bias)."""
+    """(module leaf, attribute, under experts): ``a.q_proj.weight`` -> ("q_proj", "weight", False);
+    a fused ``mlp.experts.gate_up_proj`` is its own module's weight (``..._bias``: its bias)."""
     parts = name.split(".")
     experts = "experts" in parts[:-1]
     if parts[-1] in ("weight", "bias") and len(parts) > 1:
@@ -159,9 +139,9 @@ def _role(name: str) -> tuple[str | None, str, bool]:
 
 
 def _default_style(leaf, experts: bool) -> str:
-    if leaf in _COLUMN or (experts and leaf in _EXPERT_COLUMN):
+    if leaf in _COLUMN or (experts and leaf in ("w1", "w3")):
         return COLUMN
-    return ROW if leaf in _ROW or (experts and leaf in _EXPERT_ROW) else REPLICATE
+    return ROW if leaf in _ROW or (experts and leaf == "w2") else REPLICATE
 
 
 def _where(name, shape, dim=None) -> str:
@@ -169,10 +149,10 @@ def _where(name, shape, dim=None) -> str:
 
 
 def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None = None) -> Sharding:
-    """How tensor ``name`` of ``shape`` is cut (the default rule of the module docstring, or the
-    first matching ``plan`` rule). ``fused``: the logical part sizes along the parallel dim of a
-    column tensor (default: ``gate_up_proj`` in two halves, ``qkv_proj`` from ``heads``).
-    TPError for a ``qkv_proj`` without ``heads`` / ``fused`` or parts that do not add up."""
+    """How tensor ``name`` of ``shape`` is cut: by the first matching ``plan`` rule, else the default
+    rule (module docstring). ``fused``: logical part sizes along the parallel dim (default:
+    ``gate_up_proj`` in halves, ``qkv_proj`` from ``heads``). TPError: qkv_proj without heads /
+    fused, or parts that do not add up; OptionsError: bad ``fused`` / ``plan``."""
     shape = tuple(int(d) for d in shape)
     leaf, attr, experts = _role(name)
     style = tp_plan(plan).style(name) or _default_style(leaf, experts)
@@ -198,8 +178,7 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
     elif style == COLUMN and leaf == "gate_up_proj":
         parts = (size // 2, size - size // 2)
         if size % 2:
-            raise TPError(f"{_where(name, shape, dim)}: a fused gate_up_proj must have an even size "
-                          f"({size}); pass fused=(gate, up) sizes")
+            raise TPError(f"{_where(name, shape, dim)}: a fused gate_up_proj of odd size; pass fused=(gate, up)")
     elif style == COLUMN and heads is not None and leaf in ("q_proj", "k_proj", "v_proj"):
         n = heads.num_heads if leaf == "q_proj" else heads.num_kv_heads
         parts, hs, kv = (size,), (n,), (leaf != "q_proj",)
@@ -208,107 +187,96 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
     else:
         parts = (size,)
     if sum(parts) != size:
-        raise TPError(f"{_where(name, shape, dim)}: its logical parts {list(parts)} add up to "
-                      f"{sum(parts)}, not {size}; fix fused= / heads=")
+        raise TPError(f"{_where(name, shape, dim)}: parts {list(parts)} add up to {sum(parts)}; fix fused= / heads=")
     return Sharding(dim, parts, hs, kv)
-
-
-def _check_tp(name, tp_rank, tp_size) -> None:
-    size, rank = _int(tp_size), _int(tp_rank)
-    if size is None or size < 1:
-        raise OptionsError(f"tp_size must be an int >= 1, got {tp_size!r} (loading tensor {name!r})")
-    if rank is None or not 0 <= rank < size:
-        raise OptionsError(f"tp_rank must be an int in [0, {size}), got {tp_rank!r} (loading tensor {name!r})")
 
 
 def _block_of(block, name) -> tuple[int, int] | None:
     if block is None:
         return None
-    try:
-        br, bc = (_int(b) for b in block)
-    except (TypeError, ValueError):
-        br = bc = None
-    if not (br and bc and br > 0 and bc > 0):
+    b = tuple(_int(v) for v in block) if isinstance(block, (tuple, list)) else ()
+    if len(b) != 2 or not all(v and v > 0 for v in b):
         raise OptionsError(f"block must be two positive ints (rows, cols), got {block!r} ({name!r})")
-    return br, bc
+    return b
 
 
 def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=None,
              heads: Heads | None = None, block=None) -> Slice:
-    """Rank ``tp_rank``'s :class:`Slice` of tensor ``name`` of ``shape`` (see :func:`sharding_of`
-    for ``plan`` / ``fused`` / ``heads``). ``block=(br, bc)``: the tensor gets block scales, so
-    every range must start and end on a block boundary (or end at the dim's end) for the ranks'
-    scales to equal the TP=1 scales, sliced. OptionsError for a bad tp_rank / tp_size / block;
-    TPError (naming the tensor, shape, dim, tp_size and the fix) for a dim or part tp_size does not
-    divide, kv heads tp_size is no multiple of, or a boundary off the block grid."""
-    _check_tp(name, tp_rank, tp_size)
+    """Rank ``tp_rank``'s :class:`Slice` of tensor ``name`` of ``shape`` (``plan`` / ``fused`` /
+    ``heads``: :func:`sharding_of`). ``block=(br, bc)``: it gets block scales, so each range must
+    start and end on the block grid (or at the dim's end) for rank scales == TP=1 scales, sliced.
+    OptionsError: a bad tp_rank / tp_size / block. TPError (naming tensor, shape, dim, tp_size,
+    fix): tp_size does not divide a dim or part, kv heads it can't replicate, off the block grid."""
+    if (_int(tp_size) or 0) < 1:
+        raise OptionsError(f"tp_size must be an int >= 1, got {tp_size!r} (loading tensor {name!r})")
+    if _int(tp_rank) is None or not 0 <= tp_rank < tp_size:
+        raise OptionsError(f"tp_rank must be an int in [0, {tp_size}), got {tp_rank!r} (loading tensor {name!r})")
     shape, block = tuple(int(d) for d in shape), _block_of(block, name)
     sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads)
     if sh.dim is None:
         return Slice(name, shape, None, (), shape)
-    where, fix = _where(name, shape, sh.dim), f"or replicate it (tp_plan={{{name.rpartition('.')[0]!r}: 'replicate'}})"
-    ranges, off = [], 0
+    where, ranges, off = _where(name, shape, sh.dim), [], 0
+    fix = f"use a tp_size that divides it, or replicate it (tp_plan={{{name.rpartition('.')[0]!r}: 'replicate'}})"
     for i, size in enumerate(sh.parts):
-        part = f"part {i} ({size} of {sum(sh.parts)})" if len(sh.parts) > 1 else f"size {size}"
-        n = sh.heads[i] if sh.heads else size
-        if sh.heads and sh.kv[i] and n < tp_size:
+        n, unit = (sh.heads[i], "heads") if sh.heads else (size, "rows/cols")
+        what = f"part {i} of {list(sh.parts)} ({n} {unit})" if len(sh.parts) > 1 else f"its {n} {unit}"
+        if sh.heads and sh.kv[i] and n < tp_size:            # fewer kv heads than ranks: replicated
             if tp_size % n:
-                raise TPError(f"{where}: {n} kv heads cannot be replicated over tp_size={tp_size} "
-                              f"(vLLM needs tp_size to be a multiple of them); use a tp_size that {n} divides or divides {n}")
-            lo = off + (tp_rank * n // tp_size) * (size // n)
-            ranges.append((lo, lo + size // n))
+                raise TPError(f"{where}: {what} cannot be replicated evenly over tp_size={tp_size} "
+                              f"(vLLM needs a multiple of {n}); {fix}")
+            head, per = tp_rank * n // tp_size, size // n
+            lo, hi = off + head * per, off + (head + 1) * per
         elif n % tp_size:
-            unit = "heads" if sh.heads else "rows/cols"
-            raise TPError(f"{where}: tp_size={tp_size} does not divide {part} ({n} {unit}); "
-                          f"use a tp_size that divides {n}, {fix}")
+            raise TPError(f"{where}: tp_size={tp_size} does not divide {what}; {fix}")
         else:
-            step = size // tp_size
-            ranges.append((off + tp_rank * step, off + (tp_rank + 1) * step))
+            lo, hi = off + tp_rank * (size // tp_size), off + (tp_rank + 1) * (size // tp_size)
+        ranges.append((lo, hi))
         off += size
     if block and len(shape) >= 2 and sh.dim >= len(shape) - 2:
         b = block[0] if sh.dim == len(shape) - 2 else block[1]
         for lo, hi in ranges:
             if lo % b or (hi % b and hi != shape[sh.dim]):
-                raise TPError(f"{where}: rank {tp_rank} of tp_size={tp_size} holds [{lo}, {hi}), which is "
-                              f"not on the {block[0]}x{block[1]} block grid (multiples of {b}); use a tp_size "
-                              f"whose shards are whole blocks, granularity='channel', {fix}")
-    width = sum(hi - lo for lo, hi in ranges)
-    return Slice(name, shape, sh.dim, tuple(ranges), shape[:sh.dim] + (width,) + shape[sh.dim + 1:])
+                raise TPError(f"{where}: rank {tp_rank} of tp_size={tp_size} holds [{lo}, {hi}), off the "
+                              f"{block[0]}x{block[1]} block grid; use granularity='channel', or a tp_size "
+                              f"whose shards are whole blocks, or replicate it")
+    return _cut(name, shape, sh.dim, tuple(ranges))
 
 
-def _layout(shape, itemsize, sl: Slice) -> tuple[int, int, int]:
-    """(outer count, bytes per index of sl.dim, bytes per outer step) of a C-order tensor."""
+def _cut(name, shape, dim, ranges) -> Slice:
+    return Slice(name, shape, dim, ranges, shape[:dim] + (sum(hi - lo for lo, hi in ranges),) + shape[dim + 1:])
+
+
+def _layout(shape, itemsize, sl: Slice):
+    """(outer count, bytes per index along sl.dim, bytes per outer step, ranges) of a C-order
+    tensor; a replicated slice is one run of the whole tensor."""
     if tuple(shape) != sl.full_shape:
         raise TPError(f"{_where(sl.name, shape)}: the slice was cut from shape {list(sl.full_shape)}")
-    if not (_int(itemsize) or 0) > 0:
+    if (_int(itemsize) or 0) < 1:
         raise OptionsError(f"itemsize must be a positive int of bytes, got {itemsize!r} ({sl.name!r})")
+    if sl.dim is None:
+        whole = math.prod(sl.full_shape) * itemsize
+        return 1, whole, whole, ((0, 1),)
     inner = math.prod(shape[sl.dim + 1:]) * itemsize
-    return math.prod(shape[:sl.dim]), inner, shape[sl.dim] * inner
+    return math.prod(shape[:sl.dim]), inner, shape[sl.dim] * inner, sl.ranges
 
 
 def strided_ranges(spec_start: int, shape, itemsize: int, sl: Slice) -> list[Strided]:
-    """The file bytes of ``sl`` as one :class:`Strided` run per logical part (file offsets:
-    ``spec_start`` is the tensor's first byte). A column slice of a matrix is ``count == 1`` per
-    part; a row slice is one run per row. The rank's tensor is, for each run index k in order,
-    run k of every part in part order."""
-    if sl.dim is None:
-        n = math.prod(tuple(shape)) * itemsize
-        return [Strided(spec_start, n, n, 1)]
-    outer, inner, stride = _layout(shape, itemsize, sl)
-    return [Strided(spec_start + lo * inner, (hi - lo) * inner, stride, outer) for lo, hi in sl.ranges]
+    """The file bytes of ``sl`` as one :class:`Strided` per logical part (``spec_start``: the
+    tensor's first byte): ``count == 1`` for a column slice of a matrix, a run per row for a row
+    slice. The rank's tensor is, for k in range(count), run k of every part in part order."""
+    outer, inner, stride, ranges = _layout(shape, itemsize, sl)
+    return [Strided(spec_start + lo * inner, (hi - lo) * inner, stride, outer) for lo, hi in ranges]
 
 
 def byte_ranges(spec_start: int, shape, itemsize: int, sl: Slice) -> list[tuple[int, int]]:
     """File byte ranges ``[lo, hi)`` rank ``sl`` reads, in the order its tensor lays them out
     (adjacent ranges merged): one per part for a column slice, one per row for a row slice.
     ``itemsize`` in bytes (sub-byte dtypes such as F4 are not sharded)."""
-    if sl.dim is None:
-        return [(spec_start, spec_start + math.prod(tuple(shape)) * itemsize)]
-    outer, inner, stride = _layout(shape, itemsize, sl)
+    outer, inner, stride, ranges = _layout(shape, itemsize, sl)
     out: list[tuple[int, int]] = []
     for o in range(outer):
         base = spec_start + o * stride
-        for lo, hi in sl.ranges:
+        for lo, hi in ranges:
             a, b = base + lo * inner, base + hi * inner
             if out and out[-1][1] == a:
                 out[-1] = (out[-1][0], b)
@@ -329,7 +297,7 @@ def scale_slice(sl: Slice, scale_shape, *, block=None) -> Slice:
         return replicated
     d, n = sl.dim, sl.full_shape[sl.dim]
     if len(scale_shape) != len(sl.full_shape):
-        raise TPError(f"{_where(sl.name, sl.full_shape)}: scale of shape {list(scale_shape)} is no grid of it")
+        raise TPError(f"{_where(sl.name, sl.full_shape)}: a scale of shape {list(scale_shape)} is no grid of it")
     g = scale_shape[d]
     if g == 1:
         return replicated
@@ -337,15 +305,14 @@ def scale_slice(sl: Slice, scale_shape, *, block=None) -> Slice:
         ranges = sl.ranges
     else:
         b = None if block is None else block[0] if d == len(scale_shape) - 2 else block[1]
-        if b is None or g != -(-n // b):
+        if b is None or g != ceil_div(n, b):
             raise TPError(f"{_where(sl.name, sl.full_shape, d)}: scale of shape {list(scale_shape)} is no "
                           f"per-channel or {block} block grid of it; pass the block=(br, bc) it was made with")
         if any(lo % b or (hi % b and hi != n) for lo, hi in sl.ranges):
             raise TPError(f"{_where(sl.name, sl.full_shape, d)}: ranges {list(sl.ranges)} are off the "
                           f"{b}-wide block grid; cut the weight with shard_of(..., block={block})")
-        ranges = tuple((lo // b, -(-hi // b)) for lo, hi in sl.ranges)
-    width = sum(hi - lo for lo, hi in ranges)
-    return Slice(sl.name, scale_shape, d, ranges, scale_shape[:d] + (width,) + scale_shape[d + 1:])
+        ranges = tuple((lo // b, ceil_div(hi, b)) for lo, hi in sl.ranges)
+    return _cut(sl.name, scale_shape, d, ranges)
 
 
 def take(t: torch.Tensor, sl: Slice) -> torch.Tensor:

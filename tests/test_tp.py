@@ -143,6 +143,7 @@ def test_row_slices_are_one_range_per_row_and_one_strided_run():
     assert byte_ranges(0, (8, 16), 2, shard_of(L + "mlp.up_proj.weight", (8, 16), 1, 2)) == [(128, 256)]
     assert byte_ranges(7, shape, 2, shard_of(name, shape, 0, 1)) == [(7, 7 + 6 * 32)]
     assert byte_ranges(7, (5,), 4, shard_of("model.norm.weight", (5,), 1, 2)) == [(7, 27)]
+    assert strided_ranges(7, (5,), 4, shard_of("model.norm.weight", (5,), 1, 2)) == [(7, 20, 20, 1)]
 
 
 def test_fused_expert_strided_runs_interleave_parts_per_expert():
