@@ -215,19 +215,16 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
     sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads)
     if sh.dim is None:
         return Slice(name, shape, None, (), shape)
-    where, ranges, off = _where(name, shape, sh.dim), [], 0
-    fix = f"use a tp_size that divides it, or replicate it (tp_plan={{{name.rpartition('.')[0]!r}: 'replicate'}})"
+    ranges, off = [], 0
     for i, size in enumerate(sh.parts):
-        n, unit = (sh.heads[i], "heads") if sh.heads else (size, "rows/cols")
-        what = f"part {i} of {list(sh.parts)} ({n} {unit})" if len(sh.parts) > 1 else f"its {n} {unit}"
+        n = sh.heads[i] if sh.heads else size
         if sh.heads and sh.kv[i] and n < tp_size:            # fewer kv heads than ranks: replicated
             if tp_size % n:
-                raise TPError(f"{where}: {what} cannot be replicated evenly over tp_size={tp_size} "
-                              f"(vLLM needs a multiple of {n}); {fix}")
+                _indivisible(name, shape, sh, i, tp_size, f"cannot be replicated evenly (vLLM needs a multiple of {n})")
             head, per = tp_rank * n // tp_size, size // n
             lo, hi = off + head * per, off + (head + 1) * per
         elif n % tp_size:
-            raise TPError(f"{where}: tp_size={tp_size} does not divide {what}; {fix}")
+            _indivisible(name, shape, sh, i, tp_size, "does not divide it")
         else:
             lo, hi = off + tp_rank * (size // tp_size), off + (tp_rank + 1) * (size // tp_size)
         ranges.append((lo, hi))
@@ -236,10 +233,17 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
         b = block[0] if sh.dim == len(shape) - 2 else block[1]
         for lo, hi in ranges:
             if lo % b or (hi % b and hi != shape[sh.dim]):
-                raise TPError(f"{where}: rank {tp_rank} of tp_size={tp_size} holds [{lo}, {hi}), off the "
+                raise TPError(f"{_where(name, shape, sh.dim)}: rank {tp_rank} of tp_size={tp_size} holds [{lo}, {hi}), off the "
                               f"{block[0]}x{block[1]} block grid; use granularity='channel', or a tp_size "
                               f"whose shards are whole blocks, or replicate it")
     return _cut(name, shape, sh.dim, tuple(ranges))
+
+
+def _indivisible(name, shape, sh: Sharding, i, tp_size, why):
+    n, unit = (sh.heads[i], "heads") if sh.heads else (sh.parts[i], "rows/cols")
+    what = f"part {i} of {list(sh.parts)} ({n} {unit})" if len(sh.parts) > 1 else f"its {n} {unit}"
+    raise TPError(f"{_where(name, shape, sh.dim)}: {what}; tp_size={tp_size} {why}; use another tp_size, or "
+                  f"replicate it (tp_plan={{{name.rpartition('.')[0]!r}: 'replicate'}})")
 
 
 def _cut(name, shape, dim, ranges) -> Slice:
