@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "MmapLoadError",
+    "TPError",
     "CheckpointError",
     "HeaderError",
     "ShardIndexError",
@@ -67,5 +68,3 @@ class TPError(MmapLoadError):
     dim or a fused part, kv heads cannot be replicated evenly, or a shard boundary is off the
     block-scale grid. The message names the tensor, its shape, the dim, tp_size and the fix."""
 
-
-__all__.append("TPError")
