@@ -320,26 +320,27 @@ def test_shard_linked_to_a_non_safetensors_file(tmp_path, content):
     assert "header length" in msg and "exceeds" not in msg
 
 
-def test_huge_valid_header_memory_per_entry_is_close_to_safetensors(tmp_path):
-    """Valid headers of 20,000 and 60,000 zero-size tensors, each target in a fresh process: the
-    peak above the process's RSS after imports grows per entry within a budget of what
-    safetensors' own ``load_file`` (which builds the same tensors) grows. The issue's 1.7 M-entry
-    header cost 3.0 GiB in stream_quantize and 4.0 GiB in convert against safetensors' 1.3 GiB.
+def test_huge_valid_header_memory_per_entry_is_bounded(tmp_path):
+    """Valid headers of 20,000 and 80,000 zero-size tensors, each target in a fresh process: the
+    peak above the process's RSS after imports grows by at most a budget per entry (measured: 890,
+    2,095 and 2,067 bytes for open_checkpoint, stream_quantize and convert, against 1,479 for
+    safetensors' own ``load_file``, which builds the same tensors; README, "Huge but valid headers").
+    Absolute budgets, not ratios to load_file: its slope alone is too noisy on a shared machine.
+    The issue's 1.7 M-entry header cost 3.0 GiB in stream_quantize and 4.0 GiB in convert.
     Seconds are in tools/bench_headers.py."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_headers", REPO / "tools" / "bench_headers.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    targets = ("load_file", "open_checkpoint", "stream_quantize", "convert")
+    budget = {"open_checkpoint": 1536, "stream_quantize": 3072, "convert": 3072}   # bytes per entry
     above = {}
-    for n in (20_000, 60_000):
+    for n in (20_000, 80_000):
         path = tmp_path / f"{n}.safetensors"
         bench.write_header(path, n)
-        for t in targets:
+        for t in budget:
             r = bench.run(t, path, tmp_path / f"out-{t}-{n}", timeout=600)
             assert "error" not in r and r["n"] != "0", r
             above[t, n] = r["peak_rss"] - r["base_rss"]
-    per_entry = {t: (above[t, 60_000] - above[t, 20_000]) / 40_000 for t in targets}   # bytes
-    budget = {"open_checkpoint": 0.8, "stream_quantize": 1.6, "convert": 1.6}   # x load_file's
-    over = {t: round(per_entry[t]) for t, k in budget.items() if per_entry[t] > k * per_entry["load_file"]}
+    per_entry = {t: (above[t, 80_000] - above[t, 20_000]) / 60_000 for t in budget}
+    over = {t: round(per_entry[t]) for t, b in budget.items() if per_entry[t] > b}
     assert not over, (over, per_entry)
