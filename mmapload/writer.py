@@ -22,7 +22,7 @@ import torch
 
 from .dtypes import dtype_name, nbytes_of, torch_dtype_of, torch_shape
 
-__all__ = ["SafetensorsWriter", "dtype_name"]
+__all__ = ["SafetensorsWriter"]
 
 _SEQ = itertools.count()   # temporary names unique within this process
 
