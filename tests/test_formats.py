@@ -158,7 +158,8 @@ def test_the_layout_is_computed_without_touching_the_disk(small, tmp_path, monke
                           (builtins, "open"), (io, "open")]:
             m.setattr(obj, name, no_io)
         try:
-            got = (output_layout(ckpt, opts, "fp8", policy), quantization_config("fp8", opts, ignored_modules(ckpt, policy)))
+            got = (output_layout(ckpt, opts, "fp8", policy),
+                   quantization_config("fp8", opts, ignored_modules(ckpt, policy)))
         except AssertionError as e:
             got = e
     assert got == (want, quantization_config("fp8", opts, ignored_modules(ckpt, policy)))

@@ -547,8 +547,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     elif device.type != "cpu":
         ap.error("--device must be cpu or cuda[:N]")
-    opts = LoadOptions(ring_bytes=args.ring_bytes, granularity=args.granularity, fp8_dtype=FP8_BY_NAME[args.fp8],
-                       policy=args.policy)
+    opts = LoadOptions(ring_bytes=args.ring_bytes, granularity=args.granularity,
+                       fp8_dtype=FP8_BY_NAME[args.fp8], policy=args.policy)
 
     cold = probe_cold_method(args.cold_method) if args.cold else None
     meta = machine(device, "cold" if cold else "warm", {"drop_caches": "echo 3 > /proc/sys/vm/drop_caches",
