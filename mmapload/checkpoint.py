@@ -36,12 +36,11 @@ from typing import NamedTuple, NoReturn
 import torch
 
 from mmapload._files import identity, open_regular, real_path, shown, stat_shard
-from mmapload.dtypes import (BITS, DTYPES, RAW_DTYPE, WIDE_FLOATS, dtype_name, nbytes_of, torch_dtype_of,
-                             torch_shape)
+from mmapload.dtypes import BITS, DTYPES, nbytes_of, torch_dtype_of, torch_shape
 from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
-__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "MAX_HEADER_BYTES", "MAX_INDEX_BYTES", "INDEX_NAME",
-           "TensorSpec", "Shard", "Checkpoint", "dtype_name", "torch_dtype_of", "torch_shape", "nbytes_of",
+# dtype names, bits and torch dtypes: mmapload.dtypes (the one table), not re-exported here
+__all__ = ["MAX_HEADER_BYTES", "MAX_INDEX_BYTES", "INDEX_NAME", "TensorSpec", "Shard", "Checkpoint",
            "read_header", "open_checkpoint"]
 
 MAX_HEADER_BYTES = 100_000_000     # safetensors' MAX_HEADER_SIZE: the same files are refused unread

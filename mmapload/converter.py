@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, open_checkpoint, torch_dtype_of, torch_shape
+from .checkpoint import INDEX_NAME, open_checkpoint
+from .dtypes import FP8, torch_dtype_of, torch_shape
 from .errors import CheckpointError, FileChangedError, MmapLoadWarning, OptionsError
 from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
-    quantization_config, scale_suffix, shard_metadata
+    quantization_config, scale_suffix, shard_metadata, single_file
 from .fp8 import Granularity
 from .options import LoadOptions
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
@@ -164,8 +165,8 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
                                                   "weight_map": weight_map}, indent=2))
         fsync_path(tmp / INDEX_NAME)
         qconfig = quantization_config(format, opts, ignored_modules(ckpt, policy))
-        if ckpt.root.is_dir():
-            copy_extras(ckpt.root, tmp, qconfig)
+        if not single_file(ckpt):   # config.json as read once, by policy_for
+            copy_extras(ckpt.root, tmp, qconfig, policy.config)
         check_written(tmp, format, opts, qconfig, policy)
         fsync_path(tmp)
         swap_in(tmp, dst, overwrite)
@@ -187,7 +188,7 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
     for spec in ckpt.tensors:
         module, _, attr = spec.name.rpartition(".")
         scale = ckpt.get(spec.name + suffix)
-        fp8 = spec.dtype in ("F8_E4M3", "F8_E5M2")
+        fp8 = spec.dtype in FP8
         scaled = fp8 and scale is not None and scale.dtype == "F32"
         linear = attr == "weight" and policy.decide(spec).kind == LINEAR
         if not linear and not scaled:

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "WIDE_FLOATS", "dtype_name", "torch_dtype_of", "torch_shape",
-           "nbytes_of"]
+__all__ = ["BITS", "DTYPES", "RAW_DTYPE", "FLOATS", "FP8", "WIDE_FLOATS", "dtype_name", "torch_dtype_of",
+           "torch_shape", "nbytes_of"]
 
 # Every dtype the safetensors format defines (its Rust ``Dtype`` enum, in that order): the bits
 # per element, and the name of the torch dtype that holds it, looked up in the installed torch
@@ -33,8 +33,13 @@ BITS: dict[str, int] = {name: bits for name, (bits, _) in _FORMAT.items()}
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, (_, attr) in _FORMAT.items()
                                   if attr is not None and isinstance(getattr(torch, attr, None), torch.dtype)}
 RAW_DTYPE = torch.uint8   # what a dtype torch lacks travels as: its bytes
+# Floating-point names the installed torch holds (F4, every FP8, F16, BF16, F32, F64)
+FLOATS = frozenset(n for n, d in DTYPES.items() if d.is_floating_point)
+# The FP8 mmapload writes, and pairs with a scale when a source holds it: OCP e4m3fn and e5m2, the
+# two torch computes with (fp8.FP8_DTYPES); not the FNUZ variants, nor E8M0 (a scale format)
+FP8 = frozenset(n for n in FLOATS if DTYPES[n] in (torch.float8_e4m3fn, torch.float8_e5m2))
 # Floats wider than FP8: the dtypes worth quantizing (and, kept, worth listing as "ignored")
-WIDE_FLOATS = frozenset(n for n, d in DTYPES.items() if d.is_floating_point and BITS[n] > 8)
+WIDE_FLOATS = frozenset(n for n in FLOATS if BITS[n] > 8)
 _NAMES = {d: n for n, d in DTYPES.items()}
 
 

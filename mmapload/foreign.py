@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import WIDE_FLOATS, Checkpoint
+from .checkpoint import Checkpoint
+from .dtypes import FP8, WIDE_FLOATS
 from .errors import CheckpointError
 
 __all__ = ["QuantizedSourceError", "read_config", "refuse_other_methods"]
@@ -68,7 +69,7 @@ def refuse_other_methods(ckpt: Checkpoint, cfg: dict | None) -> None:
             ": the checkpoint is already quantized by another method, whose weights are not floats "
             "mmapload can re-quantize; convert the original bf16 / fp16 / fp32 checkpoint instead")
     for spec in ckpt.tensors:   # one endswith per tensor: headers may hold millions of names
-        if spec.name.endswith(_PACKED_ENDINGS) and (spec.dtype not in FLOAT_DTYPES | {"F8_E4M3", "F8_E5M2"}
+        if spec.name.endswith(_PACKED_ENDINGS) and (spec.dtype not in FLOAT_DTYPES | FP8
                                                     or spec.name.endswith(_BNB_STATS)):
             what = next(w for suffix, w in _PACKED_SUFFIXES.items() if spec.name.endswith(suffix))
             raise QuantizedSourceError(

@@ -16,7 +16,7 @@ its ``quantization_config``; a source without a config.json, e.g. a single file,
   ``weight_block_size``. It has no per-channel scheme: "channel" is an OptionsError.
 Both read FP8 as e4m3 only: fp8_dtype=float8_e5m2 is an OptionsError.
 
-A source that is already FP8 (a weight ``X`` with ``X_scale`` / ``X_scale_inv``, see pairs.py)
+A source that is already FP8 (a weight ``X`` with ``X_scale`` / ``X_scale_inv``, see prequantized.py)
 is translated, not re-quantized: the pair is written with the output format's scale name and
 shape, where the stream yields it (after the later of the two). Its granularity must be the
 one the options ask for, since one ``quantization_config`` describes every weight.
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorSpec, dtype_name
+from .checkpoint import Checkpoint, TensorSpec
+from .dtypes import FP8, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
 from .options import LoadOptions
@@ -37,7 +38,7 @@ from .prequantized import fp8_pairs, unscaled_fp8
 from .policy import LINEAR, Policy
 
 __all__ = ["FORMATS", "SCALE_SUFFIX", "Entry", "check_format", "scale_suffix", "ignored_modules",
-           "quantization_config", "output_layout", "shard_metadata", "convert_policy",
+           "quantization_config", "output_layout", "shard_metadata", "convert_policy", "single_file",
            "KEPT_EXPERTS", "KEPT_BY_CONVERT"]
 
 SCALE_SUFFIX = "_scale"
@@ -49,17 +50,22 @@ KEPT_EXPERTS = (f"fused experts: {KEPT_BY_CONVERT} (compressed-tensors and vLLM'
                 "format describe FP8 Linear weights only; stream_quantize quantizes them)")
 
 # (name, safetensors dtype name, header shape): the header entry itself, whatever torch has
-# for the dtype (checkpoint.torch_dtype_of / torch_shape give the tensor the writer takes)
+# for the dtype (dtypes.torch_dtype_of / torch_shape give the tensor the writer takes)
 Entry = tuple[str, str, tuple[int, ...]]
+
+
+def single_file(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` is one ``.safetensors`` file rather than a folder: its root is its only
+    shard (``open_checkpoint`` gives a file's checkpoint the resolved file as root). No I/O."""
+    return len(ckpt.shards) == 1 and ckpt.root in (ckpt.shards[0].path, ckpt.shards[0].real)
 
 
 def _shard_names(ckpt: Checkpoint) -> dict[Path, str]:
     """Output file name (relative to the folder) of each input shard, as the input names it:
     Shard paths keep the index's or the folder's names (a Hugging Face cache links them to blobs)."""
-    root = ckpt.root
-    if not root.is_dir():
+    if single_file(ckpt):
         return {ckpt.shards[0].path: "model.safetensors"}
-    return {s.path: s.path.relative_to(root).as_posix() for s in ckpt.shards}
+    return {s.path: s.path.relative_to(ckpt.root).as_posix() for s in ckpt.shards}
 
 
 def check_format(fmt, opts: LoadOptions) -> str:
@@ -111,7 +117,7 @@ def ignored_modules(ckpt: Checkpoint, policy: Policy) -> list[str]:
     and the model's Linear modules whose weight the checkpoint does not hold (a tied lm_head)."""
     out = [spec.name.removesuffix(".weight") for spec in ckpt.tensors
            if spec.name.endswith(".weight") and (d := policy.decide(spec)).kind == LINEAR
-           and not d.quantize and spec.dtype not in ("F8_E4M3", "F8_E5M2")]
+           and not d.quantize and spec.dtype not in FP8]
     have = {spec.name.removesuffix(".weight") for spec in ckpt.tensors}
     prefix = policy.prefix + "." if policy.prefix else ""
     for module in policy.linear_modules():

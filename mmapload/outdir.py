@@ -83,11 +83,13 @@ def _inside(root: Path, p: Path) -> bool:
     return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
-def copy_extras(root: Path, out: Path, qconfig: dict) -> None:
+def copy_extras(root: Path, out: Path, qconfig: dict, config: dict | None = None) -> None:
     """config.json, tokenizer and generation files: every regular, non-hidden top-level file
     of the source folder except shards and the index, copied as they are, except that
-    config.json gets ``quantization_config`` (any earlier one replaced). A symlink that leads
-    out of the source folder is not copied (a ``MmapLoadWarning`` names it and its target)."""
+    config.json gets ``quantization_config`` (any earlier one replaced). ``config``: config.json
+    as already parsed (``foreign.read_config``), so it is not read again; None: read here. A
+    symlink that leads out of the source folder is not copied (a ``MmapLoadWarning`` names it
+    and its target)."""
     root = root.resolve()
     for p in sorted(root.iterdir()):
         if (p.name.startswith(".") or p.name.endswith(".safetensors") or p.name == INDEX_NAME
@@ -100,7 +102,7 @@ def copy_extras(root: Path, out: Path, qconfig: dict) -> None:
             continue
         if p.name == "config.json":
             try:
-                cfg = json.loads(p.read_text("utf-8"))
+                cfg = dict(config) if config is not None else json.loads(p.read_text("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{p}: not valid JSON ({e}); cannot add quantization_config") from None
             if not isinstance(cfg, dict):

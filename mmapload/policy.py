@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import WIDE_FLOATS, Checkpoint, TensorSpec
+from .checkpoint import Checkpoint, TensorSpec
+from .dtypes import WIDE_FLOATS
 from .errors import MmapLoadWarning, OptionsError
 from .foreign import QuantizedSourceError, read_config, refuse_other_methods
 from .skeleton import Skeleton, describe, from_config

@@ -16,16 +16,17 @@ from typing import Iterator
 import torch
 
 from .assemble import Loaded
-from .checkpoint import DTYPES, Checkpoint, TensorSpec
+from .checkpoint import Checkpoint, TensorSpec
+from .dtypes import BITS, FP8, WIDE_FLOATS
 from .errors import CheckpointError, HeaderError, NonFiniteError
-from .fp8 import FP8_DTYPES, Granularity
+from .fp8 import Granularity
 from .result import QuantizedTensor
 
 __all__ = ["fp8_pairs", "paired", "unscaled_fp8"]
 
-_FP8 = frozenset(n for n, d in DTYPES.items() if d in FP8_DTYPES)   # the FP8 we write: no FNUZ / E8M0
 SUFFIXES = ("_scale", "_scale_inv")
-_SCALE_DTYPES = ("F32", "BF16", "F16")   # compressed-tensors stores scales in the weight's dtype
+# compressed-tensors stores scales in the weight's dtype: F32, BF16 or F16
+_SCALE_DTYPES = frozenset(n for n in WIDE_FLOATS if BITS[n] <= 32)
 
 
 def _block(bs, where: str) -> tuple[int, int]:
@@ -106,7 +107,7 @@ def fp8_pairs(ckpt: Checkpoint, config: dict | None = None, block_size=(128, 128
     out = {}
     declared = {sh.path: _declared(config, sh.metadata, ckpt.root) for sh in ckpt.shards}
     for w in ckpt.tensors:
-        if w.dtype not in _FP8 or len(w.shape) < 2:
+        if w.dtype not in FP8 or len(w.shape) < 2:
             continue
         for suffix in SUFFIXES:
             s = ckpt.get(w.name + suffix)
@@ -119,7 +120,7 @@ def fp8_pairs(ckpt: Checkpoint, config: dict | None = None, block_size=(128, 128
 def unscaled_fp8(ckpt: Checkpoint, pairs: dict, is_linear) -> list[TensorSpec]:
     """FP8 Linear weights (``is_linear(spec)``) with no scale next to them: what they dequantize
     to is unknown until the caller says (``fp8_weight_scale``)."""
-    return [w for w in ckpt.tensors if w.dtype in _FP8 and len(w.shape) >= 2 and w.name not in pairs
+    return [w for w in ckpt.tensors if w.dtype in FP8 and len(w.shape) >= 2 and w.name not in pairs
             and is_linear(w)]
 
 

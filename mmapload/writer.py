@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import dtype_name, nbytes_of, torch_dtype_of, torch_shape
+from .dtypes import dtype_name, nbytes_of, torch_dtype_of, torch_shape
 
-__all__ = ["SafetensorsWriter", "dtype_name"]
+__all__ = ["SafetensorsWriter"]
 
 _SEQ = itertools.count()   # temporary names unique within this process
 
@@ -41,8 +41,8 @@ class SafetensorsWriter:
 
     ``dtype`` is a safetensors name ("BF16", "F6_E2M3", ...) or a torch dtype, and ``shape``
     the header's shape; both are written to the header as given. ``t`` must be what the
-    loader yields for that entry: ``checkpoint.torch_dtype_of(dtype)`` of
-    ``checkpoint.torch_shape(dtype, shape)`` (for F4 / F6 / raw dtypes, not the header shape).
+    loader yields for that entry: ``dtypes.torch_dtype_of(dtype)`` of
+    ``dtypes.torch_shape(dtype, shape)`` (for F4 / F6 / raw dtypes, not the header shape).
 
     ``sync_bytes`` (0: off): flush, ``fdatasync`` and drop from the page cache every that
     many bytes written (big tensors are written in pieces of that size)."""

@@ -9,12 +9,12 @@ import struct
 
 import pytest
 import torch
+import safetensors.torch as st_torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mmapload.checkpoint as ckmod
 from mmapload.checkpoint import (
-    DTYPES,
     MAX_HEADER_BYTES,
     Checkpoint,
     Shard,
@@ -22,6 +22,7 @@ from mmapload.checkpoint import (
     open_checkpoint,
     read_header,
 )
+from mmapload.dtypes import DTYPES
 from mmapload.errors import CheckpointError, FileChangedError, HeaderError, ShardIndexError
 
 # ----------------------------------------------------------------------------- helpers
@@ -154,15 +155,10 @@ def test_every_dtype_round_trips(tmp_path, code):
 
 
 def test_dtype_table_is_exactly_the_supported_set():
-    # every safetensors dtype torch 2.13 has (F6_E2M3 / F6_E3M2 travel as bytes: test_dtypes.py)
-    assert DTYPES == {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-        "F4": torch.float4_e2m1fn_x2, "F8_E8M0": torch.float8_e8m0fnu, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-        "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "U16": torch.uint16, "U32": torch.uint32,
-        "U64": torch.uint64, "C64": torch.complex64,
-    }
+    # every dtype safetensors.torch reads and writes in this torch, as it names them
+    # (F6_E2M3 / F6_E3M2 travel as bytes, names and bits against safetensors' writer: test_dtypes.py)
+    assert set(DTYPES.values()) == {d for d in st_torch._SIZE if d is not None}
+    assert all(DTYPES[name] is d for name, d in st_torch._TYPES.items() if d is not None)
     assert MAX_HEADER_BYTES == 100_000_000   # safetensors' MAX_HEADER_SIZE
 
 

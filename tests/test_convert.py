@@ -1,5 +1,7 @@
 """convert(): an FP8 checkpoint on disk, streamed, identical to the in-memory load, failure-safe."""
 
+import builtins
+import io
 import json
 import os
 import signal
@@ -13,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import mmapload
+import mmapload.checkpoint as ckmod
 from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import scale_shape
@@ -122,6 +125,39 @@ def test_single_file_input_becomes_model_safetensors(small, tmp_path):
     want = mmapload.stream_quantize(src, granularity="channel").state_dict()
     got = load_file(dst / "model.safetensors")
     assert got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
+
+
+def test_convert_reads_the_index_config_and_each_header_once(small, tmp_path, monkeypatch, no_thread_leak):
+    """One open_checkpoint: the index, config.json and every shard header are read once; each
+    shard is opened once more, by the reader, for its data."""
+    opened, headers = [], []
+    real_open, real_os_open, real_read_header = builtins.open, os.open, ckmod.read_header
+
+    def seen(path):
+        if isinstance(path, (str, os.PathLike)) and Path(path).parent == small:
+            opened.append(Path(path).name)
+
+    def counted_open(path, *a, **k):
+        seen(path)
+        return real_open(path, *a, **k)
+
+    def counted_os_open(path, *a, **k):
+        seen(path)
+        return real_os_open(path, *a, **k)
+
+    def counted_read_header(path):   # check_written reads the output's headers back: not counted
+        if Path(path).parent == small:
+            headers.append(Path(path).name)
+        return real_read_header(path)
+    for obj, name, fn in [(builtins, "open", counted_open), (io, "open", counted_open),
+                          (os, "open", counted_os_open), (ckmod, "read_header", counted_read_header)]:
+        monkeypatch.setattr(obj, name, fn)
+    dst = export.convert(small, tmp_path / "out", policy="names")
+    monkeypatch.undo()
+    assert sorted(headers) == SHARDS
+    assert {n: opened.count(n) for n in set(opened)} == {INDEX_NAME: 1, "config.json": 1, SHARDS[0]: 2,
+                                                          SHARDS[1]: 2, **{n: 1 for n in EXTRAS}}
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
 
 
 def test_destination_rules(small, tmp_path):

@@ -11,10 +11,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import safetensors.torch as st_torch
 from safetensors import safe_open
 
 from mmapload import convert, iter_quantized, stream_quantize
-from mmapload.checkpoint import BITS, DTYPES, open_checkpoint, read_header, torch_shape
+from mmapload.checkpoint import open_checkpoint, read_header
+from mmapload.dtypes import BITS, DTYPES, FLOATS, FP8, WIDE_FLOATS, dtype_name, torch_dtype_of, torch_shape
+from mmapload.fp8 import FP8_DTYPES
 from mmapload.errors import HeaderError
 from mmapload.estimate import estimate
 from mmapload.result import QuantizedTensor
@@ -24,12 +27,22 @@ from mmapload.writer import SafetensorsWriter
 FORMAT_DTYPES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
                  "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
                  "F64", "I64", "U64"]
-# what safetensors' torch.py / its Rust bindings hand torch for each name
-TORCH_NAMES = {"BOOL": "bool", "F4": "float4_e2m1fn_x2", "U8": "uint8", "I8": "int8",
-               "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
-               "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16",
-               "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32",
-               "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64"}
+
+
+def _named_by_safetensors() -> dict[str, tuple[torch.dtype, int]]:
+    """safetensors' own word, not our table: for every torch dtype safetensors.torch saves (its
+    ``_SIZE``), the name and bits per element its writer puts in the header it writes."""
+    out = {}
+    for dtype in (d for d in st_torch._SIZE if d is not None):
+        t = torch.zeros(2, 4, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 else torch.zeros(2, 4, dtype=dtype)
+        raw = st_torch.save({"t": t})
+        entry = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["t"]
+        lo, hi = entry["data_offsets"]
+        out[entry["dtype"]] = (dtype, (hi - lo) * 8 // math.prod(entry["shape"]))
+    return out
+
+
+SAFETENSORS_NAMES = _named_by_safetensors()   # "F4" -> (torch.float4_e2m1fn_x2, 4), ...
 WEIGHT = "layer.weight"   # bf16 [64, 32]: quantized
 IO_MODES = ["mmap", "pread", "direct"]
 
@@ -81,8 +94,7 @@ def _source(ckpt_dir) -> dict[str, tuple[str, list[int], bytes]]:
 def _expected_torch(dtype: str, shape: list[int]) -> tuple[torch.dtype, tuple[int, ...]]:
     """What a tensor comes out as: the dtype safetensors gives it in this torch, else bytes;
     the shape rule (torch_shape) is pinned by test_the_shapes_tensors_come_out_as."""
-    tdtype = getattr(torch, TORCH_NAMES.get(dtype, "-"), None)
-    return (torch.uint8 if tdtype is None else tdtype), torch_shape(dtype, shape)
+    return SAFETENSORS_NAMES.get(dtype, (torch.uint8,))[0], torch_shape(dtype, shape)
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -99,9 +111,21 @@ def _check_passthrough(name: str, t: torch.Tensor, dtype: str, shape: list[int],
 
 def test_the_table_is_every_format_dtype_with_what_torch_has():
     assert list(BITS) == FORMAT_DTYPES
-    assert BITS["F4"] == 4 and BITS["F6_E2M3"] == BITS["F6_E3M2"] == 6 and BITS["C64"] == 64
-    have = {n: getattr(torch, a) for n, a in TORCH_NAMES.items() if getattr(torch, a, None) is not None}
-    assert DTYPES == have
+    assert BITS["F6_E2M3"] == BITS["F6_E3M2"] == 6   # no torch dtype, so safetensors cannot say
+    # names, torch dtypes and bits exactly as safetensors' writer gives them, in this torch
+    assert DTYPES == {name: dtype for name, (dtype, _) in SAFETENSORS_NAMES.items()}
+    assert {name: BITS[name] for name in DTYPES} == {name: bits for name, (_, bits) in SAFETENSORS_NAMES.items()}
+    # and as safetensors' torch.py reads them (_TYPES lacks F4 / F8_E8M0, read by its Rust side)
+    assert all(DTYPES[name] is dtype for name, dtype in st_torch._TYPES.items() if dtype is not None)
+    assert all(dtype_name(dtype) == name and torch_dtype_of(name) is dtype for name, dtype in DTYPES.items())
+    assert torch_dtype_of("F6_E2M3") is torch.uint8
+
+
+def test_the_kinds_other_modules_derive_come_from_torch():
+    assert FLOATS == {n for n, d in DTYPES.items() if d.is_floating_point}
+    assert FP8 == {dtype_name(d) for d in FP8_DTYPES} == {"F8_E4M3", "F8_E5M2"}   # what fp8.py computes with
+    assert WIDE_FLOATS == {n for n, d in DTYPES.items() if d.is_floating_point and d.itemsize > 1}
+    assert WIDE_FLOATS == {"F16", "BF16", "F32", "F64"}
 
 
 def test_the_shapes_tensors_come_out_as():

@@ -1,7 +1,12 @@
 """convert(format=...): the config.json and tensor layout vLLM / transformers load, field by field,
 checked against the compressed-tensors library itself where it is installed."""
 
+import builtins
+import hashlib
+import io
 import json
+import os
+import warnings
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import dequantize, scale_shape
 from mmapload.options import LoadOptions
-from mmapload.formats import convert_policy
+from mmapload.formats import convert_policy, ignored_modules, output_layout, quantization_config
 from mmapload.policy import policy_for
 from mmapload.synth import make_llama_checkpoint
 
@@ -107,6 +112,57 @@ def test_format_errors_before_anything_is_written(small, tmp_path, fmt, opts, ma
     with pytest.raises(mmapload.OptionsError, match=match):
         export.convert(small, tmp_path / "out", format=fmt, **opts)
     assert list(tmp_path.iterdir()) == []
+
+
+# sha256[:16] of every file convert wrote for `small` (and its first shard as a single file),
+# computed with the code before issue 14's part C (490d8a0): refactors must not move a byte
+WRITTEN = {
+    ("compressed-tensors", "channel", "folder"): {
+        "config.json": "7e5fb3d292ae6f30", "model-00001-of-00002.safetensors": "ec83cdac7095fec8",
+        "model-00002-of-00002.safetensors": "2c04615471a2eabc", INDEX_NAME: "35e65da61b0536d3"},
+    ("fp8", "block", "folder"): {
+        "config.json": "868b1c8ad9d682e7", "model-00001-of-00002.safetensors": "2b0ca0709eeb2bac",
+        "model-00002-of-00002.safetensors": "af4f17278678d526", INDEX_NAME: "b61c00b6f6ec4c88"},
+    ("compressed-tensors", "tensor", "file"): {
+        "model.safetensors": "c0c5d7c6bed2b155", INDEX_NAME: "8943058f30a95add"},
+}
+
+
+@pytest.mark.parametrize("fmt,granularity,kind", sorted(WRITTEN))
+def test_the_written_bytes_stay_the_same(small, tmp_path, fmt, granularity, kind, no_thread_leak):
+    src = small
+    if kind == "file":
+        src = tmp_path / "one.safetensors"
+        src.write_bytes((small / "model-00001-of-00002.safetensors").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mmapload.MmapLoadWarning)
+        dst = export.convert(src, tmp_path / "out", format=fmt, granularity=granularity, block_size=BLOCK,
+                             policy="names")
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in dst.iterdir()}
+    assert got == WRITTEN[fmt, granularity, kind]
+
+
+def test_the_layout_is_computed_without_touching_the_disk(small, tmp_path, monkeypatch):
+    """formats.py is arithmetic on headers already read: with the source gone and every way to
+    the disk refused, the layout comes out the same (folder names, not a single file's)."""
+    opts = LoadOptions(granularity="block", block_size=BLOCK)
+    ckpt = open_checkpoint(small)
+    policy = convert_policy(policy_for(ckpt, opts), opts)
+    want = output_layout(ckpt, opts, "fp8", policy)
+    assert [name for name, _ in want] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+    def no_io(*a, **k):
+        raise AssertionError(f"formats.py touched the disk: {a}")
+    with monkeypatch.context() as m:   # undone before pytest reports anything
+        for obj, name in [(os, "stat"), (os, "lstat"), (os, "open"), (os, "scandir"), (os, "listdir"),
+                          (builtins, "open"), (io, "open")]:
+            m.setattr(obj, name, no_io)
+        try:
+            got = (output_layout(ckpt, opts, "fp8", policy),
+                   quantization_config("fp8", opts, ignored_modules(ckpt, policy)))
+        except AssertionError as e:
+            got = e
+    assert got == (want, quantization_config("fp8", opts, ignored_modules(ckpt, policy)))
 
 
 def test_no_config_json_in_the_source_gives_none(small, tmp_path):

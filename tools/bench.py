@@ -55,6 +55,7 @@ import torch
 from mmapload._procmem import fstype
 
 from mmapload.checkpoint import open_checkpoint
+from mmapload.dtypes import DTYPES, FP8
 from mmapload.cli import parse_size
 from mmapload.fp8 import Quantizer
 from mmapload.bench.loaders import (ALL_STRATEGIES, PEER_PACKAGES, STRATEGIES, StrategyError,
@@ -65,7 +66,7 @@ from mmapload.bench.sampler import page_cache_bytes
 from mmapload.synth import llama_layout, make_llama_checkpoint
 
 MiB, GiB = 1 << 20, 1 << 30
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_BY_NAME = {n.removeprefix("F8_").lower(): DTYPES[n] for n in FP8}   # e4m3, e5m2
 ALL_ROWS = [("naive", None), ("safe_open", None), ("runai", None), ("runai_capped", None),
             ("fastsafetensors", None), ("fastsafetensors_capped", None),
             *(("mmapload", io) for io in IO_MODES)]
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
                     "(default: automatic, 1 on cpu, up to 4 with cuda)")
     ap.add_argument("--ring-bytes", type=parse_size, help="mmapload ring, and the capped peers' limit (256MiB)")
     ap.add_argument("--granularity", choices=["tensor", "channel", "block"], default="tensor")
-    ap.add_argument("--fp8", choices=sorted(FP8), default="e4m3")
+    ap.add_argument("--fp8", choices=sorted(FP8_BY_NAME), default="e4m3")
     ap.add_argument("--policy", choices=["auto", "model", "names"], default="auto",
                     help="which tensors are quantized (auto; names skips building the model of config.json)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per strategy; seconds are the median (1)")
@@ -546,8 +547,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     elif device.type != "cpu":
         ap.error("--device must be cpu or cuda[:N]")
-    opts = LoadOptions(ring_bytes=args.ring_bytes, granularity=args.granularity, fp8_dtype=FP8[args.fp8],
-                       policy=args.policy)
+    opts = LoadOptions(ring_bytes=args.ring_bytes, granularity=args.granularity,
+                       fp8_dtype=FP8_BY_NAME[args.fp8], policy=args.policy)
 
     cold = probe_cold_method(args.cold_method) if args.cold else None
     meta = machine(device, "cold" if cold else "warm", {"drop_caches": "echo 3 > /proc/sys/vm/drop_caches",

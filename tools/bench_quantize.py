@@ -18,9 +18,12 @@ import time
 import torch
 
 from mmapload import fp8 as F
+from mmapload._math import ceil_div
+from mmapload.dtypes import DTYPES, FP8, WIDE_FLOATS
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# from the one dtype table: source floats by safetensors name (bf16, f16, f32, f64), FP8 as e4m3 / e5m2
+SOURCES = {n.lower(): DTYPES[n] for n in WIDE_FLOATS}
+FP8_BY_NAME = {n.removeprefix("F8_").lower(): DTYPES[n] for n in FP8}
 DEFAULT_SHAPES = ["4096x4096", "4096x11008", "1000x3000"]
 
 
@@ -45,7 +48,7 @@ def naive_quantize(w, g, dt, bs):
         full = None
     else:
         br, bc = bs
-        nbr, nbc = -(-rows // br), -(-cols // bc)
+        nbr, nbc = ceil_div(rows, br), ceil_div(cols, bc)
         padded = torch.nn.functional.pad(x.abs(), (0, nbc * bc - cols, 0, nbr * br - rows))
         amax = padded.view(nbr, br, nbc, bc).amax(dim=(1, 3))
     scale = torch.where(amax == 0, torch.ones_like(amax), (amax / m).clamp(min=torch.finfo(torch.float32).tiny))
@@ -78,11 +81,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--shape", type=parse_shape, action="append",
                     help=f"ROWSxCOLS, repeatable (default {' '.join(DEFAULT_SHAPES)})")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="source dtype (default bf16)")
+    ap.add_argument("--dtype", choices=sorted(SOURCES), default="bf16",
+                    help="source dtype, as safetensors names it (default bf16)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per case, best kept (default 3)")
     ap.add_argument("--granularity", choices=[g.value for g in F.Granularity], action="append",
                     help="repeatable (default all)")
-    ap.add_argument("--fp8", choices=sorted(FP8), action="append", help="repeatable (default both)")
+    ap.add_argument("--fp8", choices=sorted(FP8_BY_NAME), action="append", help="repeatable (default both)")
     ap.add_argument("--block", type=parse_shape, default=(128, 128), help="block size (default 128x128)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
@@ -93,8 +97,8 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shapes = args.shape or [parse_shape(s) for s in DEFAULT_SHAPES]
     grans = args.granularity or [g.value for g in F.Granularity]
-    fp8s = args.fp8 or sorted(FP8)
-    src = DTYPES[args.dtype]
+    fp8s = args.fp8 or sorted(FP8_BY_NAME)
+    src = SOURCES[args.dtype]
 
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"source {args.dtype}, block {args.block[0]}x{args.block[1]}, best of {args.repeat}\n")
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
         gb = w.numel() * w.element_size() / 1e9
         for g in grans:
             for name in fp8s:
-                dt = FP8[name]
+                dt = FP8_BY_NAME[name]
                 quantizer = F.Quantizer(dt, g, args.block, device=device)
                 out = torch.empty(w.shape, dtype=dt, device=device)
                 t_ours = best_seconds(lambda: mmapload_quantize(quantizer, w, g, dt, args.block, out),

@@ -27,6 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from .. import phases
+from .._math import ceil_div
 from .._procmem import read_mem
 from ..device import resolve_device
 from ..errors import OptionsError
@@ -90,7 +91,7 @@ class _CacheProbe:
     def resident(self) -> int:
         total, page = 0, mmap.PAGESIZE
         for addr, size, path in self._maps:
-            pages = -(-size // page)
+            pages = ceil_div(size, page)
             count = 0
             for p0 in range(0, pages, _WINDOW_PAGES):
                 n = min(_WINDOW_PAGES, pages - p0)

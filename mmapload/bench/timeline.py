@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from .._math import ceil_div
 from .sampler import LABELS, METRICS, Sample
 
 __all__ = ["write_csv", "plot"]
@@ -29,7 +30,7 @@ def plot(path, runs: dict[str, list[Sample]], *, title: str = "", dpi: int = 100
     from matplotlib.figure import Figure   # no pyplot: no global backend or figure state
     shown = [m for m in METRICS if any(getattr(s, m) is not None for v in runs.values() for s in v)]
     ncols = 2 if len(shown) > 1 else 1
-    nrows = -(-len(shown) // ncols)
+    nrows = ceil_div(len(shown), ncols)
     fig = Figure(figsize=(5.2 * ncols, 2.5 * nrows + 0.5), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     tmax = max((s.t for v in runs.values() for s in v), default=0.0)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._math import round_up
 from ..errors import FileChangedError
 from .base import PAGE, ShardReader
 from .pread import PreadShard
@@ -44,7 +45,7 @@ class DirectShard(PreadShard):
         if not self._direct:
             return super().copy_into(lo, hi, dst)
         start = lo - lo % PAGE
-        end = min(-(-hi // PAGE) * PAGE, -(-self.size // PAGE) * PAGE)
+        end = min(round_up(hi, PAGE), round_up(self.size, PAGE))
         step = len(self._bounce_np) - len(self._bounce_np) % PAGE
         for a in range(start, end, step):       # one read per bounce-buffer load
             b = min(end, a + step)
@@ -68,7 +69,7 @@ class DirectShard(PreadShard):
         if total + 2 * PAGE > len(self._bounce_np):
             return ShardReader.copy_ranges(self, lo, dsts)   # piece by piece through the bounce
         start = lo - lo % PAGE
-        end = min(-(-(lo + total) // PAGE) * PAGE, -(-self.size // PAGE) * PAGE)
+        end = min(round_up(lo + total, PAGE), round_up(self.size, PAGE))
         try:
             got = os.preadv(self._fd, [memoryview(self._bounce)[:end - start]], start)
         except OSError as e:
