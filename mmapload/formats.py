@@ -32,7 +32,7 @@ import torch
 from .checkpoint import Checkpoint, TensorSpec, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
-from .options import LoadOptions
+from .config import LoadOptions
 from .prequantized import fp8_pairs, unscaled_fp8
 from .policy import LINEAR, Policy
 
