@@ -48,9 +48,11 @@ class LoadConfig:
         block_size (two positive ints, default (128, 128)): the block of "block" (numpy ints
             accepted; no bools); also the block an FP8 source's scales are read with when the
             checkpoint declares none, whatever the granularity.
-        skip, ignore (str or strs, default ()): tensor-name / module patterns (``re:`` prefix: a
-            regular expression) kept unquantized; ``targets`` (None): modules quantized instead of
-            the policy's rule.
+        skip (str or strs, default ()): tensor-name patterns (substring or glob) kept unquantized.
+        ignore (str or strs, default ()): modules kept unquantized: a name, ``re:REGEX`` or a class
+            name such as ``Embedding`` (compressed-tensors style).
+        targets (str, strs or None, default None): modules quantized instead of the policy's rule
+            (same patterns as ``ignore``). Empty or non-str patterns, bad ``re:`` expressions: errors.
         policy ("auto" | "model" | "names", default "auto"): judge tensors by the model of
             config.json (auto: when transformers can build it) or by names alone.
         fp8_weight_scale (positive finite float or None, default None): the scale of FP8 Linear
