@@ -7,15 +7,16 @@
 from .errors import (CheckpointError, DeviceError, FileChangedError, HeaderError, MmapLoadError,
                      MmapLoadWarning, NonFiniteError, OptionsError, ShardIndexError)
 from .policy import QuantizedSourceError
-from .fp8 import Granularity
-from .options import LoadOptions
+from .fp8 import Granularity, PerBlock, PerChannel, PerTensor, Scheme
+from .config import LoadConfig, LoadOptions
 from .result import LoadReport, QuantizedModel, QuantizedTensor
 from .stream import iter_quantized, stream_quantize
 from .converter import convert
 
 __all__ = [
     "stream_quantize", "iter_quantized", "convert",
-    "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadOptions", "Granularity",
+    "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadConfig", "LoadOptions",
+    "Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock",
     "MmapLoadError", "CheckpointError", "HeaderError", "ShardIndexError", "OptionsError",
     "NonFiniteError", "DeviceError", "FileChangedError", "QuantizedSourceError", "MmapLoadWarning",
 ]

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import TensorSpec
 from .errors import DeviceError, NonFiniteError
 from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax, scale_shape
-from .options import LoadOptions
+from .config import LoadOptions
 from .plan import Piece, matrix_dims
 from .result import QuantizedTensor, tensor_nbytes
 

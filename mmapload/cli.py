@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from .errors import MmapLoadError
-from .options import IO_MODES
+from .config import IO_MODES, POLICIES, RING_BYTES
+from .fp8 import Granularity
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -29,8 +30,9 @@ def parse_size(text: str) -> int:
 
 def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress: bool = True) -> None:
     p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N (default {device})")
-    p.add_argument("--ring-bytes", type=parse_size, default=256 << 20, help="ring buffer size (256MiB)")
-    p.add_argument("--granularity", default="tensor", choices=["tensor", "channel", "block"])
+    p.add_argument("--ring-bytes", type=parse_size, default=RING_BYTES,
+                   help=f"ring buffer size ({RING_BYTES >> 20}MiB)")
+    p.add_argument("--granularity", default="tensor", choices=[g.value for g in Granularity])
     p.add_argument("--fp8", default="e4m3", choices=["e4m3", "e5m2"], help="FP8 format (e4m3)")
     p.add_argument("--skip", action="append", default=[], help="tensor name pattern kept unquantized "
                    "(glob, or a substring)")
@@ -40,7 +42,7 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
                    "(same patterns as --ignore); default: the policy's rule")
     p.add_argument("--fp8-weight-scale", type=float, default=None, metavar="S", help="the scale of FP8 "
                    "Linear weights the checkpoint stores without one (convert refuses them otherwise)")
-    p.add_argument("--policy", default="auto", choices=["auto", "model", "names"], help="judge tensors by "
+    p.add_argument("--policy", default="auto", choices=POLICIES, help="judge tensors by "
                    "the model of config.json (auto: when transformers can build it) or by names alone")
     p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
     p.add_argument("--read-threads", type=int, default=None,

@@ -33,7 +33,7 @@ from .errors import CheckpointError, FileChangedError, MmapLoadWarning, OptionsE
 from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
     quantization_config, scale_suffix, shard_metadata, single_file
 from .fp8 import Granularity
-from .options import LoadOptions
+from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import LINEAR, Policy, matches_module
 from .result import QuantizedTensor
@@ -98,8 +98,13 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str
     return total
 
 
+@public_verb
 def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "compressed-tensors",
-            **quant_options) -> Path:
+            ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn, granularity="tensor",
+            block_size=(128, 128), skip=(), ignore=(), targets=None, policy: str = "auto",
+            fp8_weight_scale: float | None = None, progress: bool = False, drop_page_cache: bool = True,
+            error_stats: bool = False, keep_partial: bool = False, io: str = "mmap",
+            read_threads: int | None = None) -> Path:
     """Stream the checkpoint ``src`` into an FP8 safetensors checkpoint folder ``dst``.
 
     ``format``: "compressed-tensors" (default) or "fp8", the layout and ``quantization_config``
@@ -115,10 +120,7 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     ``QuantizedSourceError``; FP8 Linear weights stored without a scale raise ``OptionsError``
     unless the option ``fp8_weight_scale`` says what their scale is.
 
-    ``quant_options`` are the options of ``stream_quantize`` (ring_bytes, fp8_dtype,
-    granularity, block_size, skip, ignore, targets, policy, progress, drop_page_cache, ...);
-    ``device`` is where the quantization runs. Host memory peaks at about the ring plus the
-    largest output tensor.
+    Host memory peaks at about the ring plus the largest output tensor.
 
     ``dst`` must not exist or be an empty directory. With ``overwrite=True`` an existing
     ``dst`` (file or folder, with everything in it) is deleted: only once the new checkpoint
@@ -131,14 +133,37 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     process with its pid runs). A symlink ``dst`` is replaced, never what it points to. Extra
     files that are symlinks leading out of the source folder are not copied (a warning says so).
 
-    Returns ``dst``. Raises ``MmapLoadError`` subclasses (naming file, tensor and offsets)
-    on bad input, ``OSError`` from the file system.
+    Args:
+        src (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
+        dst (`str` or `os.PathLike`): the output folder (see above).
+        device (`str` or `torch.device`, default "cpu"): where the quantization runs.
+        overwrite (`bool`, default False): replace an existing ``dst`` once the new one is complete.
+        format (`str`, default "compressed-tensors"): "compressed-tensors" or "fp8".
+        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
+            the defaults here are its defaults.
+
+    Returns:
+        `pathlib.Path`: ``dst``.
+
+    Raises:
+        OptionsError: a bad option or ``dst`` (naming it), before anything is written.
+        MmapLoadError subclasses (naming file, tensor and offsets): bad input. OSError: the file system.
+
+    Example:
+
+    ```python
+    from mmapload import convert
+
+    convert("Llama-3.1-8B", "Llama-3.1-8B-FP8", granularity="channel", format="compressed-tensors")
+    ```
     """
+    opts = config_from(locals())   # validates every option before anything else
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
-    opts = LoadOptions.from_kwargs(**quant_options)
     check_format(format, opts)   # before the reader starts
-    pipe = prepare(src, device, quant_options, narrow=lambda p: convert_policy(p, opts))   # validates all
+    pipe = prepare(src, device, opts, narrow=lambda p: convert_policy(p, opts))
     ckpt, policy = pipe.ckpt, pipe.policy
     layout = output_layout(ckpt, opts, format, policy)
     kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]

@@ -1,4 +1,4 @@
-"""What a load will need, from the headers alone: ``estimate(path, device, **options)``.
+"""What a load will need, from the headers alone: ``estimate(path, device, ...load options)``.
 
 Reads only the headers (``open_checkpoint``) and config.json, so it takes milliseconds on a
 100 GB checkpoint with ``policy="names"``; the default policy adds the seconds transformers
@@ -45,10 +45,12 @@ import math
 import mmap
 from dataclasses import dataclass, field
 
+import torch
+
 from .checkpoint import TensorSpec, open_checkpoint
 from .device import parse_device
 from .fp8 import Granularity, default_scratch_elems, scale_shape
-from .options import LoadOptions
+from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .plan import plan_batches, split_groups
 from .policy import policy_for
 
@@ -191,12 +193,38 @@ def _round(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def estimate(path, device="cpu", *, top: int = 5, **options) -> Projection:
-    """Project a load of ``path`` onto ``device`` ("cpu" or "cuda[:N]", which need not
-    exist here) with ``options`` (as for ``stream_quantize``); reads only headers.
-    Raises what ``open_checkpoint`` and ``LoadOptions`` raise."""
+@public_verb
+def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
+             granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
+             policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
+             drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
+             io: str = "mmap", read_threads: int | None = None) -> Projection:
+    """Project a load of ``path`` onto ``device`` with these options; reads only headers.
+
+    Args:
+        path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
+        device (`str`, default "cpu"): "cpu" or "cuda[:N]" (which need not exist here).
+        top (`int`, default 5): how many of the largest tensors to name.
+        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            the load options as for ``stream_quantize`` (``mmapload.LoadConfig``).
+
+    Returns:
+        `Projection`: the checkpoint's totals and the host / device memory the load needs, in bytes.
+
+    Raises:
+        OptionsError: a bad option (naming it). What ``open_checkpoint`` raises.
+
+    Example:
+
+    ```python
+    from mmapload.estimate import estimate
+
+    print(estimate("path/to/checkpoint", "cuda:0", granularity="block").format())
+    ```
+    """
+    opts = config_from(locals())
     dev = parse_device(device)
-    opts = LoadOptions.from_kwargs(**options)
     ckpt = open_checkpoint(path)
     specs = ckpt.tensors
     policy = policy_for(ckpt, opts)

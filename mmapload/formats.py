@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import FP8, dtype_name
 from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity, scale_shape
-from .options import LoadOptions
+from .config import LoadOptions
 from .prequantized import fp8_pairs, unscaled_fp8
 from .policy import LINEAR, Policy
 

@@ -3,27 +3,26 @@
 max))`` (true division, round to nearest even), ``dequantize = float32(q) * scale``. A weight
 is ``[rows, cols]``; leading dims (MoE experts, any rank >= 3) index independent matrices, so
 scales are ``lead + (1, 1) | (rows, 1) | (ceil(rows/br), ceil(cols/bc))``; 2-D tensor: 0-d.
-Every granularity is a grid of br x bc granules (tensor: the matrix, channel: (1, cols)), run
-in pieces of a bounded scratch: one code path, no full-size temporaries."""
+A scheme (scheme.py: ``PerTensor()``, ``PerChannel()``, ``PerBlock(rows, cols)``) says how:
+every one is a grid of granules (tensor: the matrix, channel: (1, cols)), run in pieces of a
+bounded scratch: one code path, no full-size temporaries. Functions taking ``granularity``
+accept a scheme, or a spelling ("tensor" | "channel" | "block", a ``Granularity``) with
+``block_size`` (parsed by ``as_scheme``)."""
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
 
 from mmapload.errors import DeviceError, NonFiniteError, OptionsError
+from mmapload.scheme import (DEFAULT_BLOCK, Granularity, PerBlock, PerChannel, PerTensor, Scheme, as_scheme,
+                             parse_granularity)
 
-__all__ = ["Granularity", "FP8_DTYPES", "fp8_max", "parse_granularity", "check_fp8_dtype",
-           "scale_shape", "granule", "amax_2d", "scale_from_amax", "merge_amax", "check_finite",
-           "Quantizer", "quantize", "dequantize", "relative_error", "default_scratch_elems"]
-
-
-class Granularity(str, enum.Enum):
-    TENSOR = "tensor"
-    CHANNEL = "channel"
-    BLOCK = "block"
+__all__ = ["Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock", "as_scheme", "DEFAULT_BLOCK",
+           "FP8_DTYPES", "fp8_max", "parse_granularity", "check_fp8_dtype", "scale_shape", "granule",
+           "amax_2d", "scale_from_amax", "merge_amax", "check_finite", "Quantizer", "quantize",
+           "dequantize", "relative_error", "default_scratch_elems"]
 
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -57,42 +56,18 @@ def fp8_max(fp8_dtype) -> float:
     return float(torch.finfo(check_fp8_dtype(fp8_dtype)).max)
 
 
-def parse_granularity(value) -> Granularity:
-    if isinstance(value, Granularity):
-        return value
-    try:
-        return Granularity(str(value).strip().lower())
-    except ValueError:
-        raise OptionsError(f"unknown granularity {value!r}; use tensor, channel or block") from None
+def scale_shape(shape, granularity="tensor", block_size=DEFAULT_BLOCK) -> tuple[int, ...]:
+    """``as_scheme(granularity, block_size).scale_shape(shape)``."""
+    return as_scheme(granularity, block_size).scale_shape(shape)
 
 
-def _check_block(block_size) -> tuple[int, int]:
-    try:  # ints or int-likes (numpy ints) only; no floats, no bools
-        br, bc = (None if isinstance(v, bool) else v.__index__() for v in block_size)
-        if br > 0 and bc > 0:
-            return br, bc
-    except (AttributeError, TypeError, ValueError):
-        pass
-    raise OptionsError(f"block_size must be two positive ints (rows, cols), got {block_size!r}")
-
-
-def scale_shape(shape, granularity, block_size=(128, 128)) -> tuple[int, ...]:
-    shape, g = tuple(int(d) for d in shape), parse_granularity(granularity)
-    if len(shape) < 2:
-        raise OptionsError(f"only tensors of rank >= 2 are quantized, got shape {list(shape)}")
-    (rows, cols), (br, bc) = shape[-2:], _check_block(block_size)
-    grid = {"tensor": (1, 1), "channel": (rows, 1), "block": (-(-rows // br), -(-cols // bc))}[g]
-    return shape[:-2] + grid if len(shape) > 2 or g is not Granularity.TENSOR else ()
+def granule(shape2d, granularity="tensor", block_size=DEFAULT_BLOCK) -> tuple[int, int]:
+    """``as_scheme(granularity, block_size).granule(*shape2d)``."""
+    return as_scheme(granularity, block_size).granule(*shape2d[:2])
 
 
 def _as_grid(scale) -> torch.Tensor:
     return scale.to(torch.float32).reshape(1, 1) if scale.dim() < 2 else scale.to(torch.float32)
-
-
-def granule(shape2d, g: Granularity, block_size) -> tuple[int, int]:
-    """(rows, cols) of one scale granule of a ``shape2d`` matrix (the plan cuts by them too)."""
-    rows, cols = max(shape2d[0], 1), max(shape2d[1], 1)
-    return {"tensor": (rows, cols), "channel": (1, cols)}.get(g) or _check_block(block_size)
 
 
 def _spans(n: int, b: int, step: int) -> list[tuple[int, int]]:
@@ -150,7 +125,7 @@ def _grid_amax(x, br, bc, buf, itype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def amax_2d(x, granularity, block_size=(128, 128)) -> torch.Tensor:
+def amax_2d(x, granularity, block_size=DEFAULT_BLOCK) -> torch.Tensor:
     """Exact float32 amax of a 2-D chunk: 0-d (tensor), [rows, 1] (channel) or block grid."""
     return Quantizer(torch.float8_e4m3fn, granularity, block_size, x.device,
                      min(max(x.numel(), 1), default_scratch_elems(x.device))).amax_2d(x)
@@ -177,11 +152,11 @@ class Quantizer:
     """Reusable fast quantizer: owns a bounded float32 scratch on one device, reused
     across calls; never allocates full-size temporaries. Not thread-safe."""
 
-    def __init__(self, fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=(128, 128),
+    def __init__(self, fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=DEFAULT_BLOCK,
                  device="cpu", scratch_elems=None):
         self.fp8_dtype = check_fp8_dtype(fp8_dtype)
-        self.granularity = parse_granularity(granularity)
-        self.block_size = _check_block(block_size)
+        self.scheme = as_scheme(granularity, block_size)
+        self.granularity = self.scheme.granularity
         self.device = torch.device(device)
         n = default_scratch_elems(self.device) if scratch_elems is None else int(scratch_elems)
         if n < 1:
@@ -203,9 +178,9 @@ class Quantizer:
         """Module-level ``amax_2d`` with this quantizer's settings and scratch."""
         itype = self._check(x)
         if x.numel() == 0:  # empty granules: amax 0
-            return torch.zeros(scale_shape(x.shape, self.granularity, self.block_size),
+            return torch.zeros(self.scheme.scale_shape(x.shape),
                                dtype=torch.float32, device=x.device)
-        a = _grid_amax(x, *granule(x.shape, self.granularity, self.block_size), self._buf, itype)
+        a = _grid_amax(x, *self.scheme.granule(*x.shape), self._buf, itype)
         return a.reshape(()) if self.granularity is Granularity.TENSOR else a
 
     @torch.no_grad()
@@ -214,12 +189,12 @@ class Quantizer:
         if out.shape != x.shape or out.dtype != self.fp8_dtype or out.device != x.device:
             raise OptionsError(f"out must be {self.fp8_dtype} {list(x.shape)} on {x.device}, "
                                f"got {out.dtype} {list(out.shape)} on {out.device}")
-        want = scale_shape(x.shape, self.granularity, self.block_size)
+        want = self.scheme.scale_shape(x.shape)
         if tuple(scale.shape) != want and not (want == () and scale.numel() == 1):
             raise OptionsError(f"scale shape {list(scale.shape)} does not match {list(want)} for a "
                                f"{list(x.shape)} chunk ({self.granularity.value})")
         scale = _as_grid(scale)
-        br, bc = granule(x.shape, self.granularity, self.block_size)
+        br, bc = self.scheme.granule(*x.shape)
         for r0, r1, c0, c1 in _pieces(*x.shape, br, bc, self._buf.numel()) if x.numel() else ():
             t = self._buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             t.copy_(x[r0:r1, c0:c1])  # widening copy: exact (rounds only from float64)
@@ -230,7 +205,7 @@ class Quantizer:
     @torch.no_grad()
     def quantize(self, w, *, name=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize a whole tensor of rank >= 2; returns (q, scale). NonFiniteError on NaN/Inf."""
-        amax = torch.empty(scale_shape(w.shape, self.granularity, self.block_size), device=w.device,
+        amax = torch.empty(self.scheme.scale_shape(w.shape), device=w.device,
                            dtype=torch.float32)
         mats = _matrices(w)  # after scale_shape rejected rank < 2
         for idx, m in mats:
@@ -250,14 +225,13 @@ def _matrices(w) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     return [((), w)] if w.dim() == 2 else [((i, *j), m) for i in range(len(w)) for j, m in _matrices(w[i])]
 
 
-def _dequantized_pieces(q, scale, granularity, block_size):
+def _dequantized_pieces(q, scale, scheme: Scheme):
     """Yield (matrix index, (row slice, col slice), float32 dequantized piece) over q."""
-    g = parse_granularity(granularity)
-    want = scale_shape(q.shape, g, block_size)
+    want = scheme.scale_shape(q.shape)
     if tuple(scale.shape) != want:
         raise OptionsError(f"scale shape {list(scale.shape)} does not match {list(want)} for {list(q.shape)}")
     for idx, m in _matrices(q) if q.numel() else ():
-        (br, bc), sg = granule(m.shape, g, block_size), _as_grid(scale[idx])
+        (br, bc), sg = scheme.granule(*m.shape), _as_grid(scale[idx])
         for r0, r1, c0, c1 in _pieces(*m.shape, br, bc, default_scratch_elems(q.device)):
             d = m[r0:r1, c0:c1].to(torch.float32)
             _apply_grid(d, sg, br, bc, torch.Tensor.mul_, r0, c0)
@@ -265,27 +239,29 @@ def _dequantized_pieces(q, scale, granularity, block_size):
 
 
 @torch.no_grad()
-def quantize(w, granularity="tensor", fp8_dtype=torch.float8_e4m3fn, block_size=(128, 128), *, name=None):
+def quantize(w, granularity="tensor", fp8_dtype=torch.float8_e4m3fn, block_size=DEFAULT_BLOCK, *, name=None):
+    """(fp8 q, float32 scale) of ``w`` (rank >= 2) under a scheme; see ``Quantizer.quantize``."""
     return Quantizer(fp8_dtype, granularity, block_size, w.device,
                      min(max(w.numel(), 1), default_scratch_elems(w.device))).quantize(w, name=name)
 
 
 @torch.no_grad()
-def dequantize(q, scale, granularity, block_size=(128, 128), dtype=torch.float32) -> torch.Tensor:
+def dequantize(q, scale, granularity, block_size=DEFAULT_BLOCK, dtype=torch.float32) -> torch.Tensor:
+    """``dtype(float32(q) * scale)`` under the scheme ``q`` was quantized with; q's shape."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    for idx, sl, d in _dequantized_pieces(q, scale, granularity, block_size):
+    for idx, sl, d in _dequantized_pieces(q, scale, as_scheme(granularity, block_size)):
         out[idx][sl] = d
     return out
 
 
 @torch.no_grad()
-def relative_error(w, q, scale, granularity, block_size=(128, 128)) -> float:
+def relative_error(w, q, scale, granularity, block_size=DEFAULT_BLOCK) -> float:
     """||w - dequantize(q, scale)|| / ||w|| (0.0 when ||w|| == 0): float64 sums, in pieces."""
     if w.shape != q.shape:
         raise OptionsError(f"w shape {list(w.shape)} differs from q shape {list(q.shape)}")
     num = torch.zeros((), dtype=torch.float64, device=w.device)
     den = num.clone()
-    for idx, sl, d in _dequantized_pieces(q, scale, granularity, block_size):
+    for idx, sl, d in _dequantized_pieces(q, scale, as_scheme(granularity, block_size)):
         wp = w[idx][sl].to(torch.float64)
         num += (d.double() - wp).square().sum()
         den += wp.square().sum()

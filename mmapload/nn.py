@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import CheckpointError
-from .fp8 import FP8_DTYPES, Granularity, check_fp8_dtype, dequantize, fp8_max, parse_granularity, scale_shape
+from .fp8 import FP8_DTYPES, Granularity, as_scheme, check_fp8_dtype, dequantize, fp8_max
 from .result import QuantizedTensor
 from .hf import Renamer, weights_read_directly
-from .options import LoadOptions
+from .config import RING_BYTES, LoadConfig, config_from, public_verb
 from .stream import prepare, results
 
 __all__ = ["FP8Linear", "load_into", "ModuleMismatchError"]
@@ -51,12 +51,13 @@ class FP8Linear(nn.Module):
                  device=None, bias_dtype=torch.float32, use_scaled_mm: bool | None = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.granularity = parse_granularity(granularity)
-        self.block_size = tuple(block_size)
+        self.scheme = as_scheme(granularity, block_size)   # PerTensor / PerChannel / PerBlock
+        self.granularity = self.scheme.granularity
+        self.block_size = getattr(self.scheme, "block", None) or tuple(int(b) for b in block_size)
         self.use_scaled_mm = use_scaled_mm
         shape = (self.out_features, self.in_features)
         self.register_buffer("weight", torch.empty(shape, dtype=check_fp8_dtype(fp8_dtype), device=device))
-        self.register_buffer("weight_scale", torch.ones(scale_shape(shape, self.granularity, self.block_size),
+        self.register_buffer("weight_scale", torch.ones(self.scheme.scale_shape(shape),
                                                         dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if bias else None
@@ -76,7 +77,7 @@ class FP8Linear(nn.Module):
         return m
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.weight, self.weight_scale, self.granularity, self.block_size, dtype=dtype)
+        return dequantize(self.weight, self.weight_scale, self.scheme, dtype=dtype)
 
     def _scaled_mm_ok(self, x: torch.Tensor) -> bool:
         use = self.use_scaled_mm
@@ -173,10 +174,15 @@ def _swap_linear(root: nn.Module, mname: str, q: QuantizedTensor, use_scaled_mm,
     return new
 
 
+@public_verb
 def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | None = None,
-              **options) -> nn.Module:
+              ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn, granularity="tensor",
+              block_size=(128, 128), skip=(), ignore=(), targets=None, policy: str = "auto",
+              fp8_weight_scale: float | None = None, progress: bool = False, drop_page_cache: bool = True,
+              error_stats: bool = False, keep_partial: bool = False, io: str = "mmap",
+              read_threads: int | None = None) -> nn.Module:
     """Materialize ``module`` (built on the ``meta`` device, or partly so) from the checkpoint
-    ``path``, streamed through ``iter_quantized(path, device, **options)``; returns ``module``.
+    ``path``, streamed as ``iter_quantized`` streams it; returns ``module``.
 
     What is quantized is decided by ``module`` itself (policy.py): the weights of its
     ``nn.Linear`` modules, except its ``_keep_in_fp32_modules``, MoE routers, output
@@ -184,26 +190,49 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
     Mamba's ``dt_proj``); ``skip`` / ``ignore`` / ``targets`` options apply on top. A transformers
     model's conversion mapping renames checkpoint names and fuses per-expert MoE weights into
     its fused experts (hf.Renamer; those are dequantized into the model's dtype, since the fused
-    experts module has no FP8 forward). Quantized weights of
-    ``nn.Linear`` modules become ``FP8Linear`` (swapped in the parent);
-    a quantized weight of any other module is dequantized into the module's dtype. Other
-    tensors are set as they are (floating ones cast to the module's dtype) as parameters
-    with ``requires_grad=False`` or buffers; tied tensors get one shared tensor. Names match
-    exactly, or with / without a leading ``<module.base_model_prefix>.``.
+    experts module has no FP8 forward). Quantized weights of ``nn.Linear`` modules become
+    ``FP8Linear`` (swapped in the parent); a quantized weight of any other module is dequantized
+    into the module's dtype. Other tensors are set as they are (floating ones cast to the module's
+    dtype) as parameters with ``requires_grad=False`` or buffers; tied tensors get one shared
+    tensor. Names match exactly, or with / without a leading ``<module.base_model_prefix>.``.
 
-    Names in the checkpoint that the module lacks, or parameters it does not provide, raise
-    ``ModuleMismatchError`` listing them. Tensors not in the checkpoint that are not on
-    ``meta`` stay as they are. Buffers left on ``meta`` (code-made ones like ``token_type_ids``)
+    Tensors not in the checkpoint that are not on ``meta`` stay as they are. Buffers left on ``meta`` (code-made ones like ``token_type_ids``)
     are initialized by a transformers model's own ``initialize_weights()`` (which skips what was
     loaded); anything still on ``meta`` after that is an error naming it.
+
+    Args:
+        module (`torch.nn.Module`): the model, built on ``meta`` (or partly so).
+        path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
+        device (`str` or `torch.device`, default "cpu"): where the tensors land.
+        use_scaled_mm (`bool` or None, default None): ``FP8Linear``'s matmul (None: where supported).
+        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``.
+
+    Returns:
+        `torch.nn.Module`: ``module``, loaded.
+
+    Raises:
+        OptionsError: a bad option (naming it), before the module changes.
+        ModuleMismatchError: names in the checkpoint that the module lacks, or parameters it does
+            not provide (listing them), or shapes that do not fit. Whatever ``iter_quantized`` raises.
+
+    Example:
+
+    ```python
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    load_into(model, path, "cuda:0", granularity="block")
+    ```
     """
+    opts = config_from(locals())   # validates everything before any change
     src = str(path)
     prefix = getattr(module, "base_model_prefix", "") or ""
     # judged by this module: its nn.Linear weights become FP8, its _keep_in_fp32_modules stay, and
     # so do Linears whose parent reads .weight itself (an FP8Linear would hand it FP8 codes)
     direct = [f"re:(?:{re.escape(prefix)}\\.)?{re.escape(n)}$" for n in weights_read_directly(module)]
-    options = {**options, "ignore": (*LoadOptions.from_kwargs(**options).ignore, *direct)}
-    pipe = prepare(path, device, options, module=module)   # validates everything before any change
+    opts = LoadConfig(**{**opts.as_kwargs(), "ignore": (*opts.ignore, *direct)})
+    pipe = prepare(path, device, opts, module=module)
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     renamer = Renamer(module, [s.name for s in pipe.ckpt.tensors], dtype)
     stream = results(pipe)

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .fp8 import Granularity, dequantize
+from .fp8 import Granularity, Scheme, as_scheme, dequantize
 
 __all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "tensor_nbytes", "flat"]
 
@@ -44,10 +44,14 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return tensor_nbytes(self.data) + tensor_nbytes(self.scale)
 
+    @property
+    def scheme(self) -> Scheme:
+        """The FP8 scheme of ``scale`` (``PerTensor()`` / ``PerChannel()`` / ``PerBlock(r, c)``)."""
+        return as_scheme(self.granularity, self.block_size)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in ``dtype`` (default: the checkpoint's dtype)."""
-        return dequantize(self.data, self.scale, self.granularity, self.block_size,
-                          dtype=dtype or self.orig_dtype)
+        return dequantize(self.data, self.scale, self.scheme, dtype=dtype or self.orig_dtype)
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.data.dtype}, "

@@ -25,7 +25,7 @@ from .device import resolve_device
 from .errors import DeviceError, OptionsError
 from .fill import Filler
 from .readers import ShardReader
-from .options import LoadOptions
+from .config import RING_BYTES, LoadConfig, LoadOptions, config_from, public_verb
 from .prequantized import fp8_pairs, paired, unscaled_fp8
 from .readers import open_reader
 from .policy import LINEAR, Policy, policy_for
@@ -149,16 +149,17 @@ class _Pipeline:
                 r.stage_seconds["copy"] = mover.copy_seconds
 
 
-def prepare(path, device, options: dict, *, module: torch.nn.Module | None = None,
+def prepare(path, device, config: LoadConfig, *, module: torch.nn.Module | None = None,
             narrow: Callable[[Policy], Policy] | None = None) -> _Pipeline:
-    """Validate options, device and checkpoint and build the policy and the plan; no data is
-    read yet. ``module``: judge tensors by this model (load_into); ``narrow``: adjust the policy
-    (convert keeps what its formats cannot describe)."""
-    opts = LoadOptions.from_kwargs(**options)
+    """Check device and checkpoint and build the policy and the plan under ``config`` (already
+    validated); no data is read yet. ``module``: judge tensors by this model (load_into);
+    ``narrow``: adjust the policy (convert keeps what its formats cannot describe)."""
+    if not isinstance(config, LoadConfig):
+        raise OptionsError(f"prepare needs a LoadConfig, got {type(config).__name__}")
     dev = resolve_device(device)
     ckpt = open_checkpoint(path)
-    policy = policy_for(ckpt, opts, module)
-    return _Pipeline(ckpt, dev, opts, narrow(policy) if narrow else policy)
+    policy = policy_for(ckpt, config, module)
+    return _Pipeline(ckpt, dev, config, narrow(policy) if narrow else policy)
 
 
 def results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]]:
@@ -175,7 +176,13 @@ def results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]
         run.close()   # joins the reader thread now, not when the generator is collected
 
 
-def iter_quantized(path, device="cpu", *, flat: bool = False, **options) -> Iterator[tuple[str, Loaded]]:
+@public_verb
+def iter_quantized(path, device="cpu", *, flat: bool = False, ring_bytes: int = RING_BYTES,
+                   fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=(128, 128), skip=(),
+                   ignore=(), targets=None, policy: str = "auto", fp8_weight_scale: float | None = None,
+                   progress: bool = False, drop_page_cache: bool = True, error_stats: bool = False,
+                   keep_partial: bool = False, io: str = "mmap",
+                   read_threads: int | None = None) -> Iterator[tuple[str, Loaded]]:
     """Yield ``(name, tensor)`` in file order: ``QuantizedTensor`` for quantized weights,
     the original tensor (on ``device``, bit-identical) for everything else. FP8 weights
     already in the checkpoint, with their ``_scale`` / ``_scale_inv``, come out as one
@@ -189,33 +196,81 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, **options) -> Iter
     dtype and shape (``open_checkpoint(path)[name]``) say how to read it. Such tensors are never
     quantized; ``SafetensorsWriter`` takes them back with their header dtype and shape.
 
-    ``flat=True`` yields plain tensors for engines' weight loaders instead:
-    ``("x.weight", fp8)`` followed by ``("x.weight_scale", float32 scale)``.
-
     Options and the checkpoint are validated now; reading starts at the first ``next()``.
     Closing the generator early stops the reader thread and frees the ring.
+
+    Args:
+        path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
+        device (`str` or `torch.device`, default "cpu"): where tensors land ("cpu", "cuda[:N]").
+        flat (`bool`, default False): yield plain tensors for engines' weight loaders instead:
+            ``("x.weight", fp8)`` followed by ``("x.weight_scale", float32 scale)``.
+        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
+            the defaults here are its defaults.
+
+    Returns:
+        `Iterator[tuple[str, QuantizedTensor | torch.Tensor]]`: a generator; close it to stop early.
+
+    Raises:
+        OptionsError: a bad option (naming it), before any I/O. CheckpointError / HeaderError /
+            ShardIndexError: a bad checkpoint. QuantizedSourceError: a checkpoint quantized by
+            another method. DeviceError, NonFiniteError, FileChangedError: while streaming.
+
+    Example:
+
+    ```python
+    from mmapload import iter_quantized
+
+    for name, t in iter_quantized("path/to/checkpoint", "cuda:0", granularity="channel"):
+        print(name, t.shape)
+    ```
     """
     if not isinstance(flat, bool):
         raise OptionsError(f"flat must be True or False, got {flat!r}")
-    return results(prepare(path, device, options), flat)
+    return results(prepare(path, device, config_from(locals())), flat)
 
 
-def stream_quantize(path, device="cpu", **options) -> QuantizedModel:
+@public_verb
+def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
+                    granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
+                    policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
+                    drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
+                    io: str = "mmap", read_threads: int | None = None) -> QuantizedModel:
     """Load a safetensors checkpoint onto ``device``, quantizing weights to FP8 on the way.
 
     What is quantized is the policy's (policy.py): the weights of the nn.Linear modules and
     fused MoE experts of the model config.json describes (built on meta), else a name rule.
+    Host memory stays near ``ring_bytes`` plus (on the CPU) what is kept.
 
-    Options: ring_bytes (256 MiB), fp8_dtype (torch.float8_e4m3fn), granularity
-    ("tensor" | "channel" | "block"), block_size ((128, 128)), skip (tensor-name patterns
-    kept unquantized), ignore / targets (compressed-tensors style module patterns), policy
-    ("auto" | "model" | "names"), progress (False), drop_page_cache (True), error_stats (False),
-    io ("mmap" | "pread" | "direct"), read_threads (None: automatic), keep_partial (False: on a
-    device out-of-memory error, free what was loaded; True: the ``DeviceError`` carries it as
-    ``.partial``, a ``QuantizedModel``). Raises ``QuantizedSourceError`` for a checkpoint
-    quantized by another method (GPTQ, AWQ, ...).
+    Args:
+        path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
+        device (`str` or `torch.device`, default "cpu"): where tensors land ("cpu", "cuda[:N]").
+        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
+            the defaults here are its defaults.
+
+    Returns:
+        `QuantizedModel`: name -> ``QuantizedTensor`` (``.data`` FP8, ``.scale`` float32) or
+        ``torch.Tensor``, with ``.report`` (``LoadReport``).
+
+    Raises:
+        OptionsError: a bad option (naming it), before any I/O. CheckpointError / HeaderError /
+            ShardIndexError: a bad checkpoint. QuantizedSourceError: a checkpoint quantized by
+            another method (GPTQ, AWQ, ...). NonFiniteError: a NaN/Inf weight. DeviceError: out of
+            device memory (with ``keep_partial=True`` it carries ``.partial``, a ``QuantizedModel``).
+
+    Example:
+
+    ```python
+    from mmapload import stream_quantize
+
+    model = stream_quantize("path/to/checkpoint", "cuda:0", granularity="block", block_size=(128, 128))
+    w = model["model.layers.0.mlp.up_proj.weight"]   # QuantizedTensor
+    ```
     """
-    pipe = prepare(path, device, options)
+    pipe = prepare(path, device, config_from(locals()))
     tensors: dict[str, Loaded] = {}
     try:
         for name, t in results(pipe):

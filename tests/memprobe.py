@@ -37,7 +37,7 @@ def naive(ckpt: Path):
     """vLLM's old online path: load_file each shard, then quantize every weight."""
     from safetensors.torch import load_file
     from mmapload.fp8 import quantize
-    from mmapload.options import LoadOptions
+    from mmapload.config import LoadOptions
     from mmapload.checkpoint import open_checkpoint
     from mmapload.policy import policy_for
     c = open_checkpoint(ckpt)

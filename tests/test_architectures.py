@@ -15,7 +15,7 @@ import archs  # noqa: E402 - after the skips
 from mmapload import MmapLoadWarning, QuantizedTensor, convert, iter_quantized  # noqa: E402
 from mmapload.checkpoint import open_checkpoint  # noqa: E402
 from mmapload.nn import FP8Linear, load_into  # noqa: E402
-from mmapload.options import LoadOptions  # noqa: E402
+from mmapload.config import LoadOptions  # noqa: E402
 from mmapload.policy import policy_for  # noqa: E402
 from mmapload.estimate import estimate  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_the_model_is_built_in_a_child_process_unless_transformers_is_loaded(bui
     import subprocess
     import sys
     folder, _ = built("t5")
-    code = ("import json, sys; from mmapload.checkpoint import open_checkpoint; from mmapload.options import "
+    code = ("import json, sys; from mmapload.checkpoint import open_checkpoint; from mmapload.config import "
             "LoadOptions; from mmapload.policy import policy_for; c = open_checkpoint(sys.argv[1]); "
             "p = policy_for(c, LoadOptions()); print(json.dumps({'loaded': 'transformers' in sys.modules, "
             "'source': p.source, 'rules': {s.name: p.decide(s).rule for s in c.tensors}}))")

@@ -16,7 +16,7 @@ import mmapload
 from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import dequantize, scale_shape
-from mmapload.options import LoadOptions
+from mmapload.config import LoadOptions
 from mmapload.formats import convert_policy, ignored_modules, output_layout, quantization_config
 from mmapload.policy import policy_for
 from mmapload.synth import make_llama_checkpoint

@@ -16,11 +16,12 @@ ORDER = [
     {"readers"},                                  # open_reader: one factory
     {"ring"},                                     # slots + reader thread
     {"device"},                                   # slot -> device copies, events
+    {"scheme"},                                   # FP8 schemes: PerTensor, PerChannel, PerBlock
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
-    {"options", "plan", "policy", "tp"},          # options; which tensors become FP8; how to cut them;
-                                                  # tensor parallelism: each rank's slices
+    {"config", "plan", "policy", "tp"},           # the load config; which tensors become FP8; how to cut
+                                                  # them; tensor parallelism: each rank's slices
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes
     {"prequantized"},                             # FP8 checkpoints: weights joined with scales

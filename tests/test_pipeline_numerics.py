@@ -43,7 +43,7 @@ def ckpt(tmp_path_factory):
 
 def _plan(path, ring, granularity):
     from mmapload.checkpoint import open_checkpoint
-    from mmapload.options import LoadOptions
+    from mmapload.config import LoadOptions
     from mmapload.policy import policy_for
     from mmapload.plan import plan_batches
     o = LoadOptions(ring_bytes=ring, granularity=granularity)

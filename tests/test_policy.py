@@ -13,7 +13,7 @@ from mmapload.checkpoint import open_checkpoint
 from mmapload.cli import main
 from mmapload.converter import check_written
 from mmapload.fp8 import quantize
-from mmapload.options import LoadOptions
+from mmapload.config import LoadOptions
 from mmapload.policy import policy_for
 
 

@@ -184,16 +184,6 @@ def test_cuda_on_cpu_only_machine_is_a_clear_error(tmp_path):
         stream_quantize(tmp_path / "m.safetensors", "cuda:0")
 
 
-@pytest.mark.parametrize("kwargs", [dict(ring_bytes=100), dict(ring_bytes="big"), dict(granularity="row"),
-                                    dict(fp8_dtype=torch.float16), dict(block_size=(0, 128)),
-                                    dict(read_threads=0), dict(read_threads=2.0), dict(read_threads=True),
-                                    dict(nonsense=1)])
-def test_bad_options_raise_up_front(tmp_path, kwargs):
-    save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "m.safetensors")
-    with pytest.raises(mmapload.OptionsError):
-        iter_quantized(tmp_path / "m.safetensors", **kwargs)
-
-
 def test_ring_smaller_than_a_row_still_loads(tmp_path, no_thread_leak):
     w = torch.randn(2, 8192)   # 32 KiB rows, 16 KiB slots: once an up-front error (tests/test_wide_rows.py)
     save_file({"wide.weight": w}, tmp_path / "m.safetensors")
@@ -260,12 +250,3 @@ def test_out_of_memory_for_a_tensor_kept_as_it_is_is_the_same_clear_error(tmp_pa
     with pytest.raises(mmapload.DeviceError, match=r"out of memory.*huge\.weight.*needs 274,877,906,944 bytes") as ei:
         stream_quantize(path, skip=["huge.weight"], ring_bytes=64 << 20, keep_partial=True)
     assert list(ei.value.partial) == ["small.weight"]
-
-
-def test_read_threads_automatic_and_explicit():
-    from mmapload.options import LoadOptions
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    auto = LoadOptions()
-    assert auto.read_threads_for(cpu, 64) == 1                     # the quantizer needs the cores
-    assert [auto.read_threads_for(cuda, n) for n in (None, 1, 2, 6, 16, 128)] == [1, 1, 1, 3, 4, 4]
-    assert LoadOptions(read_threads=6).read_threads_for(cpu, 2) == 6

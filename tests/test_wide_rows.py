@@ -82,7 +82,7 @@ def test_both_hold_and_prepass_happen_for_every_granularity(ckpt, granularity, n
     """The fixture is built so that at TINY some shared scale granules span few batches (held
     in their slots) and some span more than the ring has slots (pre-passed by the reader)."""
     from mmapload.checkpoint import open_checkpoint
-    from mmapload.options import LoadOptions
+    from mmapload.config import LoadOptions
     from mmapload.policy import policy_for
     from mmapload.plan import plan_batches, scale_groups, split_groups
     path, tensors = ckpt
@@ -103,7 +103,7 @@ def test_copying_mover_holds_shared_granules_in_its_buffer(ckpt, monkeypatch, gr
     """The CUDA protocol (pieces copied off the slot, shared granules held in one device
     buffer at per-group offsets), emulated on the CPU."""
     from mmapload.checkpoint import open_checkpoint
-    from mmapload.options import LoadOptions
+    from mmapload.config import LoadOptions
     from mmapload.policy import policy_for
     from mmapload.plan import plan_batches, scale_groups, split_groups
     path, tensors = ckpt

@@ -130,7 +130,7 @@ def _measure(cfg: dict) -> int:
     from ..checkpoint import open_checkpoint
     from ..device import resolve_device
     from ..fp8 import quantize  # noqa: F401
-    from ..options import LoadOptions
+    from ..config import LoadOptions
     from .sampler import MemorySampler, mark
     from ..stream import stream_quantize  # noqa: F401
     if cfg["threads"]:

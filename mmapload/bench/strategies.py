@@ -31,9 +31,8 @@ __all__ = ["RUNNERS"]
 
 
 def _by_mmapload(ckpt, dev, opts, notes):
-    from dataclasses import fields
     from ..stream import stream_quantize
-    model = stream_quantize(ckpt.root, dev, **{f.name: getattr(opts, f.name) for f in fields(opts)})
+    model = stream_quantize(ckpt.root, dev, **opts.as_kwargs())
     return model, model.nbytes
 
 
