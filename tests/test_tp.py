@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from mmapload import fp8
 from mmapload.errors import OptionsError, TPError
-from mmapload.tp import (Heads, Sharding, Slice, byte_ranges, scale_slice, shard_of, sharding_of,
+from mmapload.tp import (Heads, Sharding, byte_ranges, scale_slice, shard_of, sharding_of,
                          strided_ranges, take, tp_plan)
 
 HIDDEN, HEADS, HEAD_DIM, INTER, VOCAB, EXPERTS = 64, 8, 8, 128, 256, 4
