@@ -15,14 +15,16 @@ ORDER = [
     {"readers.direct"},                           # io="direct" (pread with a bounce buffer)
     {"readers"},                                  # open_reader: one factory
     {"ring"},                                     # slots + reader thread
-    {"device"},                                   # slot -> device copies, events
+    {"transfer"},                                 # slot -> device copies, events (movers)
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
-    {"options", "plan", "policy"},                # options; which tensors become FP8; how to cut them
+    {"options", "policy"},                        # options; which tensors become FP8
+    {"plan"},                                     # how to cut them; the load plan
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes
     {"prequantized"},                             # FP8 checkpoints: weights joined with scales
+    {"pipeline"},                                 # one load: reader side + consumer side
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer", "outdir"},                         # streaming safetensors writer; convert's output folder
     {"converter"},                                # convert: FP8 checkpoint on disk

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mmapload.checkpoint import TensorSpec
-from mmapload.plan import ALIGN, plan_batches, split_run
+from mmapload.fill import split_run
+from mmapload.plan import ALIGN, plan_batches
 
 
 def _specs(shapes, itemsize_dtype="BF16"):
