@@ -58,6 +58,7 @@ def test_reader_exception_surfaces_in_consumer(no_thread_leak):
     with pytest.raises(OSError, match="disk on fire"):
         for lease in staged(range(10), Ring(2, 8), fill):
             lease.done()
+    assert _readers() == []
 
 
 def _readers():
@@ -79,6 +80,7 @@ def test_consumer_exception_joins_reader(no_thread_leak):
             if lease.item == 2:
                 raise RuntimeError("consumer failed")
             lease.done()
+    assert _readers() == []
 
 
 def _instrumented(n_slots):
@@ -155,6 +157,7 @@ def test_asking_for_a_lease_with_every_slot_on_loan_raises(no_thread_leak):
     with pytest.raises(RuntimeError, match="all 2 ring slots are on loan"):
         for _ in staged(range(10), Ring(2, 8), lambda i, s: None):
             pass
+    assert _readers() == []
 
 
 def test_ring_rejects_too_few_slots():
