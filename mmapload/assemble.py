@@ -3,13 +3,16 @@
 A piece whose scale granules are its own is quantized as it lands. Pieces that share one
 granule's scale (a *scale group*, plan.py: a per-tensor matrix cut into pieces, a channel
 row cut into columns, a block granule cut inside) need the amax of the whole group before
-the first of them is cast. Two ways, chosen per group up front (plan.split_groups):
+the first of them is cast. Two ways, written per group in the plan (``LoadPlan.held`` /
+``LoadPlan.prepass``) and read here, never inferred:
 - *hold*: keep its pieces until the last one has landed, merging amaxes, then cast them all.
-  On the CPU the pieces stay in their ring slots (the leases are kept; the plan guarantees
-  the group spans fewer batches than the ring has slots). On CUDA they are copied into one
-  device buffer (at most the largest group) and the slots go back at once.
+  On the CPU the pieces stay in their ring slots (the assembler tells the ring ``holds(g)``
+  and later ``group_complete(g)``; the plan guarantees the group spans fewer batches than
+  the ring has slots). On CUDA they are copied into one device buffer (at most the largest
+  group); the slots went back when their bytes reached the device.
 - *pre-pass*: the reader computed the amax from the map beforehand (fill.py), for groups
   too big to hold on the CPU; it comes with the group's first piece.
+The assembler never gives a slot back itself: ring.py decides from those facts.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from .checkpoint import TensorSpec
 from .errors import DeviceError, NonFiniteError
 from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax, scale_shape
 from .config import LoadOptions
-from .plan import Piece, matrix_dims
+from .plan import LoadPlan, Piece, matrix_dims
 from .result import QuantizedTensor, tensor_nbytes
+from .ring import Lease
+from .transfer import Mover
 
 __all__ = ["Assembler"]
 
@@ -36,12 +41,10 @@ class _Building:
                  out: torch.Tensor | None = None):
         self.spec, self.quantize = spec, quantize
         self.err2 = self.ref2 = 0.0
-        # the scale group being assembled: held pieces, their merged amax, and whether the
-        # reader pre-passed it instead (its scale is set at its first piece)
+        # the held scale group being assembled: its pieces and their merged amax
         self.held: list[tuple[torch.Tensor, Piece]] = []
         self.held_elems = 0
         self.amax: torch.Tensor | None = None
-        self.prepassed = False
         if quantize:
             self.out = torch.empty(spec.shape, dtype=opts.fp8_dtype, device=device)
             self.scale = torch.empty(scale_shape(spec.shape, opts.granularity, opts.block_size),
@@ -56,23 +59,25 @@ class _Building:
 
 
 class Assembler:
-    """``add(lease, piece, data, extra)`` per piece; returns a finished tensor or None.
+    """``add(lease, piece, data, amax, output)`` per piece; returns a finished tensor or None.
+    Consumer thread only.
 
-    ``extra`` is what the reader prepared for the piece, or None: the pre-passed amax of a
-    quantized piece, or, for a piece kept as it is, the output the reader read it into.
+    ``amax``: the reader's pre-passed amax (float32 scalar) with the first piece of a
+    pre-passed group; ``output``: for a piece kept as it is, the output the reader read it into.
     """
 
-    def __init__(self, opts: LoadOptions, device: torch.device, mover):
+    def __init__(self, opts: LoadOptions, device: torch.device, mover: Mover, plan: LoadPlan):
         self.opts, self.device, self.mover = opts, device, mover
+        self.prepass = plan.prepass
         self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=device)
         self._b: _Building | None = None
-        self._kept: list = []          # leases held for the matrix being assembled
         self._unchecked: list = []     # (device bool "amax finite", piece) not yet looked at
         self.retained_bytes = self.tensors = self.quantized = 0
 
-    def add(self, lease, piece: Piece, data: torch.Tensor, extra) -> Loaded | None:
+    def add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None = None,
+            output: torch.Tensor | None = None) -> Loaded | None:
         try:
-            return self._add(lease, piece, data, extra)
+            return self._add(lease, piece, data, amax, output)
         except RuntimeError as e:   # torch.OutOfMemoryError (CUDA) or the CPU allocator's
             if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
                 self._b = None
@@ -92,20 +97,20 @@ class Assembler:
             f"{spec.start}..{spec.end}): it needs {need:,} bytes, {free:,} are free after "
             f"{self.retained_bytes:,} bytes retained so far; use a bigger device, or skip= it")
 
-    def _add(self, lease, piece: Piece, data: torch.Tensor, extra) -> Loaded | None:
+    def _add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None,
+             output: torch.Tensor | None) -> Loaded | None:
         if piece.first:
-            self._b = _Building(piece.spec, piece.quantize, self.opts, self.device,
-                                None if piece.quantize else extra)
+            self._b = _Building(piece.spec, piece.quantize, self.opts, self.device, output)
         b = self._b
         raw = data[piece.offset:piece.offset + piece.nbytes]
         if not piece.quantize:
-            if extra is None:   # else already read into b.out
+            if output is None:   # else already read into b.out
                 o = piece.lo - piece.spec.start
                 b.bytes[o:o + piece.nbytes].copy_(raw)
         else:
             x = raw.view(piece.spec.torch_dtype).view(piece.row1 - piece.row0, piece.col1 - piece.col0)
             if piece.group >= 0:
-                self._grouped(lease, b, piece, x, extra)
+                self._grouped(lease, b, piece, x, amax)
             else:
                 self._quantize(b, piece, x, self.quantizer.amax_2d(x))
         return self._finish(b) if piece.last else None
@@ -156,20 +161,17 @@ class Assembler:
             b.err2 += float((xf - deq).pow_(2).sum())
             b.ref2 += float(xf.pow(2).sum())
 
-    def _grouped(self, lease, b: _Building, piece: Piece, x: torch.Tensor, prepass) -> None:
-        """A piece of a shared scale group: quantize it now if the reader pre-passed the
-        group (``prepass``: its amax, with the first piece), else hold it until the last."""
-        if piece.group_first:
-            b.prepassed = prepass is not None
-        if b.prepassed:
-            self._quantize(b, piece, x, prepass.to(self.device) if prepass is not None else None)
+    def _grouped(self, lease: Lease, b: _Building, piece: Piece, x: torch.Tensor,
+                 amax: torch.Tensor | None) -> None:
+        """A piece of a shared scale group: quantize it now if the plan has the reader
+        pre-pass the group (``amax`` comes with its first piece), else hold it until the last."""
+        if piece.group in self.prepass:
+            self._quantize(b, piece, x, amax.to(self.device) if piece.group_first else None)
             return
-        kept, needs_lease = self.mover.hold(x, b.held_elems)
+        kept = self.mover.hold(x, b.held_elems)
         b.held_elems += x.numel()
-        if needs_lease:
-            lease.kept = True
-            if not self._kept or self._kept[-1] is not lease:
-                self._kept.append(lease)
+        if not self.mover.copies and piece.group not in lease.holding:
+            lease.holds(piece.group)     # the piece is read from its slot until the group is cast
         part = self.quantizer.amax_2d(x)
         b.amax = part if b.amax is None else merge_amax(b.amax, part)
         b.held.append((kept, piece))
@@ -178,11 +180,8 @@ class Assembler:
             for kx, kp in b.held:
                 self._quantize(b, kp, kx, None)
             b.held, b.held_elems, b.amax = [], 0, None
-            for kl in self._kept:
-                kl.kept = False
-                if kl is not lease:        # the current one goes back after its other pieces
-                    kl.release()
-            self._kept = []
+            if not self.mover.copies:
+                lease.group_complete(piece.group)
 
     def _finish(self, b: _Building) -> Loaded:
         self._b = None

@@ -2,8 +2,10 @@
 
 Reads only the headers (``open_checkpoint``) and config.json, so it takes milliseconds on a
 100 GB checkpoint with ``policy="names"``; the default policy adds the seconds transformers
-takes to build the model on meta (skeleton.py), and needs no GPU to project a CUDA load. The memory model follows what
-stream.py / assemble.py / device.py allocate; every term is an upper bound:
+takes to build the model on meta (skeleton.py), and needs no GPU to project a CUDA load. The
+memory model reads the load's own plan (plan.plan_load: batches, held / pre-passed groups,
+hold buffer) and follows what pipeline.py / assemble.py / transfer.py allocate; every term is
+an upper bound:
 
 Host peak, above the RSS the process had before the load (with torch imported and, for
 CUDA, the CUDA context already created):
@@ -26,7 +28,7 @@ Device peak (CUDA; what ``torch.cuda.max_memory_allocated`` can reach during the
     retained bytes, each tensor rounded up to the allocator's 512 bytes
   + 2 staging buffers (each the largest batch, <= slot_bytes)
   + hold buffer (the largest scale group cut into pieces: a per-tensor matrix, a channel
-    row or a block granule; plan.split_groups)
+    row or a block granule; LoadPlan.hold_bytes)
   + quantizer scratch (4M float32 = 16 MiB) + amax grids + error_stats temporaries
 On the CPU the device is host RAM: ``device_peak`` is None and ``fits`` uses the host peak.
 
@@ -48,11 +50,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import TensorSpec, open_checkpoint
-from .device import parse_device
 from .fp8 import Granularity, default_scratch_elems, scale_shape
 from .config import RING_BYTES, LoadOptions, config_from, public_verb
-from .plan import plan_batches, split_groups
+from .plan import plan_load
 from .policy import policy_for
+from .transfer import parse_device
 
 __all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
 
@@ -230,7 +232,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     policy = policy_for(ckpt, opts)
     quant = {s.name for s in specs if policy(s)}
     gran, (br, bc) = opts.granularity, opts.block_size
-    batches = plan_batches(specs, lambda s: s.name in quant, opts.slot_bytes, gran, opts.block_size)
+    plan = plan_load(ckpt, policy, opts, dev)
 
     dtypes: dict[str, tuple[int, int]] = {}
     for s in specs:
@@ -243,10 +245,9 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         by_rule.setdefault(policy.decide(s).rule, []).append(s)
     scale_elems = {s.name: math.prod(scale_shape(s.shape, gran, opts.block_size)) for s in qspecs}
 
-    # the plan: staging, held / pre-passed scale groups, the largest piece and its amax grid
-    prepassed, hold = split_groups(batches, opts.n_slots, copies=dev.type == "cuda")
+    # from the plan: the largest piece and its amax grid, bands read out of file order
     piece_elems = grid_elems = band_rows = 0
-    for batch in batches:
+    for batch in plan.batches:
         for p in batch.pieces:
             if not p.quantize:
                 continue
@@ -258,7 +259,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
                 grid_elems = max(grid_elems, (rows + br) * -(-cols // bc))
             else:
                 grid_elems = max(grid_elems, rows)
-    stage = max((b.nbytes for b in batches), default=0)
+    stage, hold = plan.stage_bytes, plan.hold_bytes
     slot, ring = opts.slot_bytes, opts.n_slots * opts.slot_bytes
     grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
     fp8_bytes = sum(s.numel for s in qspecs)
@@ -266,10 +267,11 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     kept_bytes = sum(s.nbytes for s in kspecs)
 
     io = opts.io
-    reader = {"mmap": (2 if dev.type == "cpu" else 1) * slot + 2 * _PAGE * band_rows, "pread": 0,
+    # mmap: a run's window, plus a pre-pass window where groups may be pre-passed (in place)
+    reader = {"mmap": (1 if plan.copies else 2) * slot + 2 * _PAGE * band_rows, "pread": 0,
               "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
     if dev.type == "cpu":
-        prepass = len(prepassed)
+        prepass = len(plan.prepass)
         host = {"ring": ring, "retained": fp8_bytes + scale_bytes + kept_bytes,
                 f"reader ({io})": reader, "quantizer scratch": 2 * _CPU_SCRATCH,
                 "amax grids": 2 * grids, "error stats": err, "margin": HOST_MARGIN}

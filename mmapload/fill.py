@@ -1,5 +1,5 @@
 """The reader thread's work per batch: read its pieces into a ring slot, after pre-passing
-the amax of the scale groups too big to hold (plan.split_groups).
+the amax of the scale groups the plan marks for it (``LoadPlan.prepass``).
 
 ``Filler`` is the ``fill`` of ``ring.staged``: it runs on the reader thread only, and owns
 the read-ahead and release-behind of the shards, which keep resident memory bounded.
@@ -7,6 +7,7 @@ the read-ahead and release-behind of the shards, which keep resident memory boun
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -16,10 +17,10 @@ import torch
 
 from .fp8 import Granularity, Quantizer, merge_amax
 from .readers import ShardReader
-from .plan import Batch, Piece, runs, split_run
+from .plan import Batch, LoadPlan, Piece, runs
 from .ring import CopyPool
 
-__all__ = ["Filler"]
+__all__ = ["Filler", "Prepared", "split_run"]
 
 
 def _finished_ranges(p: Piece) -> list[tuple[int, int]]:
@@ -31,23 +32,32 @@ def _finished_ranges(p: Piece) -> list[tuple[int, int]]:
     return [(lo - left, hi) for lo, hi in p.ranges()]
 
 
-class Filler:
-    """``filler(batch, slot)`` reads one batch into ``slot``; returns per piece index what
-    the consumer needs besides the slot: a pre-passed amax (the first piece of a pre-passed
-    group), or the output a kept piece was read into (``into_outputs``)."""
+@dataclass(frozen=True)
+class Prepared:
+    """What the reader prepared for a batch besides its slot bytes, by piece index."""
 
-    def __init__(self, shards: dict[Path, ShardReader], slot_bytes: int, device: torch.device,
-                 pool: CopyPool, prepass: dict[int, list[Piece]], into_outputs: bool,
-                 sample: Callable[[], None]):
-        self.shards, self.slot_bytes, self.device, self.pool = shards, slot_bytes, device, pool
-        self.prepass, self.into_outputs, self.sample = prepass, into_outputs, sample
+    amax: dict[int, torch.Tensor] = field(default_factory=dict)     # float32 scalar: the pre-passed
+                                                                    # amax of the group a piece opens
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # the output a kept piece was
+                                                                    # read into (plan.into_outputs)
+
+
+class Filler:
+    """``filler(batch, slot)`` reads one batch into ``slot`` and returns its ``Prepared``.
+    Reader thread only (after construction)."""
+
+    def __init__(self, shards: dict[Path, ShardReader], plan: LoadPlan, device: torch.device,
+                 pool: CopyPool, sample: Callable[[], None]):
+        self.shards, self.slot_bytes, self.device, self.pool = shards, plan.slot_bytes, device, pool
+        self.prepass = {g: plan.groups[g] for g in plan.prepass}
+        self.into_outputs, self.sample = plan.into_outputs, sample
         self.prefetched: dict[ShardReader, int] = {}
         self._out: torch.Tensor | None = None   # the unquantized output being filled
         # the reader thread's own (quantizers are not thread-safe); a shared group is one
         # granule, so its amax is one number whatever the load's granularity
         self.quantizer = Quantizer(granularity=Granularity.TENSOR, device="cpu")
 
-    def group_amax(self, pieces: list[Piece], scratch: np.ndarray) -> torch.Tensor:
+    def group_amax(self, pieces: tuple[Piece, ...] | list[Piece], scratch: np.ndarray) -> torch.Tensor:
         """The amax of one scale group too big to hold, read before any of it is cast.
 
         Piece by piece (each fits the still-free slot): zero-copy from a map, through the
@@ -111,19 +121,20 @@ class Filler:
             shard.prefetch(max(at, ahead), at + 4 * self.slot_bytes)
             self.prefetched[shard] = at + 4 * self.slot_bytes
 
-    def __call__(self, batch: Batch, slot: torch.Tensor) -> dict[int, torch.Tensor]:
+    def __call__(self, batch: Batch, slot: torch.Tensor) -> Prepared:
         slot_np = slot.numpy()
         pieces = batch.pieces
         # pre-passes first: a syscall reader uses the (still empty) slot as its window
-        extra = {i: self.group_amax(self.prepass[p.group], slot_np)
-                 for i, p in enumerate(pieces) if p.group_first and p.group in self.prepass}
+        amax = {i: self.group_amax(self.prepass[p.group], slot_np)
+                for i, p in enumerate(pieces) if p.group_first and p.group in self.prepass}
+        outputs = {}
         if self.into_outputs:
-            extra.update((i, self._output(p)) for i, p in enumerate(pieces) if not p.quantize)
+            outputs = {i: self._output(p) for i, p in enumerate(pieces) if not p.quantize}
         for start, end in runs(pieces):            # one read per file-contiguous run
             run = pieces[start:end]
             shard = self.shards[run[0].spec.shard]
             self._prefetch(shard, run[-1].release_to)
-            dsts = [self._dest(p, slot_np, None if p.quantize else extra.get(i))
+            dsts = [self._dest(p, slot_np, outputs.get(i))
                     for i, p in enumerate(run, start)]
             if run[0].stride:
                 self._read_strided(shard, run[0], dsts[0])
@@ -139,4 +150,31 @@ class Filler:
         # this batch was read fails here, before any of the batch is handed on
         for path in dict.fromkeys(p.spec.shard for p in pieces):
             self.shards[path].verify()
-        return {i: x for i, x in extra.items() if x is not None}
+        return Prepared(amax, {i: x for i, x in outputs.items() if x is not None})
+
+
+def split_run(lo: int, sizes: list[int], parts: int, min_bytes: int = 1 << 20,
+              align: int = 4096) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Cut a file-contiguous run (destinations of ``sizes`` bytes, back to back from file
+    offset ``lo``) into at most ``parts`` shares of about equal bytes, each >= ``min_bytes``
+    and cut at ``align``-ed file offsets, for parallel copies:
+    ``[(file offset, [(destination index, start, end), ...]), ...]``."""
+    total = sum(sizes)
+    n = max(1, min(parts, total // max(1, min_bytes)))
+    step = -(-total // n)
+    cuts = [0]
+    for k in range(1, n):
+        c = -(-(lo + k * step) // align) * align - lo
+        if cuts[-1] < c < total:
+            cuts.append(c)
+    cuts.append(total)
+    shares = []
+    for a, b in zip(cuts, cuts[1:]):
+        segs, pos = [], 0
+        for i, size in enumerate(sizes):
+            s, e = max(a, pos), min(b, pos + size)
+            if s < e:
+                segs.append((i, s - pos, e - pos))
+            pos += size
+        shares.append((lo + a, segs))
+    return shares

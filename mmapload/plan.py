@@ -24,13 +24,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
+import torch
+
+from . import transfer
 from .checkpoint import TensorSpec
 from .fp8 import Granularity, granule
 
-__all__ = ["split_run", "Piece", "Batch", "plan_batches", "matrix_dims", "runs", "scale_groups",
-           "split_groups", "ALIGN"]
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .config import LoadOptions
+
+__all__ = ["Piece", "Batch", "plan_batches", "matrix_dims", "runs", "scale_groups", "split_groups",
+           "LoadPlan", "plan_load", "ALIGN"]
 
 ALIGN = 64   # pieces start on 64-byte boundaries inside a slot (any dtype view is legal)
 
@@ -198,7 +206,7 @@ def runs(pieces: tuple[Piece, ...]) -> list[tuple[int, int]]:
     return out
 
 
-def scale_groups(batches: list[Batch]) -> dict[int, list[Piece]]:
+def scale_groups(batches: Iterable[Batch]) -> dict[int, list[Piece]]:
     """The pieces of every shared scale group, in plan order."""
     groups: dict[int, list[Piece]] = {}
     for batch in batches:
@@ -208,7 +216,7 @@ def scale_groups(batches: list[Batch]) -> dict[int, list[Piece]]:
     return groups
 
 
-def split_groups(batches: list[Batch], n_slots: int, copies: bool) -> tuple[set[int], int]:
+def split_groups(batches: Iterable[Batch], n_slots: int, copies: bool) -> tuple[set[int], int]:
     """How shared scale groups wait for their amax: (groups the reader pre-passes, hold
     buffer bytes).
 
@@ -229,28 +237,40 @@ def split_groups(batches: list[Batch], n_slots: int, copies: bool) -> tuple[set[
     return {g for g, n in spans.items() if n > n_slots - 1}, 0
 
 
-def split_run(lo: int, sizes: list[int], parts: int, min_bytes: int = 1 << 20,
-              align: int = 4096) -> list[tuple[int, list[tuple[int, int, int]]]]:
-    """Cut a file-contiguous run (destinations of ``sizes`` bytes, back to back from file
-    offset ``lo``) into at most ``parts`` shares of about equal bytes, each >= ``min_bytes``
-    and cut at ``align``-ed file offsets, for parallel copies:
-    ``[(file offset, [(destination index, start, end), ...]), ...]``."""
-    total = sum(sizes)
-    n = max(1, min(parts, total // max(1, min_bytes)))
-    step = -(-total // n)
-    cuts = [0]
-    for k in range(1, n):
-        c = -(-(lo + k * step) // align) * align - lo
-        if cuts[-1] < c < total:
-            cuts.append(c)
-    cuts.append(total)
-    shares = []
-    for a, b in zip(cuts, cuts[1:]):
-        segs, pos = [], 0
-        for i, size in enumerate(sizes):
-            s, e = max(a, pos), min(b, pos + size)
-            if s < e:
-                segs.append((i, s - pos, e - pos))
-            pos += size
-        shares.append((lo + a, segs))
-    return shares
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything a load decides before it reads a byte, worked out once (``plan_load``) and
+    read by the load (pipeline.py) and by ``estimate``. Bytes are slot / device bytes."""
+
+    batches: tuple[Batch, ...]                   # in file order, each fits one slot
+    groups: Mapping[int, tuple[Piece, ...]]      # shared scale group -> its pieces, plan order
+    held: frozenset[int]                         # groups held until their last piece lands
+    prepass: frozenset[int]                      # groups whose amax the reader pre-passes
+    hold_bytes: int                              # copying mover's hold buffer (largest group)
+    copies: bool                                 # the mover copies pieces off their slots (CUDA)
+    into_outputs: bool                           # kept tensors are read straight into their outputs
+    stage_bytes: int                             # the largest batch (a staging buffer's size)
+    n_slots: int
+    slot_bytes: int
+
+
+def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: "LoadOptions",
+              device: torch.device) -> LoadPlan:
+    """The plan of loading ``ckpt`` onto ``device`` (which need not exist here): pure arithmetic
+    on headers. ``policy(spec)``: quantize that tensor. Raises what ``plan_batches`` raises.
+
+    Per shared scale group, one mode: a copying mover (CUDA) holds every group in its device
+    buffer; in place (CPU) a group is held in its ring slots when it spans fewer batches than
+    the ring has slots, else pre-passed. In place the slot is no stop on the way for a kept
+    tensor either: the reader reads it straight into its output (one copy instead of two).
+    """
+    batches = tuple(plan_batches(ckpt.tensors, policy, config.slot_bytes, config.granularity,
+                                 config.block_size))
+    copying = transfer.copies(device)
+    groups = {g: tuple(ps) for g, ps in scale_groups(batches).items()}
+    prepass, hold_bytes = split_groups(batches, config.n_slots, copying)
+    return LoadPlan(
+        batches=batches, groups=MappingProxyType(groups), held=frozenset(groups.keys() - prepass),
+        prepass=frozenset(prepass), hold_bytes=hold_bytes, copies=copying, into_outputs=not copying,
+        stage_bytes=max((b.nbytes for b in batches), default=0), n_slots=config.n_slots,
+        slot_bytes=config.slot_bytes)

@@ -2,10 +2,12 @@
 
 One buffer of ``n_slots * slot_bytes`` bytes, allocated once (pinned when CUDA is
 available, so host->device copies can be asynchronous DMA), cut into equal slots. The
-reader thread takes a free slot, fills it, and hands it to the consumer as a ``Lease``;
-the consumer gives it back with ``lease.release(event)``. The reader waits for that event
-(the consumer's host->device copy) before it overwrites the slot, so a slot is never
-reused while anything still reads it. The ring never grows: callers split big tensors.
+reader thread takes a free slot, fills it, and hands it to the consumer as a ``Lease``.
+This module alone decides when a slot may be refilled: the consumer only tells the lease
+facts (its bytes are on the device once an event completes; a scale group's pieces stay in
+it; that group is complete; every piece was read), and the slot goes back when nothing reads
+it any more. The reader waits for the event it was freed with (the consumer's host->device
+copy) before it overwrites the slot. The ring never grows: callers split big tensors.
 
 One thread copying from page cache to memory moves ~5-10 GB/s, less than a PCIe 5 link
 takes from pinned memory; ``CopyPool`` lets the reader split one slot's copy over several
@@ -30,6 +32,7 @@ import torch
 __all__ = ["Ring", "Lease", "staged", "StageTimes", "CopyPool"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class _Event(Protocol):
@@ -72,23 +75,69 @@ class StageTimes:
     wait_ready: float = 0.0    # consumer: waiting for a filled slot (reader is the bottleneck)
 
 
-@dataclass
-class Lease(Generic[T]):
-    """A filled slot on loan to the consumer. Never hand ``data`` to a caller."""
+@dataclass(eq=False)
+class Lease(Generic[T, R]):
+    """A filled slot on loan to the consumer. Never hand ``data`` to a caller.
+
+    ``item`` is what was filled, ``prepared`` what ``fill`` returned for it. The consumer
+    tells the ring facts about the slot; the ring alone decides when it may be refilled
+    (see ``staged``).
+    """
 
     item: T
     data: torch.Tensor         # uint8 view of the slot (whole slot; the item says what is used)
-    extra: Any
+    prepared: R
     _index: int
-    _free: "queue.Queue" = field(repr=False)
-    released: bool = False
-    kept: bool = False         # the consumer still reads it: not released automatically
+    _book: "_SlotBook" = field(repr=False)
+    freed: bool = False        # the slot went back to the reader
+    copied: bool = False       # its bytes were copied off (``on_device``)
+    consumed: bool = False     # the consumer read every piece of it (``done``)
+    holding: set[int] = field(default_factory=set)   # scale groups still read from the slot
 
-    def release(self, event: _Event | None = None) -> None:
-        """Give the slot back; the reader waits on ``event`` before refilling it."""
-        if not self.released:
-            self.released = True
-            self._free.put((self._index, event))
+    # -- facts, told by the consumer thread only ------------------------------------------
+    def on_device(self, event: _Event | None = None) -> None:
+        """Its bytes are on the device once ``event`` completes: the slot is no longer read."""
+        if self.holding:
+            raise RuntimeError(f"slot {self._index}: copied off while it holds groups {self.holding}")
+        self.copied = True
+        self._book.settle(self, event)
+
+    def holds(self, group: int) -> None:
+        """Pieces of scale group ``group`` stay in this slot until ``group_complete(group)``."""
+        if self.freed:
+            raise RuntimeError(f"slot {self._index}: already given back, cannot hold group {group}")
+        self.holding.add(group)
+        self._book.holders.setdefault(group, []).append(self)
+
+    def done(self) -> None:
+        """The consumer read every piece of the batch (held groups still count)."""
+        self.consumed = True
+        self._book.settle(self)
+
+    def group_complete(self, group: int) -> None:
+        """Scale group ``group`` has been cast: no slot holds its pieces any more."""
+        for lease in self._book.holders.pop(group, ()):
+            lease.holding.discard(group)
+            lease._book.settle(lease)
+
+
+class _SlotBook:
+    """The consumer's record of leases not yet freed (consumer thread only); the free queue
+    is the one thing it shares with the reader."""
+
+    def __init__(self, free: "queue.Queue", n_slots: int):
+        self.free, self.n_slots = free, n_slots
+        self.holders: dict[int, list[Lease]] = {}
+        self.out = 0           # leases handed out and not yet freed
+
+    def settle(self, lease: Lease, event: _Event | None = None) -> None:
+        """Free ``lease``'s slot if nothing reads it any more: copied off, or consumed and
+        holding no group. The reader waits on ``event`` before refilling it."""
+        if lease.freed or lease.holding or not (lease.copied or lease.consumed):
+            return
+        lease.freed = True
+        self.out -= 1
+        self.free.put((lease._index, event))
 
 
 _DONE = object()
@@ -99,12 +148,19 @@ class _Failure:
         self.exc = exc
 
 
-def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any],
-           times: StageTimes | None = None) -> Iterator[Lease[T]]:
+def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], R],
+           times: StageTimes | None = None) -> Iterator[Lease[T, R]]:
     """Yield a ``Lease`` per item, in order, filled by ``fill(item, slot)`` on a reader thread.
 
-    ``fill``'s return value travels as ``lease.extra``. A lease the consumer did not
-    release (nor mark ``kept``) is released when the consumer asks for the next one.
+    Slot lifetime, decided here and nowhere else. Who may call what:
+    - the reader thread (started here) runs ``fill`` and takes only slots the consumer freed,
+      after waiting on the event they were freed with;
+    - the consumer (the caller of this generator) tells each lease facts, and nothing else:
+      ``on_device(event)`` (its bytes are copied off), ``holds(g)`` (a scale group's pieces
+      stay in the slot), ``group_complete(g)``, ``done()`` (every piece read).
+    A slot is freed once it is copied off, or done with and holding no group: never before
+    its consumer has finished with it. Asking for the next lease while every slot is on
+    loan raises ``RuntimeError`` (the consumer forgot a fact; it would wait forever).
     """
     times = times if times is not None else StageTimes()
     free: queue.Queue = queue.Queue()
@@ -112,6 +168,7 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any
     stop = threading.Event()
     for i in range(ring.n_slots):
         free.put((i, None))
+    book = _SlotBook(free, ring.n_slots)
 
     def reader() -> None:
         try:
@@ -124,10 +181,10 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any
                 if event is not None:
                     event.synchronize()  # the consumer's copy out of this slot has finished
                 t1 = time.perf_counter()
-                extra = fill(item, ring.slot(index))
+                prepared = fill(item, ring.slot(index))
                 times.wait_free += t1 - t0
                 times.fill += time.perf_counter() - t1
-                ready.put((item, index, extra))
+                ready.put((item, index, prepared))
                 if stop.is_set():
                     return
             ready.put(_DONE)
@@ -136,9 +193,11 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any
 
     thread = threading.Thread(target=reader, name="mmapload-reader", daemon=True)
     thread.start()
-    lease = None
     try:
         while True:
+            if book.out >= ring.n_slots:
+                raise RuntimeError(f"all {ring.n_slots} ring slots are on loan: a lease was neither "
+                                   "copied off nor done, or holds a group never completed")
             t0 = time.perf_counter()
             msg = ready.get()
             times.wait_ready += time.perf_counter() - t0
@@ -146,16 +205,11 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], Any
                 return
             if isinstance(msg, _Failure):
                 raise msg.exc
-            item, index, extra = msg
-            lease = Lease(item, ring.slot(index), extra, index, free)
-            yield lease
-            if not lease.kept:
-                lease.release()
-            lease = None
+            item, index, prepared = msg
+            book.out += 1
+            yield Lease(item, ring.slot(index), prepared, index, book)
     finally:
         stop.set()
-        if lease is not None:
-            lease.release()
         free.put(None)  # wakes a reader blocked on a free slot
         thread.join()
 

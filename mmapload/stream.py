@@ -1,152 +1,28 @@
-"""Wire the stages: checkpoint -> mapped shards -> ring -> device quantizer -> results.
+"""The public verbs: checkpoint -> plan -> pipeline (pipeline.py) -> results.
 
 ``iter_quantized`` yields ``(name, tensor)`` in file order; ``stream_quantize`` keeps them
-in a ``QuantizedModel``. A reader thread (ring.py) fills slots from the maps while this
-module's consumer moves each slot to the device, quantizes its pieces and retains only
+in a ``QuantizedModel``. A reader thread (ring.py) fills slots from the maps while the
+pipeline's consumer moves each slot to the device, quantizes its pieces and retains only
 the FP8 data and scales. No view into a ring slot ever reaches the caller.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from . import device as _device
-from . import phases
-from ._procmem import read_mem
-from ._progress import Progress
-from .assemble import Assembler, Loaded
-from .checkpoint import Checkpoint, open_checkpoint
-from .device import resolve_device
+from .assemble import Loaded
+from .checkpoint import open_checkpoint
 from .errors import DeviceError, OptionsError
-from .fill import Filler
-from .readers import ShardReader
-from .config import RING_BYTES, LoadConfig, LoadOptions, config_from, public_verb
+from .config import RING_BYTES, LoadConfig, config_from, public_verb
+from .pipeline import Pipeline as _Pipeline
 from .prequantized import fp8_pairs, paired, unscaled_fp8
-from .readers import open_reader
 from .policy import LINEAR, Policy, policy_for
-from .plan import plan_batches, scale_groups, split_groups
-from .result import LoadReport, QuantizedModel, flat as _flatten
-from .ring import CopyPool, Ring, StageTimes, staged
+from .result import QuantizedModel, flat as _flatten
+from .transfer import resolve_device
 
 __all__ = ["stream_quantize", "iter_quantized"]
-
-
-class _Pipeline:
-    def __init__(self, ckpt: Checkpoint, device: torch.device, opts: LoadOptions, policy: Policy):
-        self.ckpt, self.device, self.opts, self.policy = ckpt, device, opts, policy
-        self.batches = plan_batches(ckpt.tensors, policy, opts.slot_bytes, opts.granularity,
-                                    opts.block_size)   # raises before any I/O
-        self.report = LoadReport(path=str(ckpt.root), device=str(device), ring_bytes=opts.ring_bytes,
-                                 slot_bytes=opts.slot_bytes, policy=policy.source)
-        self.times = StageTimes()
-        self._peak = [0, 0, 0]   # rss, anon, file
-        self._tq = 0.0           # consumer seconds (quantize + copies out of the slots)
-        # scale groups shared by several pieces: held, or pre-passed by the reader
-        self.groups = scale_groups(self.batches)
-        self.prepass, self.hold_bytes = split_groups(self.batches, opts.n_slots,
-                                                     _device.mover_class(device).copies)
-        # In place (CPU) the slot is no stop on the way for a tensor kept as it is: the reader
-        # reads it straight into its output, one copy instead of two, and the output's first-touch
-        # page faults land on the reader thread (which waits for slots anyway), not the consumer.
-        self._into_outputs = not _device.mover_class(device).copies
-
-    def _sample(self) -> None:
-        """Peak memory so far (called by the reader thread and the consumer)."""
-        m = read_mem()
-        p = self._peak
-        p[0] = max(p[0], m.rss)
-        p[1] = max(p[1], m.anon or 0)
-        p[2] = max(p[2], m.file or 0)
-
-    def _consume(self, asm: Assembler, mover, lease, data, progress) -> Iterator[tuple[str, Loaded]]:
-        """Quantize / copy every piece of one batch; yield the tensors it completes."""
-        phases.mark("quantize")
-        t1 = time.perf_counter()
-        finished = []
-        for i, piece in enumerate(lease.item.pieces):
-            done = asm.add(lease, piece, data, lease.extra.get(i))
-            if done is not None:
-                finished.append((piece.spec.name, done))
-            self.report.bytes_read += piece.nbytes
-            progress.update(piece.nbytes)
-        mover.done(lease)
-        asm.check()   # NaN / Inf anywhere in this batch: one sync per batch, not per piece
-        self._tq += time.perf_counter() - t1
-        self._sample()
-        yield from finished
-
-    def run(self) -> Iterator[tuple[str, Loaded]]:
-        opts, dev = self.opts, self.device
-        t0 = time.perf_counter()
-        phases.mark("open")
-        self.report.rss_before = read_mem().rss
-        self._sample()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        stage_bytes = max((b.nbytes for b in self.batches), default=0)
-        self.shards: dict[Path, ShardReader] = {}
-        ring = mover = stages = asm = None
-        self._pool = CopyPool(1)
-        progress = Progress(self.ckpt.total_bytes, enabled=opts.progress)
-        try:
-            for s in self.ckpt.shards:
-                self.shards[s.path] = open_reader(opts.io, s, drop_page_cache=opts.drop_page_cache,
-                                                  max_read=opts.slot_bytes)
-            if not self.batches:
-                return
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            self._pool = CopyPool(opts.read_threads_for(dev, cpus))
-            self.report.read_threads = self._pool.n
-            ring = Ring(opts.n_slots, opts.slot_bytes, pin=dev.type == "cuda")
-            self.report.pinned = ring.pinned
-            fill = Filler(self.shards, opts.slot_bytes, dev, self._pool,
-                          {g: self.groups[g] for g in self.prepass}, self._into_outputs, self._sample)
-            mover = _device.mover_class(dev)(dev, stage_bytes, self.hold_bytes)
-            asm = Assembler(opts, dev, mover)
-            phases.mark("read")
-            stages = staged(self.batches, ring, fill, self.times)
-            # A copying mover (CUDA) looks one batch ahead: batch k+1's copy is queued on the
-            # copy stream before batch k is quantized, so the two overlap. (On the CPU the
-            # look-ahead would only pin one more slot, which held matrices may need.)
-            pending = None
-            for lease in stages:
-                data = mover.to_device(lease)
-                if not mover.copies:
-                    yield from self._consume(asm, mover, lease, data, progress)
-                    continue
-                if pending is not None:
-                    yield from self._consume(asm, mover, *pending, progress)
-                pending = (lease, data)
-            if pending is not None:
-                yield from self._consume(asm, mover, *pending, progress)
-        finally:
-            phases.mark("done")
-            if stages is not None:
-                stages.close()  # joins the reader thread, also on exceptions and early close
-            self._pool.close()  # then its copy threads
-            progress.close()
-            if mover is not None:
-                mover.close()
-            for shard in self.shards.values():
-                shard.close()
-            self.shards.clear()
-            del ring
-            r = self.report
-            if asm is not None:
-                r.tensors, r.quantized, r.retained_bytes = asm.tensors, asm.quantized, asm.retained_bytes
-            r.seconds = time.perf_counter() - t0
-            r.peak_rss, r.peak_rss_anon, r.peak_rss_file = self._peak
-            if dev.type == "cuda":
-                r.device_peak = torch.cuda.max_memory_allocated(dev)
-            r.stage_seconds = {"read": self.times.fill, "reader_wait": self.times.wait_free,
-                               "consumer_wait": self.times.wait_ready, "quantize": self._tq}
-            if mover is not None and mover.copies:   # host->device time on the copy stream
-                r.stage_seconds["copy"] = mover.copy_seconds
 
 
 def prepare(path, device, config: LoadConfig, *, module: torch.nn.Module | None = None,

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import mmapload
 from mmapload import QuantizedTensor, stream_quantize
-from mmapload import device as device_mod
+from mmapload import transfer as device_mod
 
 from expect import assert_same_as_whole_tensor_quantizer
 
@@ -50,7 +50,7 @@ class _EmulatedDmaMover:
         buf = self.staging[self.k]
         self.k ^= 1                 # the stream looks one batch ahead: alternate buffers here
         ev = _DelayedCopy(lease.data, buf, lease.item.nbytes)
-        lease.release(ev)           # the reader must wait on ev before refilling the slot
+        lease.on_device(ev)         # the reader must wait on ev before refilling the slot
         ev.synchronize()            # the compute stream waits for the copy
         time.sleep(0.001)           # a slow consumer: the reader races ahead
         return buf
@@ -58,7 +58,7 @@ class _EmulatedDmaMover:
     def hold(self, x, elem_offset):
         dst = self.held.view(x.dtype)[elem_offset:elem_offset + x.numel()].view(x.shape)
         dst.copy_(x)
-        return dst, False
+        return dst
 
     def done(self, lease):
         pass

@@ -15,16 +15,17 @@ ORDER = [
     {"readers.direct"},                           # io="direct" (pread with a bounce buffer)
     {"readers"},                                  # open_reader: one factory
     {"ring"},                                     # slots + reader thread
-    {"device"},                                   # slot -> device copies, events
+    {"transfer"},                                 # slot -> device copies, events (movers)
     {"scheme"},                                   # FP8 schemes: PerTensor, PerChannel, PerBlock
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
-    {"config", "plan", "policy", "tp"},           # the load config; which tensors become FP8; how to cut
-                                                  # them; tensor parallelism: each rank's slices
+    {"config", "policy", "tp"},                   # the load config; which tensors become FP8; TP slices
+    {"plan"},                                     # how to cut them; the load plan
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes
     {"prequantized"},                             # FP8 checkpoints: weights joined with scales
+    {"pipeline"},                                 # one load: reader side + consumer side
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer", "outdir"},                         # streaming safetensors writer; convert's output folder
     {"converter"},                                # convert: FP8 checkpoint on disk

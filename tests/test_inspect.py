@@ -162,3 +162,29 @@ def test_inspect_reads_only_headers_of_a_100_gb_checkpoint(tmp_path, capsys):
         assert "does NOT fit" in capsys.readouterr().out
     finally:
         f.unlink()   # sparse, but 100 GB to anything that copies /tmp
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_estimate_reads_the_plan_the_load_runs(ckpt, monkeypatch, device):
+    """One plan (plan.plan_load) for the load and the estimate: the projection's staging,
+    hold buffer and pre-pass count are the plan's, and the load builds the same plan."""
+    import torch
+    from mmapload import estimate as estimate_mod
+    from mmapload import stream
+    from mmapload.config import LoadConfig
+    from mmapload.plan import plan_load
+    made = []
+    monkeypatch.setattr(estimate_mod, "plan_load", lambda *a: made.append(plan_load(*a)) or made[-1])
+    p = estimate(ckpt, device, ring_bytes=RING)
+    plan, = made
+    assert plan.copies == (device == "cuda") and bool(plan.prepass) == (device == "cpu") and plan.held
+    assert (p.stage_bytes, p.hold_bytes, p.prepass) == (plan.stage_bytes, plan.hold_bytes, len(plan.prepass))
+    if device == "cpu":   # the load's own plan is the same (a CUDA load needs a GPU to prepare)
+        assert stream.prepare(ckpt, device, LoadConfig(ring_bytes=RING)).plan == plan
+    assert plan == plan_load(*_plan_args(ckpt, torch.device(device)))
+
+
+def _plan_args(ckpt, dev):
+    from mmapload.checkpoint import open_checkpoint
+    c, o = open_checkpoint(ckpt), LoadOptions(ring_bytes=RING)
+    return c, policy_for(c, o), o, dev

@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mmapload.checkpoint import TensorSpec
-from mmapload.plan import ALIGN, plan_batches, split_run
+from mmapload.fill import split_run
+from mmapload.plan import ALIGN, plan_batches
 
 
 def _specs(shapes, itemsize_dtype="BF16"):
@@ -156,3 +158,89 @@ def test_split_run_makes_equal_shares_of_a_big_run():
     assert [off for off, _ in shares] == [4096 + k * (2 << 20) for k in range(4)]
     assert shares[1][1] == [(0, 2 << 20, 4 << 20)]
     assert split_run(0, [1 << 20], 4) == [(0, [(0, 0, 1 << 20)])]   # too small to split
+
+
+# -- the load plan: hold / pre-pass boundary --------------------------------------------------
+
+RING = 64 << 10          # 4 slots of 16 KiB (LoadOptions.slot_bytes: a quarter of the ring)
+
+
+def _spanning(path, k, granularity, slot):
+    """A checkpoint whose shared scale granules each span exactly ``k`` full slots: two
+    per-tensor bf16 matrices of ``k`` slots of whole rows, or (channel) two 2-row matrices
+    ``k`` slots wide, after a small kept tensor. Returns the source tensors."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(k)
+    shape = (8 * k, slot // 16) if granularity == "tensor" else (2, k * slot // 2)
+    w = torch.randn(*shape, generator=g).bfloat16()
+    w.view(-1)[-1] = 50.0                         # the amax sits in the group's last piece
+    tensors = {"a.norm.weight": torch.randn(40, generator=g), "m.weight": w, "z.weight": -2 * w}
+    save_file(tensors, path)
+    return tensors
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("n_slots", [2, 3, 4, 5, 8])
+def test_group_spanning_n_slots_minus_one_is_held_n_slots_prepassed(tmp_path, monkeypatch, granularity,
+                                                                    n_slots, no_thread_leak):
+    """In place (CPU) a scale group spanning n_slots - 1 batches is held in its slots, one
+    spanning n_slots batches is pre-passed by the reader; the load follows the plan and both
+    are bit-identical to quantizing the whole tensor. The ring's slot count is varied."""
+    import mmapload
+    from mmapload import fill, stream
+    from mmapload.assemble import Assembler
+    from mmapload.fp8 import quantize
+    from mmapload.config import LoadConfig, LoadOptions
+    monkeypatch.setattr(LoadOptions, "n_slots", property(lambda self: n_slots))
+    slot = LoadOptions(ring_bytes=RING).slot_bytes
+    prepassed = []
+    group_amax = fill.Filler.group_amax
+    monkeypatch.setattr(fill.Filler, "group_amax",
+                        lambda self, pieces, scratch: prepassed.append(pieces[0].group)
+                        or group_amax(self, pieces, scratch))
+    add = Assembler.add
+
+    def slow_add(self, *a, **kw):                 # a slow consumer: the reader races ahead, so
+        time.sleep(0.001)                         # a held slot refilled too early would show
+        return add(self, *a, **kw)
+    monkeypatch.setattr(Assembler, "add", slow_add)
+    for k, mode in ((n_slots - 1, "held"), (n_slots, "prepass")):
+        if k < 2:                                 # one slot's worth is no shared group
+            continue
+        path = tmp_path / f"{k}.safetensors"
+        tensors = _spanning(path, k, granularity, slot)
+        pipe = stream.prepare(path, "cpu", LoadConfig(ring_bytes=RING, granularity=granularity))
+        plan = pipe.plan
+        assert plan.n_slots == n_slots and not plan.copies and plan.into_outputs
+        assert set(plan.groups) == plan.held | plan.prepass and not plan.held & plan.prepass
+        spans = {g: len({id(b) for b in plan.batches for p in b.pieces if p.group == g})
+                 for g in plan.groups}
+        assert set(spans.values()) == {k}, spans
+        assert getattr(plan, mode) == frozenset(plan.groups), (k, mode)
+        prepassed.clear()
+        got = dict(stream.results(pipe))
+        assert sorted(prepassed) == (sorted(plan.prepass) if mode == "prepass" else [])
+        for name in ("m.weight", "z.weight"):
+            q, s = quantize(tensors[name], granularity)
+            assert torch.equal(got[name].scale, s), name
+            assert torch.equal(got[name].data.view(torch.uint8), q.view(torch.uint8)), name
+        assert torch.equal(got["a.norm.weight"], tensors["a.norm.weight"])
+        assert isinstance(got["m.weight"], mmapload.QuantizedTensor)
+
+
+def test_copying_device_holds_every_group_in_one_buffer(tmp_path):
+    """A CUDA plan (made without a GPU): no pre-pass, a hold buffer of the largest group
+    (64-byte rounded), kept tensors through the slot; the same batches as the CPU plan."""
+    from mmapload.checkpoint import open_checkpoint
+    from mmapload.config import LoadOptions
+    from mmapload.plan import plan_load
+    path = tmp_path / "m.safetensors"
+    _spanning(path, 6, "tensor", LoadOptions(ring_bytes=RING).slot_bytes)
+    c, o = open_checkpoint(path), LoadOptions(ring_bytes=RING)
+    quantize = lambda s: s.name != "a.norm.weight"   # noqa: E731
+    cuda = plan_load(c, quantize, o, torch.device("cuda"))
+    cpu = plan_load(c, quantize, o, torch.device("cpu"))
+    assert cuda.copies and not cuda.into_outputs and not cuda.prepass and cuda.held == cpu.prepass
+    biggest = max(sum(p.nbytes for p in ps) for ps in cuda.groups.values())
+    assert cuda.hold_bytes == -(-biggest // 64) * 64 > 0 and cpu.hold_bytes == 0
+    assert cuda.batches == cpu.batches and cuda.stage_bytes == max(b.nbytes for b in cpu.batches)

@@ -20,6 +20,11 @@ def ref_quantize_tensor(w: torch.Tensor):
     return q, scale
 
 
+def _workers():
+    """mmapload's reader and copy threads still alive."""
+    return [t for t in threading.enumerate() if t.name in ("mmapload-reader", "mmapload-copier")]
+
+
 def _tensors(seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -166,6 +171,7 @@ def test_exception_mid_stream_stops_reader(tmp_path, no_thread_leak):
         for name, _ in iter_quantized(tmp_path / "m.safetensors", ring_bytes=64 << 10):
             if name == "l5.weight":
                 raise KeyError(name)
+    assert _workers() == []     # joined when the exception left the loop, not at collection
 
 
 def test_nan_raises_naming_tensor_and_leaves_no_thread(tmp_path, no_thread_leak):
@@ -174,6 +180,7 @@ def test_nan_raises_naming_tensor_and_leaves_no_thread(tmp_path, no_thread_leak)
     save_file({"ok.weight": torch.randn(4, 4), "bad.weight": w}, tmp_path / "m.safetensors")
     with pytest.raises(mmapload.NonFiniteError, match="bad.weight"):
         stream_quantize(tmp_path / "m.safetensors")
+    assert _workers() == []
 
 
 def test_cuda_on_cpu_only_machine_is_a_clear_error(tmp_path):
@@ -204,6 +211,7 @@ def test_keyboard_interrupt_mid_stream_stops_reader(tmp_path, no_thread_leak):
         for name, _ in iter_quantized(tmp_path / "m.safetensors", ring_bytes=64 << 10):
             if name == "l3.weight":
                 raise KeyboardInterrupt
+    assert _workers() == []
 
 
 def _sparse_huge_checkpoint(path):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmapload import QuantizedTensor, stream_quantize
-from mmapload import device as device_mod
+from mmapload import transfer as device_mod
 from mmapload.fp8 import quantize
 
 from test_device import _EmulatedDmaMover

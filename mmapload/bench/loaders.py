@@ -128,7 +128,7 @@ def _measure(cfg: dict) -> int:
     import safetensors.torch  # noqa: F401 - every strategy's imports come before the baseline
     from .._procmem import read_mem
     from ..checkpoint import open_checkpoint
-    from ..device import resolve_device
+    from ..transfer import resolve_device
     from ..fp8 import quantize  # noqa: F401
     from ..config import LoadOptions
     from .sampler import MemorySampler, mark

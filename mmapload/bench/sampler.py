@@ -29,7 +29,7 @@ import numpy as np
 from .. import phases
 from .._math import ceil_div
 from .._procmem import read_mem
-from ..device import resolve_device
+from ..transfer import resolve_device
 from ..errors import OptionsError
 
 __all__ = ["Sample", "MemorySampler", "mark", "page_cache_bytes", "METRICS", "LABELS"]

@@ -1,19 +1,23 @@
 """Moving filled ring slots to the device, and what "device" may be.
 
-On the CPU the slot is where the quantizer runs: no copy, no-op events. With CUDA, a
-dedicated copy stream moves each slot into one of two device staging buffers; events gate
-both the staging buffers (copy k+1 waits until the quantizer is done with that buffer) and
-the ring slots (the reader refills a slot only after its copy event has completed).
+Both movers implement ``Mover``. On the CPU the slot is where the quantizer runs: no copy.
+With CUDA, a dedicated copy stream moves each slot into one of two device staging buffers;
+an event gates the staging buffers (copy k+1 waits until the quantizer is done with that
+buffer). A mover never gives a slot back: it tells the ring the fact (``lease.on_device(
+event)``: the batch's bytes are on the device once the event completes) and ring.py decides.
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import Protocol
+
 from .errors import DeviceError
 from .ring import Lease
 
-__all__ = ["parse_device", "resolve_device", "mover_class"]
+__all__ = ["parse_device", "resolve_device", "mover_class", "copies", "Mover"]
+
 
 def parse_device(device) -> torch.device:
     """``device`` as a ``torch.device`` of a kind mmapload loads to (cpu, cuda[:N]); it need
@@ -41,6 +45,30 @@ def resolve_device(device) -> torch.device:
     return torch.device("cuda", index)
 
 
+class Mover(Protocol):
+    """Moves filled slots to the device; made as ``Mover(device, stage_bytes, hold_bytes)``
+    (bytes: the largest batch, the hold buffer). Consumer thread only."""
+
+    copies: bool           # class attribute: pieces are copied off their slots
+    copy_seconds: float    # host->device copy time, summed at ``close``
+
+    def to_device(self, lease: Lease) -> torch.Tensor:
+        """The batch's bytes (uint8, >= ``lease.item.nbytes``) where the quantizer runs; a
+        copying mover tells ``lease.on_device(event)``."""
+        ...
+
+    def hold(self, x: torch.Tensor, elem_offset: int) -> torch.Tensor:
+        """``x`` (a piece of a shared scale group) readable until its group is complete;
+        ``elem_offset``: elements of x's dtype from the start of its group."""
+        ...
+
+    def done(self, lease: Lease) -> None:
+        """The quantizer has queued all its work on the batch's device bytes."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class _CpuMover:
     """On the CPU the slot is already where the quantizer runs: no copy, no events."""
 
@@ -53,14 +81,12 @@ class _CpuMover:
     def to_device(self, lease: Lease) -> torch.Tensor:
         return lease.data
 
-    def hold(self, x: torch.Tensor, elem_offset: int) -> tuple[torch.Tensor, bool]:
-        """Keep ``x`` (a piece of a shared scale group) readable until its group is complete:
-        on the CPU it stays in its slot (keep the lease)."""
-        return x, True
+    def hold(self, x: torch.Tensor, elem_offset: int) -> torch.Tensor:
+        """``x`` stays in its slot: the assembler tells the ring (``lease.holds``)."""
+        return x
 
     def done(self, lease: Lease) -> None:
-        if not lease.kept:
-            lease.release()
+        pass
 
     def close(self) -> None:
         pass
@@ -105,15 +131,15 @@ class _CudaMover:
             copied.record(self.copy)
         self._timed.append((started, copied))
         self.compute.wait_event(copied)
-        lease.release(copied)
+        lease.on_device(copied)
         return buf
 
-    def hold(self, x: torch.Tensor, elem_offset: int) -> tuple[torch.Tensor, bool]:
+    def hold(self, x: torch.Tensor, elem_offset: int) -> torch.Tensor:
         """Copy ``x`` out of the staging buffer to ``elem_offset`` (elements of x's dtype from the
-        start of its group; a group's pieces lie back to back); the slot can go back now."""
+        start of its group; a group's pieces lie back to back)."""
         dst = self.held.view(x.dtype)[elem_offset:elem_offset + x.numel()].view(x.shape)
         dst.copy_(x)
-        return dst, False
+        return dst
 
     def done(self, lease: Lease) -> None:
         ev = torch.cuda.Event()
@@ -127,8 +153,11 @@ class _CudaMover:
         self._timed, self.staging, self.held = [], [], None
 
 
-def mover_class(device: torch.device) -> type:
-    """The slot mover for ``device``: ``Mover(device, stage_bytes, hold_bytes)`` with
-    ``to_device(lease)``, ``hold(x, elem_offset)``, ``done(lease)``, ``close()`` and the
-    class attribute ``copies`` (True when pieces are copied off their slots)."""
+def mover_class(device: torch.device) -> type[Mover]:
+    """The ``Mover`` class for ``device`` (cpu or cuda; it need not exist here)."""
     return _CudaMover if device.type == "cuda" else _CpuMover
+
+
+def copies(device: torch.device) -> bool:
+    """Whether a load to ``device`` copies pieces off their slots (the one place that says)."""
+    return mover_class(device).copies

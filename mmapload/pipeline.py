@@ -1,0 +1,198 @@
+"""One load, run: a reader side and a consumer side around the ring (stream.py's engine).
+
+Two threads, each with the state it owns:
+- ``_ReaderSide`` (the reader thread, ring.py): the shards' readers, the copy pool, the
+  ``Filler`` and the peak memory it saw while reading;
+- ``_ConsumerSide`` (the thread iterating ``Pipeline.run``): the mover, the assembler, the
+  progress bar, its own peaks and timings.
+Neither writes the other's state; ``StageTimes`` has one field per writer. Both are made
+before the reader thread starts and read again only after it was joined, when their
+stats are merged into the ``LoadReport``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import phases, transfer
+from ._procmem import read_mem
+from ._progress import Progress
+from .assemble import Assembler, Loaded
+from .checkpoint import Checkpoint
+from .fill import Filler, Prepared
+from .config import LoadOptions
+from .plan import Batch, LoadPlan, plan_load
+from .policy import Policy
+from .readers import ShardReader, open_reader
+from .result import LoadReport
+from .ring import CopyPool, Lease, Ring, StageTimes, staged
+
+__all__ = ["Pipeline", "Peaks"]
+
+
+class Peaks:
+    """Peak memory one thread saw (bytes): RSS, its anonymous and file-backed parts. Each
+    thread samples its own instance; ``merge`` combines them after the threads joined."""
+
+    def __init__(self) -> None:
+        self.rss = self.anon = self.file = 0
+
+    def sample(self) -> None:
+        m = read_mem()
+        self.rss = max(self.rss, m.rss)
+        self.anon = max(self.anon, m.anon or 0)
+        self.file = max(self.file, m.file or 0)
+
+    def merge(self, other: "Peaks") -> "Peaks":
+        out = Peaks()
+        out.rss, out.anon, out.file = (max(self.rss, other.rss), max(self.anon, other.anon),
+                                       max(self.file, other.file))
+        return out
+
+
+class _ReaderSide:
+    """What the reader thread uses: opened by the consumer before the thread starts, closed
+    after it was joined."""
+
+    def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device):
+        self.ckpt, self.plan, self.opts, self.device = ckpt, plan, opts, device
+        self.shards: dict[Path, ShardReader] = {}
+        self.pool = CopyPool(1)
+        self.peaks = Peaks()
+        self.filler: Filler | None = None
+
+    def open(self) -> None:
+        for s in self.ckpt.shards:
+            self.shards[s.path] = open_reader(self.opts.io, s, drop_page_cache=self.opts.drop_page_cache,
+                                              max_read=self.opts.slot_bytes)
+        if not self.plan.batches:
+            return
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.pool = CopyPool(self.opts.read_threads_for(self.device, cpus))
+        self.filler = Filler(self.shards, self.plan, self.device, self.pool, self.peaks.sample)
+
+    def close(self) -> None:
+        """After the reader thread was joined: its copy threads, then the shards."""
+        self.pool.close()
+        for shard in self.shards.values():
+            shard.close()
+        self.shards.clear()
+
+
+class _ConsumerSide:
+    """What the consumer thread uses: moves each batch to the device and assembles it."""
+
+    def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device):
+        self.plan, self.opts, self.device = plan, opts, device
+        self.peaks = Peaks()
+        self.progress = Progress(ckpt.total_bytes, enabled=opts.progress)
+        self.mover: transfer.Mover | None = None
+        self.asm: Assembler | None = None
+        self.quantize_seconds = 0.0    # quantize + copies out of the slots
+        self.bytes_read = 0
+
+    def open(self) -> None:
+        self.mover = transfer.mover_class(self.device)(self.device, self.plan.stage_bytes,
+                                                       self.plan.hold_bytes)
+        self.asm = Assembler(self.opts, self.device, self.mover, self.plan)
+
+    def consume(self, lease: Lease[Batch, Prepared], data: torch.Tensor) -> Iterator[tuple[str, Loaded]]:
+        """Quantize / copy every piece of one batch; yield the tensors it completes."""
+        asm, prep = self.asm, lease.prepared
+        phases.mark("quantize")
+        t1 = time.perf_counter()
+        finished = []
+        for i, piece in enumerate(lease.item.pieces):
+            done = asm.add(lease, piece, data, prep.amax.get(i), prep.outputs.get(i))
+            if done is not None:
+                finished.append((piece.spec.name, done))
+            self.bytes_read += piece.nbytes
+            self.progress.update(piece.nbytes)
+        self.mover.done(lease)
+        lease.done()
+        asm.check()   # NaN / Inf anywhere in this batch: one sync per batch, not per piece
+        self.quantize_seconds += time.perf_counter() - t1
+        self.peaks.sample()
+        yield from finished
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.mover is not None:
+            self.mover.close()
+
+
+class Pipeline:
+    """One load of ``ckpt`` onto ``device``: the plan is made now (raising before any I/O),
+    ``run()`` reads and yields ``(name, tensor)`` in file order, then fills ``report``."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, opts: LoadOptions, policy: Policy):
+        self.ckpt, self.device, self.opts, self.policy = ckpt, device, opts, policy
+        self.plan = plan_load(ckpt, policy, opts, device)
+        self.report = LoadReport(path=str(ckpt.root), device=str(device), ring_bytes=opts.ring_bytes,
+                                 slot_bytes=opts.slot_bytes, policy=policy.source)
+        self.times = StageTimes()
+
+    def run(self) -> Iterator[tuple[str, Loaded]]:
+        plan, dev = self.plan, self.device
+        t0 = time.perf_counter()
+        phases.mark("open")
+        self.report.rss_before = read_mem().rss
+        reader = _ReaderSide(self.ckpt, plan, self.opts, dev)
+        consumer = _ConsumerSide(self.ckpt, plan, self.opts, dev)
+        consumer.peaks.sample()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ring = stages = None
+        try:
+            reader.open()
+            if not plan.batches:
+                return
+            self.report.read_threads = reader.pool.n
+            ring = Ring(plan.n_slots, plan.slot_bytes, pin=dev.type == "cuda")
+            self.report.pinned = ring.pinned
+            consumer.open()
+            phases.mark("read")
+            stages = staged(plan.batches, ring, reader.filler, self.times)
+            # A copying mover (CUDA) looks one batch ahead: batch k+1's copy is queued on the
+            # copy stream before batch k is quantized, so the two overlap. (On the CPU the
+            # look-ahead would only pin one more slot, which held matrices may need.)
+            pending = None
+            for lease in stages:
+                data = consumer.mover.to_device(lease)
+                if not plan.copies:
+                    yield from consumer.consume(lease, data)
+                    continue
+                if pending is not None:
+                    yield from consumer.consume(*pending)
+                pending = (lease, data)
+            if pending is not None:
+                yield from consumer.consume(*pending)
+        finally:
+            phases.mark("done")
+            if stages is not None:
+                stages.close()  # joins the reader thread, also on exceptions and early close
+            reader.close()
+            consumer.close()
+            del ring
+            self._report(reader, consumer, time.perf_counter() - t0)
+
+    def _report(self, reader: _ReaderSide, consumer: _ConsumerSide, seconds: float) -> None:
+        """Both sides' stats into the report (after the reader thread was joined)."""
+        r, asm = self.report, consumer.asm
+        r.bytes_read = consumer.bytes_read
+        if asm is not None:
+            r.tensors, r.quantized, r.retained_bytes = asm.tensors, asm.quantized, asm.retained_bytes
+        r.seconds = seconds
+        peaks = reader.peaks.merge(consumer.peaks)
+        r.peak_rss, r.peak_rss_anon, r.peak_rss_file = peaks.rss, peaks.anon, peaks.file
+        if self.device.type == "cuda":
+            r.device_peak = torch.cuda.max_memory_allocated(self.device)
+        r.stage_seconds = {"read": self.times.fill, "reader_wait": self.times.wait_free,
+                           "consumer_wait": self.times.wait_ready, "quantize": consumer.quantize_seconds}
+        if consumer.mover is not None and consumer.mover.copies:   # host->device time on the copy stream
+            r.stage_seconds["copy"] = consumer.mover.copy_seconds
