@@ -13,7 +13,7 @@ import safetensors.torch as st_torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mmapload.checkpoint as ckmod
+import mmapload.header as ckmod   # read_header lives there (checkpoint re-exports it)
 from mmapload.checkpoint import (
     MAX_HEADER_BYTES,
     Checkpoint,

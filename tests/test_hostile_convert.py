@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmapload import MmapLoadWarning, ShardIndexError, convert, stream_quantize
+from mmapload import HeaderError, MmapLoadWarning, ShardIndexError, convert, stream_quantize
 from mmapload import cli, checkpoint, outdir
 from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint
@@ -197,7 +197,7 @@ def _verdicts(path: Path):
         theirs = None
     try:
         ours = sorted(s.name for s in checkpoint.read_header(path).tensors)
-    except checkpoint.HeaderError:
+    except HeaderError:
         ours = None
     return ours, theirs
 
@@ -234,6 +234,6 @@ def test_lone_surrogate_names_are_refused_before_convert_writes(tmp_path, no_thr
     d = tmp_path / "src"
     d.mkdir()
     _raw_shard(d / "model.safetensors", '{"x\\ud800.weight":{%s}}' % _ENTRY)
-    with pytest.raises(checkpoint.HeaderError, match="surrogate"):
+    with pytest.raises(HeaderError, match="surrogate"):
         convert(d, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

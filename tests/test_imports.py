@@ -9,7 +9,8 @@ ORDER = [
     {"errors", "_procmem", "_progress", "phases", "_math"},   # leaf utilities; phase marks
     {"_files"},                                   # opening shard files (regular, identity)
     {"dtypes"},                                   # every safetensors dtype: bits, torch dtype
-    {"checkpoint"},                               # index: shards and headers
+    {"header"},                                   # one file's header: parsed, validated -> Shard
+    {"checkpoint"},                               # a checkpoint's files (folder, index) -> Checkpoint
     {"readers.base"},                             # the reader interface every io mode implements
     {"readers.mapped", "readers.pread"},          # io="mmap" / io="pread"
     {"readers.direct"},                           # io="direct" (pread with a bounce buffer)
