@@ -1,5 +1,6 @@
 """Tensor parallelism as arithmetic: the part of each tensor rank ``tp_rank`` of ``tp_size`` holds,
-and the file bytes it reads. Pure: no I/O, no torch.distributed (the load wires it in later).
+as index ranges (tp_ranges.py turns them into file bytes and scale-grid slices). Pure: no I/O, no
+torch.distributed (the load wires it in later).
 
 vLLM's layout (``vllm/model_executor/layers/linear.py``, ``fused_moe/layer.py``); a weight is
 ``[out, in]``, a fused expert stack ``[experts, out, in]``:
@@ -9,7 +10,7 @@ vLLM's layout (``vllm/model_executor/layers/linear.py``, ``fused_moe/layer.py``)
 - row-parallel (``RowParallelLinear``): ``o_proj down_proj``, ``w2`` under ``experts``: the input
   features (dim -1); their bias is replicated (added once, after the all-reduce);
 - all else replicated: norms, routers, GPT-2's ``Conv1D`` (``c_attn c_proj c_fc``, ``[in, out]``),
-  every attribute but ``weight`` / ``bias`` (weight scales: :func:`scale_slice` of the weight's).
+  every attribute but ``weight`` / ``bias`` (weight scales: ``tp_ranges.scale_slice`` of the weight's).
 Fused tensors split per logical part, parts in order (``MergedColumnParallelLinear.weight_loader``:
 rank r holds the r-th ``output_size // tp_size`` of each; ``gate_up_proj``: halves).
 ``QKVParallelLinear`` splits q, k, v by heads (``num_heads % tp_size == 0``); with ``tp_size >=
@@ -21,18 +22,15 @@ num_kv_heads`` a kv head is shared by ``num_kv_head_replicas = tp_size // num_kv
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
-import torch
 
-from ._math import ceil_div
 from .errors import OptionsError, TPError
 
-__all__ = ["COLUMN", "ROW", "REPLICATE", "TPPlan", "tp_plan", "Heads", "Sharding", "Slice",
-           "Strided", "sharding_of", "shard_of", "byte_ranges", "strided_ranges", "scale_slice", "take"]
+__all__ = ["COLUMN", "ROW", "REPLICATE", "TPPlan", "tp_plan", "Heads", "Sharding", "Slice", "sharding_of",
+           "shard_of", "where", "block_of", "cut"]
 
 COLUMN, ROW, REPLICATE = "column", "row", "replicate"
 _COLUMN = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
@@ -122,7 +120,6 @@ class Slice:
 
 
 # ``count`` runs of ``length`` bytes from file offset ``first_lo``, ``stride`` bytes apart
-Strided = NamedTuple("Strided", [("first_lo", int), ("length", int), ("stride", int), ("count", int)])
 
 
 def _role(name: str) -> tuple[str | None, str, bool]:
@@ -144,7 +141,8 @@ def _default_style(leaf, experts: bool) -> str:
     return ROW if leaf in _ROW or (experts and leaf == "w2") else REPLICATE
 
 
-def _where(name, shape, dim=None) -> str:
+def where(name, shape, dim=None) -> str:
+    """How messages name a tensor (and its dim): tp_ranges shares it."""
     return f"tensor {name!r} (shape {list(shape)}{'' if dim is None else f', dim {dim}'})"
 
 
@@ -167,10 +165,10 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
     if fused is not None:
         parts = tuple(_int(p) for p in fused)
         if not parts or any(p is None or p <= 0 for p in parts):
-            raise OptionsError(f"fused must be positive part sizes, got {fused!r} for {_where(name, shape)}")
+            raise OptionsError(f"fused must be positive part sizes, got {fused!r} for {where(name, shape)}")
     elif style == COLUMN and leaf == "qkv_proj":
         if heads is None:
-            raise TPError(f"{_where(name, shape, dim)} is a fused qkv_proj: pass heads=Heads(num_heads, "
+            raise TPError(f"{where(name, shape, dim)} is a fused qkv_proj: pass heads=Heads(num_heads, "
                           f"num_kv_heads, head_dim) or fused=(q, k, v) sizes to split it per part")
         parts = (heads.num_heads * heads.head_dim, heads.num_kv_heads * heads.head_dim,
                  heads.num_kv_heads * (heads.v_head_dim or heads.head_dim))
@@ -178,20 +176,20 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
     elif style == COLUMN and leaf == "gate_up_proj":
         parts = (size // 2, size - size // 2)
         if size % 2:
-            raise TPError(f"{_where(name, shape, dim)}: a fused gate_up_proj of odd size; pass fused=(gate, up)")
+            raise TPError(f"{where(name, shape, dim)}: a fused gate_up_proj of odd size; pass fused=(gate, up)")
     elif style == COLUMN and heads is not None and leaf in ("q_proj", "k_proj", "v_proj"):
         n = heads.num_heads if leaf == "q_proj" else heads.num_kv_heads
         parts, hs, kv = (size,), (n,), (leaf != "q_proj",)
         if size % n:
-            raise TPError(f"{_where(name, shape, dim)} does not hold {n} heads of equal size; check heads={heads}")
+            raise TPError(f"{where(name, shape, dim)} does not hold {n} heads of equal size; check heads={heads}")
     else:
         parts = (size,)
     if sum(parts) != size:
-        raise TPError(f"{_where(name, shape, dim)}: parts {list(parts)} add up to {sum(parts)}; fix fused= / heads=")
+        raise TPError(f"{where(name, shape, dim)}: parts {list(parts)} add up to {sum(parts)}; fix fused= / heads=")
     return Sharding(dim, parts, hs, kv)
 
 
-def _block_of(block, name) -> tuple[int, int] | None:
+def block_of(block, name) -> tuple[int, int] | None:
     if block is None:
         return None
     b = tuple(_int(v) for v in block) if isinstance(block, (tuple, list)) else ()
@@ -211,7 +209,7 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
         raise OptionsError(f"tp_size must be an int >= 1, got {tp_size!r} (loading tensor {name!r})")
     if _int(tp_rank) is None or not 0 <= tp_rank < tp_size:
         raise OptionsError(f"tp_rank must be an int in [0, {tp_size}), got {tp_rank!r} (loading tensor {name!r})")
-    shape, block = tuple(int(d) for d in shape), _block_of(block, name)
+    shape, block = tuple(int(d) for d in shape), block_of(block, name)
     sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads)
     if sh.dim is None:
         return Slice(name, shape, None, (), shape)
@@ -233,97 +231,18 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
         b = block[0] if sh.dim == len(shape) - 2 else block[1]
         for lo, hi in ranges:
             if lo % b or (hi % b and hi != shape[sh.dim]):
-                raise TPError(f"{_where(name, shape, sh.dim)}: rank {tp_rank} of tp_size={tp_size} holds [{lo}, {hi}), off the "
+                raise TPError(f"{where(name, shape, sh.dim)}: rank {tp_rank} of tp_size={tp_size} holds [{lo}, {hi}), off the "
                               f"{block[0]}x{block[1]} block grid; use granularity='channel', or a tp_size "
                               f"whose shards are whole blocks, or replicate it")
-    return _cut(name, shape, sh.dim, tuple(ranges))
+    return cut(name, shape, sh.dim, tuple(ranges))
 
 
 def _indivisible(name, shape, sh: Sharding, i, tp_size, why):
     n, unit = (sh.heads[i], "heads") if sh.heads else (sh.parts[i], "rows/cols")
     what = f"part {i} of {list(sh.parts)} ({n} {unit})" if len(sh.parts) > 1 else f"its {n} {unit}"
-    raise TPError(f"{_where(name, shape, sh.dim)}: {what}; tp_size={tp_size} {why}; use another tp_size, or "
+    raise TPError(f"{where(name, shape, sh.dim)}: {what}; tp_size={tp_size} {why}; use another tp_size, or "
                   f"replicate it (tp_plan={{{name.rpartition('.')[0]!r}: 'replicate'}})")
 
 
-def _cut(name, shape, dim, ranges) -> Slice:
+def cut(name, shape, dim, ranges) -> Slice:
     return Slice(name, shape, dim, ranges, shape[:dim] + (sum(hi - lo for lo, hi in ranges),) + shape[dim + 1:])
-
-
-def _layout(shape, itemsize, sl: Slice):
-    """(outer count, bytes per index along sl.dim, bytes per outer step, ranges) of a C-order
-    tensor; a replicated slice is one run of the whole tensor."""
-    if tuple(shape) != sl.full_shape:
-        raise TPError(f"{_where(sl.name, shape)}: the slice was cut from shape {list(sl.full_shape)}")
-    if (_int(itemsize) or 0) < 1:
-        raise OptionsError(f"itemsize must be a positive int of bytes, got {itemsize!r} ({sl.name!r})")
-    if sl.dim is None:
-        whole = math.prod(sl.full_shape) * itemsize
-        return 1, whole, whole, ((0, 1),)
-    inner = math.prod(shape[sl.dim + 1:]) * itemsize
-    return math.prod(shape[:sl.dim]), inner, shape[sl.dim] * inner, sl.ranges
-
-
-def strided_ranges(spec_start: int, shape, itemsize: int, sl: Slice) -> list[Strided]:
-    """The file bytes of ``sl`` as one :class:`Strided` per logical part (``spec_start``: the
-    tensor's first byte): ``count == 1`` for a column slice of a matrix, a run per row for a row
-    slice. The rank's tensor is, for k in range(count), run k of every part in part order."""
-    outer, inner, stride, ranges = _layout(shape, itemsize, sl)
-    return [Strided(spec_start + lo * inner, (hi - lo) * inner, stride, outer) for lo, hi in ranges]
-
-
-def byte_ranges(spec_start: int, shape, itemsize: int, sl: Slice) -> list[tuple[int, int]]:
-    """File byte ranges ``[lo, hi)`` rank ``sl`` reads, in the order its tensor lays them out
-    (adjacent ranges merged): one per part for a column slice, one per row for a row slice.
-    ``itemsize`` in bytes (sub-byte dtypes such as F4 are not sharded)."""
-    outer, inner, stride, ranges = _layout(shape, itemsize, sl)
-    out: list[tuple[int, int]] = []
-    for o in range(outer):
-        base = spec_start + o * stride
-        for lo, hi in ranges:
-            a, b = base + lo * inner, base + hi * inner
-            if out and out[-1][1] == a:
-                out[-1] = (out[-1][0], b)
-            elif b > a:
-                out.append((a, b))
-    return out
-
-
-def scale_slice(sl: Slice, scale_shape, *, block=None) -> Slice:
-    """The rank's part of the TP=1 scale grid of the weight ``sl`` was cut from: per-tensor
-    (``[]``, ``[1]``, ``[E, 1, 1]``) and a per-channel ``[out, 1]`` under a row split are
-    replicated; a per-channel scale follows a column split row for row; a block grid
-    ``[ceil(out/br), ceil(in/bc)]`` (``block=(br, bc)``) is cut at ``lo // b`` .. ``ceil(hi / b)``.
-    TPError when the scale does not fit the weight or a boundary is off the block grid."""
-    scale_shape, block = tuple(int(d) for d in scale_shape), _block_of(block, sl.name)
-    replicated = Slice(sl.name, scale_shape, None, (), scale_shape)
-    if sl.dim is None or math.prod(scale_shape) == 1:
-        return replicated
-    d, n = sl.dim, sl.full_shape[sl.dim]
-    if len(scale_shape) != len(sl.full_shape):
-        raise TPError(f"{_where(sl.name, sl.full_shape)}: a scale of shape {list(scale_shape)} is no grid of it")
-    g = scale_shape[d]
-    if g == 1:
-        return replicated
-    if g == n:
-        ranges = sl.ranges
-    else:
-        b = None if block is None else block[0] if d == len(scale_shape) - 2 else block[1]
-        if b is None or g != ceil_div(n, b):
-            raise TPError(f"{_where(sl.name, sl.full_shape, d)}: scale of shape {list(scale_shape)} is no "
-                          f"per-channel or {block} block grid of it; pass the block=(br, bc) it was made with")
-        if any(lo % b or (hi % b and hi != n) for lo, hi in sl.ranges):
-            raise TPError(f"{_where(sl.name, sl.full_shape, d)}: ranges {list(sl.ranges)} are off the "
-                          f"{b}-wide block grid; cut the weight with shard_of(..., block={block})")
-        ranges = tuple((lo // b, ceil_div(hi, b)) for lo, hi in sl.ranges)
-    return _cut(sl.name, scale_shape, d, ranges)
-
-
-def take(t: torch.Tensor, sl: Slice) -> torch.Tensor:
-    """``sl`` applied to the full tensor ``t`` (a weight or its scale grid): the rank's tensor,
-    its parts concatenated along ``sl.dim`` (``t`` itself when replicated)."""
-    if tuple(t.shape) != sl.full_shape:
-        raise TPError(f"{_where(sl.name, tuple(t.shape))}: the slice was cut from shape {list(sl.full_shape)}")
-    if sl.dim is None:
-        return t
-    return torch.cat([t.narrow(sl.dim, lo, hi - lo) for lo, hi in sl.ranges], dim=sl.dim)

@@ -23,6 +23,7 @@ ORDER = [
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
     {"config", "policy", "tp"},                   # the load config; which tensors become FP8; TP slices
     {"plan"},                                     # how to cut them; the load plan
+    {"tp_ranges"},                                # a TP slice's file bytes and scale-grid slice
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes
     {"prequantized"},                             # FP8 checkpoints: weights joined with scales

@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from mmapload import fp8
 from mmapload.errors import OptionsError, TPError
-from mmapload.tp import (Heads, Sharding, byte_ranges, scale_slice, shard_of, sharding_of,
-                         strided_ranges, take, tp_plan)
+from mmapload.tp import Heads, Sharding, shard_of, sharding_of, tp_plan
+from mmapload.tp_ranges import byte_ranges, scale_slice, strided_ranges, take
 
 HIDDEN, HEADS, HEAD_DIM, INTER, VOCAB, EXPERTS = 64, 8, 8, 128, 256, 4
 TP_SIZES = (1, 2, 4, 8)
