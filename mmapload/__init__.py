@@ -4,8 +4,8 @@
     model = stream_quantize("path/to/checkpoint", "cuda:0", granularity="block")
 """
 
-from .errors import (CheckpointError, DeviceError, FileChangedError, HeaderError, MmapLoadError,
-                     MmapLoadWarning, NonFiniteError, OptionsError, ShardIndexError)
+from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, FileChangedError, HeaderError,
+                     MmapLoadError, MmapLoadWarning, NonFiniteError, OptionsError, ShardIndexError)
 from .policy import QuantizedSourceError
 from .fp8 import Granularity, PerBlock, PerChannel, PerTensor, Scheme
 from .config import LoadConfig, LoadOptions
@@ -17,7 +17,7 @@ __all__ = [
     "stream_quantize", "iter_quantized", "convert",
     "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadConfig", "LoadOptions",
     "Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock",
-    "MmapLoadError", "CheckpointError", "HeaderError", "ShardIndexError", "OptionsError",
+    "MmapLoadError", "CheckpointError", "CheckpointNotFoundError", "HeaderError", "ShardIndexError", "OptionsError",
     "NonFiniteError", "DeviceError", "FileChangedError", "QuantizedSourceError", "MmapLoadWarning",
 ]
 __version__ = "0.1.0"

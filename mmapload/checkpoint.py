@@ -5,6 +5,7 @@ read: tensor data is never touched); this module finds the files and checks an i
 
 Layouts accepted by :func:`open_checkpoint`:
 * a single file, whatever its suffix (a file not named ``*.safetensors`` is accepted if it parses);
+* an index file (``*.index.json``, e.g. ``model.safetensors.index.json``): as its folder with that index;
 * a folder holding ``model.safetensors.index.json``: the shards are the distinct files its
   ``weight_map`` names, loaded in file-name order; the map must agree exactly with the shards, and
   ``*.safetensors`` files it does not name are ignored;
@@ -19,7 +20,8 @@ and ``Shard.ident`` its (device, inode, size, mtime) when validated, which the r
 
 Problems raise ``HeaderError``, ``ShardIndexError`` or ``CheckpointError`` naming the file, the tensor
 and the byte offsets; ``OSError`` from the file system propagates as is (a missing file:
-``FileNotFoundError``), except a symlink loop or a name too long, which are ``CheckpointError``.
+``FileNotFoundError``), except a missing checkpoint path (``CheckpointNotFoundError``, also a
+``FileNotFoundError``), a symlink loop or a name too long, which are ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from mmapload._files import real_path, stat_shard
-from mmapload.errors import CheckpointError, ShardIndexError
+from mmapload.errors import CheckpointError, CheckpointNotFoundError, ShardIndexError
 from mmapload.header import MAX_HEADER_BYTES, Shard, TensorSpec, read_header
 
 # dtype names, bits and torch dtypes: mmapload.dtypes (the one table), not re-exported here
@@ -148,7 +150,12 @@ def _indexed(root: pathlib.Path, index: pathlib.Path) -> Checkpoint:
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Discover and validate every shard of ``path`` (a file or a folder); see the module docstring."""
     given = pathlib.Path(os.path.abspath(path))
+    if not os.path.lexists(given):
+        raise CheckpointNotFoundError(f"{given}: no such file or folder; pass a safetensors file, a folder of "
+                                      "shards or its model.safetensors.index.json")
     root = real_path(given)
+    if not root.is_dir() and given.name.endswith(".index.json") and root.is_file():
+        return _indexed(root.parent, root)   # the index file itself: its folder's shards
     if not root.is_dir():  # a missing path raises FileNotFoundError from os.stat
         return Checkpoint(root, (read_header(given),))
     if (root / INDEX_NAME).is_file():

@@ -11,6 +11,7 @@ __all__ = [
     "MmapLoadError",
     "TPError",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "HeaderError",
     "ShardIndexError",
     "OptionsError",
@@ -27,6 +28,11 @@ class MmapLoadError(ValueError):
 
 class CheckpointError(MmapLoadError):
     """The path is not a checkpoint mmapload understands (no shards, wrong suffix)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist: an MmapLoadError, and a FileNotFoundError for code
+    that catches that."""
 
 
 class HeaderError(MmapLoadError):

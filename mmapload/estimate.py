@@ -260,7 +260,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
             else:
                 grid_elems = max(grid_elems, rows)
     stage, hold = plan.stage_bytes, plan.hold_bytes
-    slot, ring = opts.slot_bytes, opts.n_slots * opts.slot_bytes
+    slot, ring = plan.slot_bytes, plan.n_slots * plan.slot_bytes   # the ring the load allocates
     grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
     fp8_bytes = sum(s.numel for s in qspecs)
     scale_bytes = 4 * sum(scale_elems.values())

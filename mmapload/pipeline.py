@@ -26,6 +26,7 @@ from .assemble import Assembler, Loaded
 from .checkpoint import Checkpoint
 from .fill import Filler, Prepared
 from .config import LoadOptions
+from .errors import OptionsError
 from .plan import Batch, LoadPlan, plan_load
 from .policy import Policy
 from .readers import ShardReader, open_reader
@@ -153,7 +154,12 @@ class Pipeline:
             if not plan.batches:
                 return
             self.report.read_threads = reader.pool.n
-            ring = Ring(plan.n_slots, plan.slot_bytes, pin=dev.type == "cuda")
+            try:
+                ring = Ring(plan.n_slots, plan.slot_bytes, pin=dev.type == "cuda")
+            except RuntimeError as e:   # torch could not allocate it (host memory, or pinned memory)
+                raise OptionsError(f"ring_bytes={self.opts.ring_bytes}: could not allocate the ring of "
+                                   f"{plan.n_slots} x {plan.slot_bytes} bytes ({e}); pass a smaller "
+                                   "ring_bytes") from None
             self.report.pinned = ring.pinned
             consumer.open()
             phases.mark("read")

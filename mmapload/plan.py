@@ -268,9 +268,13 @@ def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: 
                                  config.block_size))
     copying = transfer.copies(device)
     groups = {g: tuple(ps) for g, ps in scale_groups(batches).items()}
-    prepass, hold_bytes = split_groups(batches, config.n_slots, copying)
+    # No more slots than the load can use (every batch in flight, plus one): a ring_bytes far above
+    # the checkpoint allocates only what it needs. Held / pre-passed stays the same: a group spans
+    # at most len(batches) batches, fewer than either slot count.
+    n_slots = min(config.n_slots, max(2, len(batches) + 1))
+    prepass, hold_bytes = split_groups(batches, n_slots, copying)
     return LoadPlan(
         batches=batches, groups=MappingProxyType(groups), held=frozenset(groups.keys() - prepass),
         prepass=frozenset(prepass), hold_bytes=hold_bytes, copies=copying, into_outputs=not copying,
-        stage_bytes=max((b.nbytes for b in batches), default=0), n_slots=config.n_slots,
+        stage_bytes=max((b.nbytes for b in batches), default=0), n_slots=n_slots,
         slot_bytes=config.slot_bytes)

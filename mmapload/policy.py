@@ -277,7 +277,11 @@ def policy_for(ckpt: Checkpoint, opts, module: torch.nn.Module | None = None) ->
 
 
 def _warn_unmatched(policy: Policy, ckpt: Checkpoint) -> Policy:
-    """A ``targets`` / ``ignore`` pattern that matches no tensor is most likely a typo: say so."""
+    """A ``skip`` / ``targets`` / ``ignore`` pattern that matches nothing is most likely a typo: say so."""
+    for p in policy._skip:   # tensor-name patterns: any tensor counts
+        if not any(_skip_matches(s.name, p) for s in ckpt.tensors):
+            warnings.warn(f"{ckpt.root}: skip pattern {p!r} matches no tensor name of the checkpoint (a glob, "
+                          "or a substring of the name)", MmapLoadWarning, stacklevel=4)
     patterns = [("targets", p) for p in policy._targets or ()] + [("ignore", p) for p in policy._ignore]
     if patterns:
         seen = [(s, policy.decide(s).kind) for s in ckpt.tensors if s.dtype in FLOAT_DTYPES and len(s.shape) >= 2]

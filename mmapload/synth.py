@@ -39,10 +39,15 @@ def llama_layout(target_bytes: int, itemsize: int = 2) -> tuple[dict, list[tuple
     for i in range(layers):
         names += _layer(i, h, inter, kv)
     names += [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+    # 128-wide heads from h = 512 up; below, one kv head of h // 4 (k_proj / v_proj are [h // 4, h]),
+    # so the config describes the shapes written (a wrong one is warned about and not trusted)
+    head_dim = 128 if h >= 512 else kv
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
               "intermediate_size": inter, "num_hidden_layers": layers, "vocab_size": vocab,
-              "num_attention_heads": max(1, h // 128), "num_key_value_heads": max(1, kv // 128),
+              "num_attention_heads": h // head_dim, "num_key_value_heads": kv // head_dim,
               "torch_dtype": "bfloat16"}
+    if head_dim != 128:
+        config["head_dim"] = head_dim
     return config, names
 
 

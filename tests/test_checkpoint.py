@@ -665,3 +665,29 @@ def test_file_shrinking_during_header_read(tmp_path, monkeypatch):
     monkeypatch.setattr(ckmod, "open", lambda *a, **k: ShortRead(real_open(*a, **k)), raising=False)
     with raises(FileChangedError, path, f"[8, {8 + header_len})", f"got {header_len // 2} bytes"):
         read_header(path)
+
+
+def test_the_index_file_itself_opens_its_folder(tmp_path):
+    """A path to ``model.safetensors.index.json`` (what the verbs' docstrings call a sharded
+    index) opens the same checkpoint as its folder; any other JSON file is still no safetensors."""
+    import json
+    from safetensors.torch import save_file
+    save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(3)}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    by_index = open_checkpoint(tmp_path / "model.safetensors.index.json")
+    by_folder = open_checkpoint(tmp_path)
+    assert by_index.root == by_folder.root == tmp_path.resolve()
+    assert [s.name for s in by_index.tensors] == [s.name for s in by_folder.tensors] == ["a", "b"]
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(HeaderError, match="not a safetensors file"):
+        open_checkpoint(tmp_path / "config.json")
+
+
+def test_a_missing_checkpoint_is_typed_and_still_a_file_not_found(tmp_path):
+    from mmapload import CheckpointNotFoundError, MmapLoadError, stream_quantize
+    with pytest.raises(CheckpointNotFoundError, match="no such file or folder") as e:
+        stream_quantize(tmp_path / "nope")
+    assert isinstance(e.value, MmapLoadError) and isinstance(e.value, FileNotFoundError)
+    assert str(tmp_path / "nope") in str(e.value)

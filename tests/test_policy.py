@@ -261,3 +261,26 @@ def test_more_sources_of_other_methods_are_refused(tmp_path, extra, cfg, name):
     src = _llama_like(tmp_path / "m", {"model_type": "llama"} | ({"quantization_config": cfg} if cfg else {}), extra)
     with pytest.raises(QuantizedSourceError, match=name):
         convert(src, tmp_path / "out", policy="names")
+
+
+@pytest.mark.parametrize("size", [1 << 20, 32 << 20])
+def test_generated_checkpoints_match_their_config(tmp_path, size):
+    """synth.py's config.json describes the shapes it writes at every size (a 32 MiB demo's
+    k_proj once disagreed with its head count, so the policy warned and fell back to names)."""
+    import warnings
+    from mmapload.synth import make_llama_checkpoint
+    ckpt = make_llama_checkpoint(tmp_path, size, shards=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmapload.MmapLoadWarning)
+        model = stream_quantize(ckpt, "cpu")
+    assert model.report.policy == "LlamaForCausalLM"
+
+
+def test_a_skip_pattern_that_matches_nothing_is_said(tmp_path):
+    path = _llama_like(tmp_path / "m")
+    with pytest.warns(mmapload.MmapLoadWarning, match="skip pattern 'q_porj' matches no tensor"):
+        stream_quantize(path, skip=["q_porj"], policy="names")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmapload.MmapLoadWarning)
+        stream_quantize(path, skip=["q_proj"], policy="names")   # matches: no warning

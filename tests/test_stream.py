@@ -258,3 +258,19 @@ def test_out_of_memory_for_a_tensor_kept_as_it_is_is_the_same_clear_error(tmp_pa
     with pytest.raises(mmapload.DeviceError, match=r"out of memory.*huge\.weight.*needs 274,877,906,944 bytes") as ei:
         stream_quantize(path, skip=["huge.weight"], ring_bytes=64 << 20, keep_partial=True)
     assert list(ei.value.partial) == ["small.weight"]
+
+
+def test_a_ring_far_bigger_than_the_checkpoint_allocates_what_the_load_uses(tmp_path, no_thread_leak):
+    """ring_bytes=1 PiB on a 32 KiB checkpoint: the plan caps the slots at the batches + 1 (a
+    raw torch allocation error before), the load and the estimate agree on the ring, and the
+    values are the same as with the default ring."""
+    from mmapload.estimate import estimate
+    tensors = {f"l{i}.weight": torch.randn(32, 64) for i in range(4)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    big = stream_quantize(tmp_path / "m.safetensors", ring_bytes=1 << 50)
+    ref = stream_quantize(tmp_path / "m.safetensors")
+    for name in tensors:
+        assert torch.equal(big[name].data.view(torch.uint8), ref[name].data.view(torch.uint8))
+        assert torch.equal(big[name].scale, ref[name].scale)
+    est = estimate(tmp_path / "m.safetensors", "cpu", ring_bytes=1 << 50)
+    assert est.ring_bytes <= 2 * (16 << 20) < (1 << 50)
