@@ -115,13 +115,15 @@ def test_format_errors_before_anything_is_written(small, tmp_path, fmt, opts, ma
 
 
 # sha256[:16] of every file convert wrote for `small` (and its first shard as a single file),
-# computed with the code before issue 14's part C (490d8a0): refactors must not move a byte
+# computed with the code before issue 14's part C (490d8a0): refactors must not move a byte. The
+# config.json hashes were renewed once, when synth.py's source config.json got its right head count
+# (num_attention_heads / num_key_value_heads / head_dim); the tensors' bytes did not move.
 WRITTEN = {
     ("compressed-tensors", "channel", "folder"): {
-        "config.json": "7e5fb3d292ae6f30", "model-00001-of-00002.safetensors": "ec83cdac7095fec8",
+        "config.json": "d705c7e8975fcfc2", "model-00001-of-00002.safetensors": "ec83cdac7095fec8",
         "model-00002-of-00002.safetensors": "2c04615471a2eabc", INDEX_NAME: "35e65da61b0536d3"},
     ("fp8", "block", "folder"): {
-        "config.json": "868b1c8ad9d682e7", "model-00001-of-00002.safetensors": "2b0ca0709eeb2bac",
+        "config.json": "8174a6f3ac24d86a", "model-00001-of-00002.safetensors": "2b0ca0709eeb2bac",
         "model-00002-of-00002.safetensors": "af4f17278678d526", INDEX_NAME: "b61c00b6f6ec4c88"},
     ("compressed-tensors", "tensor", "file"): {
         "model.safetensors": "c0c5d7c6bed2b155", INDEX_NAME: "8943058f30a95add"},
