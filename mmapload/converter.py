@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from .checkpoint import INDEX_NAME, open_checkpoint
 from .dtypes import FP8, torch_dtype_of, torch_shape
-from .errors import CheckpointError, FileChangedError, MmapLoadWarning, OptionsError
+from .errors import CheckpointError, FileChangedError, OptionsError, warn
 from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
     quantization_config, scale_suffix, shard_metadata, single_file
 from .fp8 import Granularity
@@ -168,15 +167,15 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     layout = output_layout(ckpt, opts, format, policy)
     kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
     if kept:
-        warnings.warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
+        warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
                       f"precision, because no FP8 checkpoint format describes them; e.g. {kept[0][0]!r}: "
-                      f"{kept[0][1]}", MmapLoadWarning, stacklevel=2)
+                      f"{kept[0][1]}")
     experts = [s.name for s in ckpt.tensors if _PER_EXPERT.search(s.name) and policy(s)]
     if experts and opts.granularity is Granularity.BLOCK and format == "compressed-tensors":
-        warnings.warn(f"{ckpt.root}: {len(experts)} per-expert MoE weights (e.g. {experts[0]!r}) are written with "
+        warn(f"{ckpt.root}: {len(experts)} per-expert MoE weights (e.g. {experts[0]!r}) are written with "
                       "block scales: vLLM's FusedMoE reads them, transformers 5 cannot (it fuses the experts "
                       "and multiplies q * scale without expanding the block grid); for transformers, convert "
-                      "with granularity='channel' or 'tensor'", MmapLoadWarning, stacklevel=2)
+                      "with granularity='channel' or 'tensor'")
     stream = results(pipe)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(dst)   # left by killed processes (ours too, if a dead one had our pid)

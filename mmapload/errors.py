@@ -7,6 +7,9 @@ involved, and say what to do about it where there is something to do.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = [
     "MmapLoadError",
     "TPError",
@@ -67,6 +70,15 @@ class FileChangedError(MmapLoadError):
 
 class MmapLoadWarning(UserWarning):
     """Something was done differently from what was asked, for a reason the message gives."""
+
+
+def warn(message: str) -> None:
+    """An ``MmapLoadWarning`` attributed to the first frame outside mmapload: the user's line that
+    called the verb (fixed stack levels break whenever a wrapper or a helper is added between)."""
+    frame, level = sys._getframe(1), 2   # stacklevel 2: warn's caller
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("mmapload"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, MmapLoadWarning, stacklevel=level)
 
 
 class TPError(MmapLoadError):

@@ -12,11 +12,10 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 from .checkpoint import INDEX_NAME
-from .errors import CheckpointError, MmapLoadWarning
+from .errors import CheckpointError, warn
 
 __all__ = ["PARTIAL_MARK", "OLD_MARK", "work_name", "remove_stale_partials", "copy_extras", "fsync_path",
            "swap_in"]
@@ -96,9 +95,8 @@ def copy_extras(root: Path, out: Path, qconfig: dict, config: dict | None = None
                 or not p.is_file()):
             continue
         if p.is_symlink() and not _inside(root, p):
-            warnings.warn(f"{p}: not copied: it is a symlink to {p.resolve()}, outside the source folder "
-                          f"{root}; copy the file into the output yourself if it belongs there",
-                          MmapLoadWarning, stacklevel=3)
+            warn(f"{p}: not copied: it is a symlink to {p.resolve()}, outside the source folder "
+                          f"{root}; copy the file into the output yourself if it belongs there")
             continue
         if p.name == "config.json":
             try:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,7 +34,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import WIDE_FLOATS
-from .errors import MmapLoadWarning, OptionsError
+from .errors import OptionsError, warn
 from .foreign import QuantizedSourceError, read_config, refuse_other_methods
 from .skeleton import Skeleton, describe, from_config
 
@@ -269,7 +268,7 @@ def policy_for(ckpt: Checkpoint, opts, module: torch.nn.Module | None = None) ->
     if skeleton is not None and (why := _mismatch(ckpt, skeleton)):
         skeleton, source = None, f"name rule (config.json's {skeleton.source} {why})"
         if opts.policy == "auto":
-            warnings.warn(f"{ckpt.root}: {source}", MmapLoadWarning, stacklevel=3)
+            warn(f"{ckpt.root}: {source}")
     if skeleton is None and opts.policy == "model":
         raise OptionsError(f"{ckpt.root}: policy='model' needs a model to judge tensors by, but: "
                            f"{source}; pass policy='auto' to fall back to the name rule")
@@ -280,16 +279,16 @@ def _warn_unmatched(policy: Policy, ckpt: Checkpoint) -> Policy:
     """A ``skip`` / ``targets`` / ``ignore`` pattern that matches nothing is most likely a typo: say so."""
     for p in policy._skip:   # tensor-name patterns: any tensor counts
         if not any(_skip_matches(s.name, p) for s in ckpt.tensors):
-            warnings.warn(f"{ckpt.root}: skip pattern {p!r} matches no tensor name of the checkpoint (a glob, "
-                          "or a substring of the name)", MmapLoadWarning, stacklevel=4)
+            warn(f"{ckpt.root}: skip pattern {p!r} matches no tensor name of the checkpoint (a glob, "
+                          "or a substring of the name)")
     patterns = [("targets", p) for p in policy._targets or ()] + [("ignore", p) for p in policy._ignore]
     if patterns:
         seen = [(s, policy.decide(s).kind) for s in ckpt.tensors if s.dtype in FLOAT_DTYPES and len(s.shape) >= 2]
         for option, p in patterns:
             if not any(policy.matches(s, p, kind) for s, kind in seen):
-                warnings.warn(f"{ckpt.root}: {option} pattern {p!r} matches no tensor of the checkpoint "
+                warn(f"{ckpt.root}: {option} pattern {p!r} matches no tensor of the checkpoint "
                               "(module names, 're:' + a regex from the start of the name, or class names "
-                              "such as 'Linear')", MmapLoadWarning, stacklevel=4)
+                              "such as 'Linear')")
     return policy
 
 

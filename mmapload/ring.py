@@ -23,11 +23,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
+
+from .errors import warn
 
 __all__ = ["Ring", "Lease", "staged", "StageTimes", "CopyPool"]
 
@@ -53,8 +54,8 @@ class Ring:
                 self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
                 self.pinned = True
             except RuntimeError as e:  # pinned allocations can fail on huge requests
-                warnings.warn(f"mmapload: pinning a {nbytes}-byte ring failed ({e}); "
-                              "using pageable memory (slower host->device copies)", stacklevel=3)
+                warn(f"mmapload: pinning a {nbytes}-byte ring failed ({e}); "
+                              "using pageable memory (slower host->device copies)")
         if not self.pinned:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8)
 

@@ -284,3 +284,17 @@ def test_a_skip_pattern_that_matches_nothing_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", mmapload.MmapLoadWarning)
         stream_quantize(path, skip=["q_proj"], policy="names")   # matches: no warning
+
+
+def test_warnings_point_at_the_callers_line(tmp_path):
+    """MmapLoadWarnings name the line that called the verb (not a line inside mmapload), for the
+    verbs and depths that raise them: a skip typo in stream_quantize and in convert."""
+    import warnings
+    path = _llama_like(tmp_path / "m")
+    for call in (lambda: stream_quantize(path, skip=["q_porj"], policy="names"),
+                 lambda: convert(path, tmp_path / "out", skip=["q_porj"], policy="names")):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            call()
+        mine = [w for w in got if issubclass(w.category, mmapload.MmapLoadWarning)]
+        assert mine and all(w.filename == __file__ for w in mine), [(w.filename, w.lineno) for w in mine]

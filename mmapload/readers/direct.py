@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .._math import round_up
-from ..errors import FileChangedError
+from ..errors import FileChangedError, warn
 from .base import PAGE, ShardReader
 from .pread import PreadShard
 
@@ -84,8 +83,8 @@ class DirectShard(PreadShard):
             at += len(d)
 
     def _warn(self, e: OSError) -> None:
-        warnings.warn(f"mmapload: O_DIRECT on {self.name} refused ({e}); using pread "
-                      "(the page cache will hold what is read)", stacklevel=3)
+        warn(f"mmapload: O_DIRECT on {self.name} refused ({e}); using pread "
+                      "(the page cache will hold what is read)")
 
     def _fall_back(self, e: OSError) -> None:
         self._warn(e)
