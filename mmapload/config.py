@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._math import as_int
 from .errors import OptionsError
 from .fp8 import (DEFAULT_BLOCK, Granularity, PerBlock, Scheme, as_scheme, check_fp8_dtype)
 
@@ -194,10 +195,7 @@ def public_verb(verb):
 
 def _int(name: str, value, low: int, high: int | None, want: str) -> int:
     """``value`` as an int (numpy ints too; no bools, floats) within [low, high]."""
-    try:
-        n = None if isinstance(value, bool) else value.__index__()
-    except (AttributeError, TypeError):
-        n = None
+    n = as_int(value)
     if n is None or n < low or (high is not None and n > high):
         raise OptionsError(f"{name} must be {want}, got {value!r}")
     return n

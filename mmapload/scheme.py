@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mmapload._math import as_int
 from mmapload.errors import OptionsError
 
 __all__ = ["Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock", "DEFAULT_BLOCK", "as_scheme",
@@ -100,7 +101,7 @@ class PerBlock(Scheme):
 def _positive_pair(value, what: str = "block_size") -> tuple[int, int]:
     """Two positive ints (numpy ints too; no bools, no floats), else an OptionsError."""
     try:
-        br, bc = (None if isinstance(v, bool) else v.__index__() for v in value)
+        br, bc = (as_int(v) for v in value)
         if br > 0 and bc > 0:
             return br, bc
     except (AttributeError, TypeError, ValueError):

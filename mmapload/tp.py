@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-
+from ._math import as_int
 from .errors import OptionsError, TPError
 
 __all__ = ["COLUMN", "ROW", "REPLICATE", "TPPlan", "tp_plan", "Heads", "Sharding", "Slice", "sharding_of",
@@ -36,10 +36,6 @@ COLUMN, ROW, REPLICATE = "column", "row", "replicate"
 _COLUMN = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
                      "embed_tokens", "lm_head"})
 _ROW = frozenset({"o_proj", "down_proj"})
-
-
-def _int(v) -> int | None:
-    return None if isinstance(v, bool) or not hasattr(v, "__index__") else v.__index__()
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ class Heads:
 
     def __post_init__(self):
         for f, v in vars(self).items():
-            if (v is not None or f != "v_head_dim") and (_int(v) or 0) < 1:
+            if (v is not None or f != "v_head_dim") and (as_int(v) or 0) < 1:
                 raise OptionsError(f"Heads.{f} must be a positive int, got {v!r}")
 
 
@@ -163,7 +159,7 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
         return Sharding(None)
     size, hs, kv = shape[dim], (), ()
     if fused is not None:
-        parts = tuple(_int(p) for p in fused)
+        parts = tuple(as_int(p) for p in fused)
         if not parts or any(p is None or p <= 0 for p in parts):
             raise OptionsError(f"fused must be positive part sizes, got {fused!r} for {where(name, shape)}")
     elif style == COLUMN and leaf == "qkv_proj":
@@ -192,7 +188,7 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
 def block_of(block, name) -> tuple[int, int] | None:
     if block is None:
         return None
-    b = tuple(_int(v) for v in block) if isinstance(block, (tuple, list)) else ()
+    b = tuple(as_int(v) for v in block) if isinstance(block, (tuple, list)) else ()
     if len(b) != 2 or not all(v and v > 0 for v in b):
         raise OptionsError(f"block must be two positive ints (rows, cols), got {block!r} ({name!r})")
     return b
@@ -205,9 +201,9 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
     start and end on the block grid (or at the dim's end) for rank scales == TP=1 scales, sliced.
     OptionsError: a bad tp_rank / tp_size / block. TPError (naming tensor, shape, dim, tp_size,
     fix): tp_size does not divide a dim or part, kv heads it can't replicate, off the block grid."""
-    if (_int(tp_size) or 0) < 1:
+    if (as_int(tp_size) or 0) < 1:
         raise OptionsError(f"tp_size must be an int >= 1, got {tp_size!r} (loading tensor {name!r})")
-    if _int(tp_rank) is None or not 0 <= tp_rank < tp_size:
+    if as_int(tp_rank) is None or not 0 <= tp_rank < tp_size:
         raise OptionsError(f"tp_rank must be an int in [0, {tp_size}), got {tp_rank!r} (loading tensor {name!r})")
     shape, block = tuple(int(d) for d in shape), block_of(block, name)
     sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._math import ceil_div
+from ._math import as_int, ceil_div
 from .errors import OptionsError, TPError
 from .tp import Slice, block_of, cut, where
 
@@ -26,16 +26,12 @@ class Strided(NamedTuple):
     count: int
 
 
-def _int(v) -> int | None:
-    return None if isinstance(v, bool) or not hasattr(v, "__index__") else v.__index__()
-
-
 def _layout(shape, itemsize, sl: Slice):
     """(outer count, bytes per index along sl.dim, bytes per outer step, ranges) of a C-order
     tensor; a replicated slice is one run of the whole tensor."""
     if tuple(shape) != sl.full_shape:
         raise TPError(f"{where(sl.name, shape)}: the slice was cut from shape {list(sl.full_shape)}")
-    if (_int(itemsize) or 0) < 1:
+    if (as_int(itemsize) or 0) < 1:
         raise OptionsError(f"itemsize must be a positive int of bytes, got {itemsize!r} ({sl.name!r})")
     if sl.dim is None:
         whole = math.prod(sl.full_shape) * itemsize
