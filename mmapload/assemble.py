@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import TensorSpec
 from .errors import DeviceError, NonFiniteError
-from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax, scale_shape
+from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax
 from .config import LoadOptions
 from .plan import LoadPlan, Piece, matrix_dims
 from .result import QuantizedTensor, tensor_nbytes
@@ -47,7 +47,7 @@ class _Building:
         self.amax: torch.Tensor | None = None
         if quantize:
             self.out = torch.empty(spec.shape, dtype=opts.fp8_dtype, device=device)
-            self.scale = torch.empty(scale_shape(spec.shape, opts.granularity, opts.block_size),
+            self.scale = torch.empty(opts.scheme.scale_shape(spec.shape),
                                      dtype=torch.float32, device=device)
             self.out3 = self.out.view(matrix_dims(spec.shape))
             self.scale3 = self.scale.view(len(self.out3), *self.scale.shape[-2:]) \
@@ -170,7 +170,7 @@ class Assembler:
             return
         kept = self.mover.hold(x, b.held_elems)
         b.held_elems += x.numel()
-        if not self.mover.copies and piece.group not in lease.holding:
+        if not self.mover.copies:
             lease.holds(piece.group)     # the piece is read from its slot until the group is cast
         part = self.quantizer.amax_2d(x)
         b.amax = part if b.amax is None else merge_amax(b.amax, part)

@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import TensorSpec, open_checkpoint
-from .fp8 import Granularity, default_scratch_elems, scale_shape
+from ._math import ceil_div, round_up
+from .fp8 import Granularity, default_scratch_elems
 from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .plan import plan_load
 from .policy import policy_for
@@ -191,10 +192,6 @@ def _group(specs: list[TensorSpec]) -> TensorGroup:
     return TensorGroup(len(specs), sum(s.nbytes for s in specs), tuple(s.name for s in specs[:_NAMES]))
 
 
-def _round(n: int, k: int) -> int:
-    return -(-n // k) * k
-
-
 @public_verb
 def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
              granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
@@ -243,7 +240,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     by_rule: dict[str, list[TensorSpec]] = {}
     for s in kspecs:
         by_rule.setdefault(policy.decide(s).rule, []).append(s)
-    scale_elems = {s.name: math.prod(scale_shape(s.shape, gran, opts.block_size)) for s in qspecs}
+    scale_elems = {s.name: math.prod(opts.scheme.scale_shape(s.shape)) for s in qspecs}
 
     # from the plan: the largest piece and its amax grid, bands read out of file order
     piece_elems = grid_elems = band_rows = 0
@@ -256,7 +253,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
                 band_rows = max(band_rows, min(br, p.spec.shape[-2]))
             piece_elems = max(piece_elems, rows * cols)
             if gran is Granularity.BLOCK:   # int grid + its row padding + float copy
-                grid_elems = max(grid_elems, (rows + br) * -(-cols // bc))
+                grid_elems = max(grid_elems, (rows + br) * ceil_div(cols, bc))
             else:
                 grid_elems = max(grid_elems, rows)
     stage, hold = plan.stage_bytes, plan.hold_bytes
@@ -280,10 +277,10 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         prepass = 0
         host = {"ring (pinned)": 1 << (ring - 1).bit_length(), f"reader ({io})": reader,
                 "quantizer scratch": _CPU_SCRATCH, "margin": HOST_MARGIN}
-        retained = (sum(_round(s.numel, _CUDA_ROUND) + _round(4 * scale_elems[s.name], _CUDA_ROUND)
-                        for s in qspecs) + sum(_round(s.nbytes, _CUDA_ROUND) for s in kspecs))
-        device_terms = {"retained": retained, "staging": 2 * _round(stage, _CUDA_ROUND),
-                        "hold buffer": _round(hold, _CUDA_ROUND), "quantizer scratch": _CUDA_SCRATCH,
+        retained = (sum(round_up(s.numel, _CUDA_ROUND) + round_up(4 * scale_elems[s.name], _CUDA_ROUND)
+                        for s in qspecs) + sum(round_up(s.nbytes, _CUDA_ROUND) for s in kspecs))
+        device_terms = {"retained": retained, "staging": 2 * round_up(stage, _CUDA_ROUND),
+                        "hold buffer": round_up(hold, _CUDA_ROUND), "quantizer scratch": _CUDA_SCRATCH,
                         "amax grids": grids, "error stats": err}
     return Projection(
         path=str(ckpt.root), device=str(dev), options=opts, total_bytes=ckpt.total_bytes,

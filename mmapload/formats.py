@@ -32,7 +32,7 @@ import torch
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import FP8, dtype_name
 from .errors import CheckpointError, OptionsError
-from .fp8 import Granularity, scale_shape
+from .fp8 import Granularity
 from .config import LoadOptions
 from .prequantized import fp8_pairs, unscaled_fp8
 from .policy import LINEAR, Policy
@@ -89,7 +89,7 @@ def scale_suffix(fmt: str, opts: LoadOptions) -> str:
 
 def _scale_out_shape(shape, fmt: str, opts: LoadOptions) -> tuple[int, ...]:
     """compressed-tensors registers a per-tensor scale as shape (1,): so is it written."""
-    s = scale_shape(shape, opts.granularity, opts.block_size)
+    s = opts.scheme.scale_shape(shape)
     return (1,) if s == () and fmt == "compressed-tensors" else s
 
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from mmapload.dtypes import DTYPES, FP8
+from mmapload.dtypes import DTYPES
 from mmapload.errors import DeviceError, NonFiniteError, OptionsError
 from mmapload.scheme import (DEFAULT_BLOCK, Granularity, PerBlock, PerChannel, PerTensor, Scheme, as_scheme,
                              parse_granularity)
@@ -27,7 +27,7 @@ __all__ = ["Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock", "as_s
 
 
 # The two FP8 formats mmapload computes and writes, from the dtype table (dtypes.FP8): e4m3fn first
-FP8_DTYPES: tuple[torch.dtype, ...] = tuple(DTYPES[n] for n in ("F8_E4M3", "F8_E5M2") if n in FP8)
+FP8_DTYPES: tuple[torch.dtype, ...] = (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"])
 _FP8_NAMES = {"float8_e4m3fn": FP8_DTYPES[0], "e4m3fn": FP8_DTYPES[0], "e4m3": FP8_DTYPES[0],
               "float8_e5m2": FP8_DTYPES[1], "e5m2": FP8_DTYPES[1]}
 # Source dtypes -> same-width ints. Clearing the sign bit gives |x|, and non-negative float

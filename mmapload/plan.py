@@ -31,7 +31,7 @@ import torch
 
 from . import transfer
 from .checkpoint import TensorSpec
-from .fp8 import Granularity, granule
+from .fp8 import Granularity, Scheme, as_scheme
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -132,7 +132,7 @@ def _rects(rows: int, cols: int, gr: int, gc: int, cap: int) -> Iterator[list[tu
                 yield _inside(b0, h, c0, min(gc, cols - c0), cap)
 
 
-def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, granularity, block_size
+def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, scheme: Scheme
               ) -> Iterator[tuple[int, int, dict]]:
     """(lo, hi, piece fields) per piece of one tensor, in plan order; ``gn`` > 1 pieces share
     one granule's scale (``gpos``: the piece's place among them)."""
@@ -143,7 +143,7 @@ def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, granularity, bl
         return
     experts, rows, cols = matrix_dims(spec.shape)
     size, row_bytes = spec.itemsize, cols * spec.itemsize
-    gr, gc = granule((rows, cols), Granularity(granularity), block_size)
+    gr, gc = scheme.granule(rows, cols)
     for e in range(experts):
         base = spec.start + e * rows * row_bytes
         for rects in _rects(rows, cols, gr, gc, slot_bytes // size):
@@ -169,12 +169,13 @@ def plan_batches(tensors: Iterable[TensorSpec], quantize: Callable[[TensorSpec],
                  block_size: tuple[int, int] = (128, 128)) -> list[Batch]:
     """Batches in file order; each fits one slot of ``slot_bytes``; quantized tensors are cut
     along the granules of ``granularity`` (see the module docstring)."""
+    scheme = as_scheme(granularity, block_size)   # parsed once, not per tensor
     batches: list[Batch] = []
     current: list[Piece] = []
     used = groups = 0
     for spec in tensors:
         q = quantize(spec)
-        segs = list(_segments(spec, q, slot_bytes, granularity, block_size))
+        segs = list(_segments(spec, q, slot_bytes, scheme))
         for i, ((lo, hi, extra), rel) in enumerate(zip(segs, _release_points(segs))):
             gpos, gn = extra.pop("gpos", 0), extra.pop("gn", 1)
             if gn > 1:
@@ -244,14 +245,22 @@ class LoadPlan:
 
     batches: tuple[Batch, ...]                   # in file order, each fits one slot
     groups: Mapping[int, tuple[Piece, ...]]      # shared scale group -> its pieces, plan order
-    held: frozenset[int]                         # groups held until their last piece lands
     prepass: frozenset[int]                      # groups whose amax the reader pre-passes
     hold_bytes: int                              # copying mover's hold buffer (largest group)
     copies: bool                                 # the mover copies pieces off their slots (CUDA)
-    into_outputs: bool                           # kept tensors are read straight into their outputs
     stage_bytes: int                             # the largest batch (a staging buffer's size)
     n_slots: int
     slot_bytes: int
+
+    @property
+    def held(self) -> frozenset[int]:
+        """Groups held until their last piece lands: every group not pre-passed."""
+        return frozenset(self.groups.keys() - self.prepass)
+
+    @property
+    def into_outputs(self) -> bool:
+        """Kept tensors are read straight into their outputs: in place, when the mover does not copy."""
+        return not self.copies
 
 
 def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: "LoadOptions",
@@ -274,7 +283,7 @@ def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: 
     n_slots = min(config.n_slots, max(2, len(batches) + 1))
     prepass, hold_bytes = split_groups(batches, n_slots, copying)
     return LoadPlan(
-        batches=batches, groups=MappingProxyType(groups), held=frozenset(groups.keys() - prepass),
-        prepass=frozenset(prepass), hold_bytes=hold_bytes, copies=copying, into_outputs=not copying,
+        batches=batches, groups=MappingProxyType(groups), prepass=frozenset(prepass),
+        hold_bytes=hold_bytes, copies=copying,
         stage_bytes=max((b.nbytes for b in batches), default=0), n_slots=n_slots,
         slot_bytes=config.slot_bytes)

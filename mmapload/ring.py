@@ -104,7 +104,10 @@ class Lease(Generic[T, R]):
         self._book.settle(self, event)
 
     def holds(self, group: int) -> None:
-        """Pieces of scale group ``group`` stay in this slot until ``group_complete(group)``."""
+        """Pieces of scale group ``group`` stay in this slot until ``group_complete(group)``
+        (saying it again for another piece of the group changes nothing)."""
+        if group in self.holding:
+            return
         if self.freed:
             raise RuntimeError(f"slot {self._index}: already given back, cannot hold group {group}")
         self.holding.add(group)
@@ -126,8 +129,8 @@ class _SlotBook:
     """The consumer's record of leases not yet freed (consumer thread only); the free queue
     is the one thing it shares with the reader."""
 
-    def __init__(self, free: "queue.Queue", n_slots: int):
-        self.free, self.n_slots = free, n_slots
+    def __init__(self, free: "queue.Queue"):
+        self.free = free
         self.holders: dict[int, list[Lease]] = {}
         self.out = 0           # leases handed out and not yet freed
 
@@ -169,7 +172,7 @@ def staged(items: Iterable[T], ring: Ring, fill: Callable[[T, torch.Tensor], R],
     stop = threading.Event()
     for i in range(ring.n_slots):
         free.put((i, None))
-    book = _SlotBook(free, ring.n_slots)
+    book = _SlotBook(free)
 
     def reader() -> None:
         try:
