@@ -165,8 +165,8 @@ class Projection:
             f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)} (decided by {self.policy})",
             *(f"  {grp.count:>4} x    {rule}: {g(grp.nbytes)}{few(grp)}" for rule, grp in self.kept_by.items()),
             f"retained     {g(self.retained_bytes)}",
-            f"plan         ring {g(self.ring_bytes)} = {o.n_slots} x {g(o.slot_bytes)} slots, largest batch "
-            f"{g(self.stage_bytes)}" + (f", {self.prepass} scale groups read twice (amax pre-pass)"
+            f"plan         ring {g(self.ring_bytes)} = {self.ring_bytes // o.slot_bytes} x {g(o.slot_bytes)} "
+            f"slots, largest batch {g(self.stage_bytes)}" + (f", {self.prepass} scale groups read twice (amax pre-pass)"
                                        if self.prepass else ""),
             f"host peak    {g(self.host_peak)} above baseline ({terms(self.host_terms)})",
         ]
