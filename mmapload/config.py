@@ -17,6 +17,7 @@ import torch
 from ._math import as_int
 from .errors import OptionsError
 from .fp8 import (DEFAULT_BLOCK, Granularity, PerBlock, Scheme, as_scheme, check_fp8_dtype)
+from .tp import TPPlan, tp_plan
 
 __all__ = ["LoadConfig", "LoadOptions", "config_from", "public_verb", "UnknownOptionError", "KEYWORDS", "RING_BYTES", "MAX_SLOT_BYTES",
            "MIN_RING_BYTES", "IO_MODES", "POLICIES"]
@@ -67,6 +68,20 @@ class LoadConfig:
             (a typo included) is an OptionsError, never a fallback.
         read_threads (int 1..64 or None, default None): threads copying into the ring; None: 1 on
             the CPU, up to 4 with CUDA (``read_threads_for``).
+        tp_size (int >= 1, default 1): tensor parallelism: this process loads only its share of
+            every sharded tensor (tp.py: column-parallel by output rows, row-parallel by input
+            columns, as vLLM lays them out). > 1 needs ``process_group`` or an initialized
+            ``torch.distributed`` default group of exactly that size (per-tensor scales and the
+            per-row scales of row-parallel weights are all-reduced, so they do not depend on it).
+        tp_rank (int or None, default None): this process's rank in the group; None: the group's
+            ``get_rank``; a given value must equal it.
+        process_group (``torch.distributed.ProcessGroup`` or None, default None): the TP group;
+            None: the default group (when ``tp_size > 1``).
+        tp_plan (mapping or None, default None): overrides of the default sharding, name pattern
+            (a module or tensor name, or ``re:`` + regex) -> "column" | "row" | "replicate",
+            first match wins (``tp.TPPlan``).
+        tp_timeout (positive float, default 300.0): seconds each collective of the load waits for
+            the other ranks before it raises ``TPError`` (a rank that died or fell behind).
 
     Stored: ``scheme`` (the parsed ``Scheme``) and ``source_block``; ``granularity`` and
     ``block_size`` are read-only views of them. ``LoadOptions`` is the same class.
@@ -86,12 +101,18 @@ class LoadConfig:
     keep_partial: bool
     io: str
     read_threads: int | None
+    tp_size: int
+    tp_rank: int | None
+    process_group: object
+    tp_plan: object
+    tp_timeout: float
 
     def __init__(self, *, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
                  granularity="tensor", block_size=DEFAULT_BLOCK, skip=(), ignore=(), targets=None,
                  policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
                  drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
-                 io: str = "mmap", read_threads: int | None = None):
+                 io: str = "mmap", read_threads: int | None = None, tp_size: int = 1,
+                 tp_rank: int | None = None, process_group=None, tp_plan=None, tp_timeout: float = 300.0):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
         set_("ring_bytes", _int("ring_bytes", ring_bytes, MIN_RING_BYTES, None,
                                 f"an int number of bytes >= {MIN_RING_BYTES}, e.g. 256 << 20"))
@@ -120,6 +141,17 @@ class LoadConfig:
             if not isinstance(value, bool):
                 raise OptionsError(f"{name} must be True or False, got {value!r}")
             set_(name, value)
+        set_("tp_size", _int("tp_size", tp_size, 1, None, "an int >= 1 (1: no tensor parallelism)"))
+        set_("tp_rank", None if tp_rank is None else _int(
+            "tp_rank", tp_rank, 0, self.tp_size - 1, f"None (the group's rank) or an int in [0, {self.tp_size})"))
+        if process_group is not None and not _is_group(process_group):
+            raise OptionsError(f"process_group must be a torch.distributed ProcessGroup or None, got {process_group!r}")
+        set_("process_group", process_group)
+        set_("tp_plan", _tp_plan(tp_plan))
+        t = tp_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < float(t) < float("inf"):
+            raise OptionsError(f"tp_timeout must be a positive finite number of seconds, got {t!r}")
+        set_("tp_timeout", float(t))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LoadConfig":
@@ -153,6 +185,13 @@ class LoadConfig:
     @property
     def n_slots(self) -> int:
         return self.ring_bytes // self.slot_bytes
+
+    def whole_tensors(self, verb: str, why: str) -> None:
+        """OptionsError if this config asks ``verb`` (which loads whole tensors: ``why``) for
+        tensor parallelism."""
+        if self.tp_size > 1:
+            raise OptionsError(f"{verb}() got tp_size={self.tp_size}: {why}; load each rank's part with "
+                               "stream_quantize / iter_quantized(tp_size=...), or pass tp_size=1")
 
     def read_threads_for(self, device: torch.device, cpus: int | None) -> int:
         """Threads copying into ring slots. Automatic: 1 on the CPU, where the quantizer needs
@@ -191,6 +230,22 @@ def public_verb(verb):
                                      f"{'; ' + hint if hint else ''}; known options: {sorted(known)}")
         return verb(*args, **kwargs)
     return checked
+
+
+def _is_group(value) -> bool:
+    try:
+        from torch.distributed import ProcessGroup
+    except ImportError:   # a torch built without distributed
+        return False
+    return isinstance(value, ProcessGroup)
+
+
+def _tp_plan(value) -> TPPlan:
+    """tp.tp_plan's validation, its OptionsError naming the option."""
+    try:
+        return tp_plan(value)
+    except OptionsError as e:
+        raise OptionsError(f"tp_plan: {e}") from None
 
 
 def _int(name: str, value, low: int, high: int | None, want: str) -> int:

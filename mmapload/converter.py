@@ -103,7 +103,9 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
             block_size=(128, 128), skip=(), ignore=(), targets=None, policy: str = "auto",
             fp8_weight_scale: float | None = None, progress: bool = False, drop_page_cache: bool = True,
             error_stats: bool = False, keep_partial: bool = False, io: str = "mmap",
-            read_threads: int | None = None) -> Path:
+            read_threads: int | None = None,
+            tp_size: int = 1, tp_rank: int | None = None, process_group=None, tp_plan=None,
+            tp_timeout: float = 300.0) -> Path:
     """Stream the checkpoint ``src`` into an FP8 safetensors checkpoint folder ``dst``.
 
     ``format``: "compressed-tensors" (default) or "fp8", the layout and ``quantization_config``
@@ -139,7 +141,8 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         overwrite (`bool`, default False): replace an existing ``dst`` once the new one is complete.
         format (`str`, default "compressed-tensors"): "compressed-tensors" or "fp8".
         ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
-            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
+            tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
             the defaults here are its defaults.
 
@@ -159,6 +162,7 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     ```
     """
     opts = config_from(locals())   # validates every option before anything else
+    opts.whole_tensors("convert", "it writes whole tensors to one checkpoint")
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
     check_format(format, opts)   # before the reader starts

@@ -197,7 +197,9 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
              granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
              policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
              drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
-             io: str = "mmap", read_threads: int | None = None) -> Projection:
+             io: str = "mmap", read_threads: int | None = None,
+             tp_size: int = 1, tp_rank: int | None = None, process_group=None, tp_plan=None,
+             tp_timeout: float = 300.0) -> Projection:
     """Project a load of ``path`` onto ``device`` with these options; reads only headers.
 
     Args:
@@ -205,7 +207,8 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         device (`str`, default "cpu"): "cpu" or "cuda[:N]" (which need not exist here).
         top (`int`, default 5): how many of the largest tensors to name.
         ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
-            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
+            tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options as for ``stream_quantize`` (``mmapload.LoadConfig``).
 
     Returns:

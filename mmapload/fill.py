@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .dtypes import torch_shape
 from .fp8 import Granularity, Quantizer, merge_amax
 from .readers import ShardReader
 from .plan import Batch, LoadPlan, Piece, runs
@@ -49,6 +50,10 @@ class Filler:
     def __init__(self, shards: dict[Path, ShardReader], plan: LoadPlan, device: torch.device,
                  pool: CopyPool, sample: Callable[[], None]):
         self.shards, self.slot_bytes, self.device, self.pool = shards, plan.slot_bytes, device, pool
+        self.plan = plan
+        # TP: other ranks read the bytes between ours; read ahead and release exactly our pieces
+        self.exact = plan.tp_size > 1
+        self._batch = 0
         self.prepass = {g: plan.groups[g] for g in plan.prepass}
         self.into_outputs, self.sample = plan.into_outputs, sample
         self.prefetched: dict[ShardReader, int] = {}
@@ -85,8 +90,10 @@ class Filler:
         """The output an unquantized piece is read into (allocated at its first piece); None
         if that allocation failed: the consumer allocates again and reports it in order."""
         if piece.first:
+            spec = piece.spec
             try:
-                self._out = torch.empty(piece.spec.torch_shape, dtype=piece.spec.torch_dtype, device=self.device)
+                self._out = torch.empty(torch_shape(spec.dtype, self.plan.shape_of(spec)), dtype=spec.torch_dtype,
+                                        device=self.device)
             except RuntimeError:
                 self._out = None
         return self._out
@@ -95,8 +102,7 @@ class Filler:
     def _dest(piece: Piece, slot_np: np.ndarray, out: torch.Tensor | None) -> np.ndarray:
         if out is None:
             return slot_np[piece.offset:piece.offset + piece.nbytes]
-        o = piece.lo - piece.spec.start
-        return out.reshape(-1).view(torch.uint8).numpy()[o:o + piece.nbytes]
+        return out.reshape(-1).view(torch.uint8).numpy()[piece.at:piece.at + piece.nbytes]
 
     def _copy(self, shard: ShardReader, lo: int, dsts: list[np.ndarray]) -> None:
         """One file-contiguous run into its destinations, split over the copy pool's threads."""
@@ -121,6 +127,15 @@ class Filler:
             shard.prefetch(max(at, ahead), at + 4 * self.slot_bytes)
             self.prefetched[shard] = at + 4 * self.slot_bytes
 
+    def _prefetch_next(self) -> None:
+        """TP: ask for the next batch's own ranges (a window ahead would read other ranks' bytes).
+        Strided pieces are left to their reads: a row each, too many to advise one by one."""
+        self._batch += 1
+        if self._batch < len(self.plan.batches):
+            for p in self.plan.batches[self._batch].pieces:
+                if not p.stride and p.hi > p.lo:
+                    self.shards[p.spec.shard].prefetch(p.lo, p.hi)
+
     def __call__(self, batch: Batch, slot: torch.Tensor) -> Prepared:
         slot_np = slot.numpy()
         pieces = batch.pieces
@@ -130,10 +145,13 @@ class Filler:
         outputs = {}
         if self.into_outputs:
             outputs = {i: self._output(p) for i, p in enumerate(pieces) if not p.quantize}
+        if self.exact:
+            self._prefetch_next()
         for start, end in runs(pieces):            # one read per file-contiguous run
             run = pieces[start:end]
             shard = self.shards[run[0].spec.shard]
-            self._prefetch(shard, run[-1].release_to)
+            if not self.exact:
+                self._prefetch(shard, run[-1].release_to)
             dsts = [self._dest(p, slot_np, outputs.get(i))
                     for i, p in enumerate(run, start)]
             if run[0].stride:
@@ -141,6 +159,11 @@ class Filler:
             else:
                 self._copy(shard, run[0].lo, dsts)
             self.sample()
+            if self.exact:
+                for p in run:
+                    for lo, hi in p.ranges():
+                        shard.release(lo, hi)
+                continue
             for p in run:
                 if p.release_to < p.hi:
                     for lo, hi in _finished_ranges(p):

@@ -180,7 +180,9 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
               block_size=(128, 128), skip=(), ignore=(), targets=None, policy: str = "auto",
               fp8_weight_scale: float | None = None, progress: bool = False, drop_page_cache: bool = True,
               error_stats: bool = False, keep_partial: bool = False, io: str = "mmap",
-              read_threads: int | None = None) -> nn.Module:
+              read_threads: int | None = None,
+              tp_size: int = 1, tp_rank: int | None = None, process_group=None, tp_plan=None,
+              tp_timeout: float = 300.0) -> nn.Module:
     """Materialize ``module`` (built on the ``meta`` device, or partly so) from the checkpoint
     ``path``, streamed as ``iter_quantized`` streams it; returns ``module``.
 
@@ -206,7 +208,8 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
         device (`str` or `torch.device`, default "cpu"): where the tensors land.
         use_scaled_mm (`bool` or None, default None): ``FP8Linear``'s matmul (None: where supported).
         ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
-            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
+            tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``.
 
     Returns:
@@ -226,6 +229,7 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
     ```
     """
     opts = config_from(locals())   # validates everything before any change
+    opts.whole_tensors("load_into", "it fills the module's whole tensors")
     src = str(path)
     prefix = getattr(module, "base_model_prefix", "") or ""
     # judged by this module: its nn.Linear weights become FP8, its _keep_in_fp32_modules stay, and

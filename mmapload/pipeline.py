@@ -22,7 +22,9 @@ import torch
 from . import phases, transfer
 from ._procmem import read_mem
 from ._progress import Progress
-from .assemble import Assembler, Loaded
+from .assemble import Assembler
+from .result import Loaded
+from .tp_group import TPGroup
 from .checkpoint import Checkpoint
 from .fill import Filler, Prepared
 from .config import LoadOptions
@@ -88,10 +90,11 @@ class _ReaderSide:
 class _ConsumerSide:
     """What the consumer thread uses: moves each batch to the device and assembles it."""
 
-    def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device):
-        self.plan, self.opts, self.device = plan, opts, device
+    def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device,
+                 group: TPGroup | None):
+        self.plan, self.opts, self.device, self.group = plan, opts, device, group
         self.peaks = Peaks()
-        self.progress = Progress(ckpt.total_bytes, enabled=opts.progress)
+        self.progress = Progress(plan.total_bytes, enabled=opts.progress)
         self.mover: transfer.Mover | None = None
         self.asm: Assembler | None = None
         self.quantize_seconds = 0.0    # quantize + copies out of the slots
@@ -100,20 +103,18 @@ class _ConsumerSide:
     def open(self) -> None:
         self.mover = transfer.mover_class(self.device)(self.device, self.plan.stage_bytes,
                                                        self.plan.hold_bytes)
-        self.asm = Assembler(self.opts, self.device, self.mover, self.plan)
+        self.asm = Assembler(self.opts, self.device, self.mover, self.plan, self.group)
 
     def consume(self, lease: Lease[Batch, Prepared], data: torch.Tensor) -> Iterator[tuple[str, Loaded]]:
         """Quantize / copy every piece of one batch; yield the tensors it completes."""
         asm, prep = self.asm, lease.prepared
         phases.mark("quantize")
         t1 = time.perf_counter()
-        finished = []
         for i, piece in enumerate(lease.item.pieces):
-            done = asm.add(lease, piece, data, prep.amax.get(i), prep.outputs.get(i))
-            if done is not None:
-                finished.append((piece.spec.name, done))
+            asm.add(lease, piece, data, prep.amax.get(i), prep.outputs.get(i))
             self.bytes_read += piece.nbytes
             self.progress.update(piece.nbytes)
+        finished = asm.flush()     # TP: the batch's one amax collective, then its waiting casts
         self.mover.done(lease)
         lease.done()
         asm.check()   # NaN / Inf anywhere in this batch: one sync per batch, not per piece
@@ -133,9 +134,11 @@ class Pipeline:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, opts: LoadOptions, policy: Policy):
         self.ckpt, self.device, self.opts, self.policy = ckpt, device, opts, policy
-        self.plan = plan_load(ckpt, policy, opts, device)
+        self.group = TPGroup.resolve(opts, device)   # None without tensor parallelism
+        self.plan = plan_load(ckpt, policy, opts, device, self.group.rank if self.group else 0)
         self.report = LoadReport(path=str(ckpt.root), device=str(device), ring_bytes=opts.ring_bytes,
-                                 slot_bytes=opts.slot_bytes, policy=policy.source)
+                                 slot_bytes=opts.slot_bytes, policy=policy.source,
+                                 tp_rank=self.plan.tp_rank, tp_size=self.plan.tp_size)
         self.times = StageTimes()
 
     def run(self) -> Iterator[tuple[str, Loaded]]:
@@ -144,14 +147,18 @@ class Pipeline:
         phases.mark("open")
         self.report.rss_before = read_mem().rss
         reader = _ReaderSide(self.ckpt, plan, self.opts, dev)
-        consumer = _ConsumerSide(self.ckpt, plan, self.opts, dev)
+        consumer = _ConsumerSide(self.ckpt, plan, self.opts, dev, self.group)
         consumer.peaks.sample()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         ring = stages = None
         try:
+            if self.group is not None:
+                self.group.check_same(fingerprint(plan, self.opts), "the plan check before reading")
             reader.open()
             if not plan.batches:
+                if self.group is not None:
+                    self.group.finish()
                 return
             self.report.read_threads = reader.pool.n
             try:
@@ -178,6 +185,8 @@ class Pipeline:
                 pending = (lease, data)
             if pending is not None:
                 yield from consumer.consume(*pending)
+            if self.group is not None:
+                self.group.finish()
         finally:
             phases.mark("done")
             if stages is not None:
@@ -202,3 +211,17 @@ class Pipeline:
                            "consumer_wait": self.times.wait_ready, "quantize": consumer.quantize_seconds}
         if consumer.mover is not None and consumer.mover.copies:   # host->device time on the copy stream
             r.stage_seconds["copy"] = consumer.mover.copy_seconds
+        if self.group is not None:
+            r.collectives = self.group.count
+            r.stage_seconds["collectives"] = self.group.seconds
+
+
+def fingerprint(plan: LoadPlan, opts: LoadOptions) -> str:
+    """What must be alike on every TP rank for their collectives to match: the options that
+    shape the plan and, per batch, its tensors' parts and pieces (not the file offsets, which
+    differ by rank)."""
+    head = (plan.tp_size, str(opts.scheme), str(opts.fp8_dtype), plan.n_slots, plan.slot_bytes,
+            sorted(plan.prepass))
+    body = [[(p.spec.name, plan.shape_of(p.spec), p.quantize, p.group, p.row0, p.row1, p.col0, p.col1)
+             for p in b.pieces] for b in plan.batches]
+    return repr((head, body))

@@ -23,7 +23,7 @@ There is no row-width limit: a slot needs room for one element.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
@@ -32,6 +32,9 @@ import torch
 from . import transfer
 from .checkpoint import TensorSpec
 from .fp8 import Granularity, Scheme, as_scheme
+from .tp import Slice
+from .prequantized import fp8_pairs
+from .tp_layout import bands, heads_of, kept_segments, rank_slices
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -63,6 +66,7 @@ class Piece:
     group_first: bool = False
     group_last: bool = False
     release_to: int = 0    # file bytes before this are not read again once this piece is
+    at: int = 0            # kept: where the piece's bytes go in its (local) tensor's bytes
 
     @property
     def nbytes(self) -> int:
@@ -132,26 +136,56 @@ def _rects(rows: int, cols: int, gr: int, gc: int, cap: int) -> Iterator[list[tu
                 yield _inside(b0, h, c0, min(gc, cols - c0), cap)
 
 
-def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, scheme: Scheme
+def _local_rects(bands, rows, cols, gr, gc, cap) -> Iterator[list[tuple[int, int, int, int]]]:
+    """``_rects`` of a local matrix made of file bands (tp_layout.bands), no rectangle crossing
+    a band: per band when granules do not span bands (channel; blocks, whose TP cuts fall on
+    the grid), else (per-tensor: one granule) every band's pieces as one shared list."""
+    if len(bands) == 1:
+        yield from _rects(rows, cols, gr, gc, cap)
+        return
+    if gr < rows:
+        for r0, _, n in bands:
+            for rects in _rects(n, cols, gr, gc, cap):
+                yield [(r0 + a, r0 + b, c, d) for a, b, c, d in rects]
+        return
+    yield [r for r0, _, n in bands for r in ([(r0, r0 + n, 0, cols)] if n * cols <= cap
+                                             else _inside(r0, n, 0, cols, cap))]
+
+
+def _segments(spec: TensorSpec, quantize: bool, slot_bytes: int, scheme: Scheme, sl=None
               ) -> Iterator[tuple[int, int, dict]]:
-    """(lo, hi, piece fields) per piece of one tensor, in plan order; ``gn`` > 1 pieces share
-    one granule's scale (``gpos``: the piece's place among them)."""
+    """(lo, hi, piece fields) per piece of one tensor (``sl``: this rank's TP slice of it), in
+    plan order; ``gn`` > 1 pieces share one granule's scale (``gpos``: the piece's place among them)."""
+    step = slot_bytes - slot_bytes % spec.itemsize   # whole torch elements: bytes for F4 / F6 / raw
+    if not quantize and sl is not None:
+        yield from kept_segments(spec, sl, step)
+        return
     if not quantize:
-        step = slot_bytes - slot_bytes % spec.itemsize   # whole torch elements: bytes for F4 / F6 / raw
         for lo in range(spec.start, max(spec.end, spec.start + 1), step):
-            yield lo, min(lo + step, spec.end), {}
+            yield lo, min(lo + step, spec.end), {"at": lo - spec.start}
         return
     experts, rows, cols = matrix_dims(spec.shape)
     size, row_bytes = spec.itemsize, cols * spec.itemsize
-    gr, gc = scheme.granule(rows, cols)
+    local, lrows, lcols, shift = bands(spec.shape, sl)
+    gr, gc = scheme.granule(lrows, lcols)
     for e in range(experts):
         base = spec.start + e * rows * row_bytes
-        for rects in _rects(rows, cols, gr, gc, slot_bytes // size):
+        for rects in _local_rects(local, lrows, lcols, gr, gc, slot_bytes // size):
             for k, (r0, r1, c0, c1) in enumerate(rects):
+                f0 = r0 + _shift_of(local, r0)
                 strided = r1 - r0 > 1 and c1 - c0 < cols
-                yield base + r0 * row_bytes + c0 * size, base + (r1 - 1) * row_bytes + c1 * size, dict(
+                yield base + f0 * row_bytes + (shift + c0) * size, \
+                    base + (f0 + r1 - r0 - 1) * row_bytes + (shift + c1) * size, dict(
                     expert=e, row0=r0, row1=r1, col0=c0, col1=c1, stride=row_bytes if strided else 0,
-                    whole=(r1 - r0, c1 - c0) == (rows, cols), gpos=k, gn=len(rects))
+                    whole=(r1 - r0, c1 - c0) == (lrows, lcols), gpos=k, gn=len(rects))
+
+
+def _shift_of(local, r0: int) -> int:
+    """File row minus local row for local row ``r0`` (its band's)."""
+    for b0, f0, n in local:
+        if b0 <= r0 < b0 + n:
+            return f0 - b0
+    return 0
 
 
 def _release_points(segs: list[tuple[int, int, dict]]) -> list[int]:
@@ -166,16 +200,18 @@ def _release_points(segs: list[tuple[int, int, dict]]) -> list[int]:
 
 def plan_batches(tensors: Iterable[TensorSpec], quantize: Callable[[TensorSpec], bool],
                  slot_bytes: int, granularity: Granularity | str = Granularity.TENSOR,
-                 block_size: tuple[int, int] = (128, 128)) -> list[Batch]:
+                 block_size: tuple[int, int] = (128, 128), slices: Mapping[str, Slice] | None = None
+                 ) -> list[Batch]:
     """Batches in file order; each fits one slot of ``slot_bytes``; quantized tensors are cut
-    along the granules of ``granularity`` (see the module docstring)."""
+    along the granules of ``granularity`` (see the module docstring). ``slices``: this rank's
+    TP slice of each sharded tensor (tp_layout.rank_slices): only its bytes are planned."""
     scheme = as_scheme(granularity, block_size)   # parsed once, not per tensor
     batches: list[Batch] = []
     current: list[Piece] = []
     used = groups = 0
     for spec in tensors:
         q = quantize(spec)
-        segs = list(_segments(spec, q, slot_bytes, scheme))
+        segs = list(_segments(spec, q, slot_bytes, scheme, slices.get(spec.name) if slices else None))
         for i, ((lo, hi, extra), rel) in enumerate(zip(segs, _release_points(segs))):
             gpos, gn = extra.pop("gpos", 0), extra.pop("gn", 1)
             if gn > 1:
@@ -251,6 +287,20 @@ class LoadPlan:
     stage_bytes: int                             # the largest batch (a staging buffer's size)
     n_slots: int
     slot_bytes: int
+    slices: Mapping[str, Slice] = field(default_factory=lambda: MappingProxyType({}))   # TP: this
+    # rank's slice of each sharded tensor (replicated ones absent)
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def shape_of(self, spec: TensorSpec) -> tuple[int, ...]:
+        """The header shape of what this rank loads of ``spec`` (its TP slice, or all of it)."""
+        sl = self.slices.get(spec.name)
+        return spec.shape if sl is None else sl.shape
+
+    @property
+    def total_bytes(self) -> int:
+        """File bytes this load reads (a TP rank: its share plus the replicated tensors)."""
+        return sum(p.nbytes for b in self.batches for p in b.pieces)
 
     @property
     def held(self) -> frozenset[int]:
@@ -264,17 +314,25 @@ class LoadPlan:
 
 
 def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: "LoadOptions",
-              device: torch.device) -> LoadPlan:
+              device: torch.device, tp_rank: int | None = None) -> LoadPlan:
     """The plan of loading ``ckpt`` onto ``device`` (which need not exist here): pure arithmetic
-    on headers. ``policy(spec)``: quantize that tensor. Raises what ``plan_batches`` raises.
+    on headers. ``policy(spec)``: quantize that tensor (``policy.config``: config.json, for the
+    heads TP cuts by). ``tp_rank``: the rank planned when ``config.tp_size > 1`` (default
+    ``config.tp_rank`` or 0). Raises what ``plan_batches`` and ``tp_layout.rank_slices`` raise.
 
     Per shared scale group, one mode: a copying mover (CUDA) holds every group in its device
     buffer; in place (CPU) a group is held in its ring slots when it spans fewer batches than
     the ring has slots, else pre-passed. In place the slot is no stop on the way for a kept
     tensor either: the reader reads it straight into its output (one copy instead of two).
     """
-    batches = tuple(plan_batches(ckpt.tensors, policy, config.slot_bytes, config.granularity,
-                                 config.block_size))
+    rank = (config.tp_rank or 0) if tp_rank is None else tp_rank
+    slices = {}
+    if config.tp_size > 1:
+        cfg = getattr(policy, "config", None)
+        slices = rank_slices(ckpt.tensors, policy, config.scheme, rank, config.tp_size, plan=config.tp_plan,
+                             heads=heads_of(cfg), pairs=fp8_pairs(ckpt, cfg, config.source_block))
+    batches = tuple(plan_batches(ckpt.tensors, policy, config.slot_bytes, config.scheme,
+                                 config.block_size, slices))
     copying = transfer.copies(device)
     groups = {g: tuple(ps) for g, ps in scale_groups(batches).items()}
     # No more slots than the load can use (every batch in flight, plus one): a ring_bytes far above
@@ -286,4 +344,4 @@ def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: 
         batches=batches, groups=MappingProxyType(groups), prepass=frozenset(prepass),
         hold_bytes=hold_bytes, copies=copying,
         stage_bytes=max((b.nbytes for b in batches), default=0), n_slots=n_slots,
-        slot_bytes=config.slot_bytes)
+        slot_bytes=config.slot_bytes, slices=MappingProxyType(slices), tp_rank=rank, tp_size=config.tp_size)

@@ -15,12 +15,11 @@ from typing import Iterator
 
 import torch
 
-from .assemble import Loaded
 from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import BITS, FP8, WIDE_FLOATS
 from .errors import CheckpointError, HeaderError, NonFiniteError
 from .fp8 import Granularity
-from .result import QuantizedTensor
+from .result import Loaded, QuantizedTensor
 
 __all__ = ["fp8_pairs", "paired", "unscaled_fp8"]
 

@@ -10,7 +10,7 @@ import torch
 
 from .fp8 import Granularity, Scheme, as_scheme, dequantize
 
-__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "tensor_nbytes", "flat"]
+__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "Loaded", "tensor_nbytes", "flat"]
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -59,6 +59,9 @@ class QuantizedTensor:
                 f"orig_dtype={self.orig_dtype}, device={self.device})")
 
 
+Loaded = QuantizedTensor | torch.Tensor   # what a load yields for one tensor
+
+
 @dataclass
 class LoadReport:
     """Numbers of one load. Bytes are bytes, times are seconds."""
@@ -81,6 +84,9 @@ class LoadReport:
     peak_rss_file: int | None = None
     device_peak: int | None = None  # torch.cuda.max_memory_allocated during the load
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    tp_rank: int = 0                # tensor parallelism: this rank's part of each sharded tensor
+    tp_size: int = 1
+    collectives: int = 0            # collectives the load ran (TP: amax all-reduces, checks)
 
     @property
     def gbps(self) -> float:
@@ -107,6 +113,8 @@ class LoadReport:
             f"file-backed {mib(self.peak_rss_file)})",
             f"device peak     {mib(self.device_peak)}",
         ]
+        if self.tp_size > 1:
+            lines.insert(1, f"tensor parallel rank {self.tp_rank} of {self.tp_size} ({self.collectives} collectives)")
         if self.stage_seconds:
             lines.append("stages          " + ", ".join(
                 f"{k} {v:.2f} s" for k, v in self.stage_seconds.items()))

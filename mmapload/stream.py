@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .assemble import Loaded
+from .result import Loaded
 from .checkpoint import open_checkpoint
 from .errors import DeviceError, OptionsError
 from .config import RING_BYTES, LoadConfig, config_from, public_verb
@@ -58,7 +58,9 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, ring_bytes: int = 
                    ignore=(), targets=None, policy: str = "auto", fp8_weight_scale: float | None = None,
                    progress: bool = False, drop_page_cache: bool = True, error_stats: bool = False,
                    keep_partial: bool = False, io: str = "mmap",
-                   read_threads: int | None = None) -> Iterator[tuple[str, Loaded]]:
+                   read_threads: int | None = None,
+                   tp_size: int = 1, tp_rank: int | None = None, process_group=None, tp_plan=None,
+                   tp_timeout: float = 300.0) -> Iterator[tuple[str, Loaded]]:
     """Yield ``(name, tensor)`` in file order: ``QuantizedTensor`` for quantized weights,
     the original tensor (on ``device``, bit-identical) for everything else. FP8 weights
     already in the checkpoint, with their ``_scale`` / ``_scale_inv``, come out as one
@@ -81,7 +83,8 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, ring_bytes: int = 
         flat (`bool`, default False): yield plain tensors for engines' weight loaders instead:
             ``("x.weight", fp8)`` followed by ``("x.weight_scale", float32 scale)``.
         ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
-            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
+            tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
             the defaults here are its defaults.
 
@@ -112,7 +115,9 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
                     granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
                     policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
                     drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
-                    io: str = "mmap", read_threads: int | None = None) -> QuantizedModel:
+                    io: str = "mmap", read_threads: int | None = None,
+                    tp_size: int = 1, tp_rank: int | None = None, process_group=None, tp_plan=None,
+                    tp_timeout: float = 300.0) -> QuantizedModel:
     """Load a safetensors checkpoint onto ``device``, quantizing weights to FP8 on the way.
 
     What is quantized is the policy's (policy.py): the weights of the nn.Linear modules and
@@ -123,7 +128,8 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
         path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
         device (`str` or `torch.device`, default "cpu"): where tensors land ("cpu", "cuda[:N]").
         ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
-            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads:
+            fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
+            tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
             the defaults here are its defaults.
 

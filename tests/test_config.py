@@ -41,6 +41,11 @@ BAD = [  # (option, bad value): wrong type, out of range, typos
     *[(name, v) for name in ("progress", "drop_page_cache", "error_stats", "keep_partial") for v in FLAG_BAD],
     *[("io", v) for v in ("directt", "MMAP", "o_direct", "", None, 1)],
     *[("read_threads", v) for v in (0, 65, -1, 2.0, True, "2")],
+    *[("tp_size", v) for v in (0, -1, 2.0, True, "2", None)],
+    *[("tp_rank", v) for v in (-1, 1, 1.0, True, "0")],      # 1: not below the default tp_size=1
+    *[("process_group", v) for v in ("world", 1, object())],
+    *[("tp_plan", v) for v in ("column", {"q_proj": "col"}, {"": "row"}, {"re:(": "row"}, [("a", "row")])],
+    *[("tp_timeout", v) for v in (0, -1.0, float("inf"), float("nan"), True, "30", None)],
 ]
 
 

@@ -20,13 +20,15 @@ ORDER = [
     {"scheme"},                                   # FP8 schemes: PerTensor, PerChannel, PerBlock
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
+    {"prequantized"},                             # FP8 checkpoints: weights joined with scales
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
-    {"config", "policy", "tp"},                   # the load config; which tensors become FP8; TP slices
-    {"plan"},                                     # how to cut them; the load plan
+    {"tp"},                                       # TP slices of one tensor (pure arithmetic)
+    {"config", "policy"},                         # the load config; which tensors become FP8
     {"tp_ranges"},                                # a TP slice's file bytes and scale-grid slice
+    {"tp_layout"},                                # a load's TP view: each tensor's slice, its bands
+    {"plan"},                                     # how to cut them; the load plan
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes
-    {"prequantized"},                             # FP8 checkpoints: weights joined with scales
     {"pipeline"},                                 # one load: reader side + consumer side
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
     {"writer", "outdir"},                         # streaming safetensors writer; convert's output folder

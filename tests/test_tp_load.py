@@ -1,0 +1,234 @@
+"""Tensor-parallel loads over torch.distributed (gloo, spawned ranks on 127.0.0.1): each rank's
+tensors are exactly its slice of the TP=1 result, data and scales, bit for bit, and it reads only
+its own bytes. Slices are recomputed here from tp.shard_of (the layout tested in test_tp.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmapload import stream_quantize
+from mmapload.errors import OptionsError
+from mmapload.result import QuantizedTensor
+from mmapload.tp import Heads, shard_of
+from mmapload.tp_ranges import scale_slice, take
+from tpworld import run_world
+
+HEADS = Heads(8, 2, 16)           # 8 q heads, 2 kv heads of 16: at TP=4 each kv head serves 2 ranks
+TP_PLAN = {"model.extra": "row"}  # a name the default rule replicates, cut by the tp_plan option
+L0, L1 = "model.layers.0.", "model.layers.1."
+SHAPES = {
+    "model.embed_tokens.weight": (256, 64),                  # kept, column (vocab rows)
+    L0 + "input_layernorm.weight": (64,),                    # replicated
+    L0 + "self_attn.q_proj.weight": (128, 64),
+    L0 + "self_attn.q_proj.bias": (128,),                    # kept 1-D, cut with its weight
+    L0 + "self_attn.k_proj.weight": (32, 64),                # kv heads replicated at TP=4
+    L0 + "self_attn.v_proj.weight": (32, 64),
+    L0 + "self_attn.o_proj.weight": (64, 128),               # row
+    L0 + "self_attn.o_proj.bias": (64,),                     # replicated
+    L0 + "self_attn.qkv_proj.weight": (192, 64),             # fused, per part (q, k, v)
+    L0 + "mlp.gate_up_proj.weight": (256, 64),               # fused halves
+    L0 + "mlp.down_proj.weight": (64, 128),
+    L0 + "mlp.experts.gate_up_proj": (2, 256, 64),           # fused experts, column per half
+    L0 + "mlp.experts.down_proj": (2, 64, 128),              # fused experts, row
+    L1 + "mlp.up_proj.weight": (512, 256),                   # 256 KiB: pieces share scales (groups)
+    L1 + "mlp.down_proj.weight": (4, 40960),                 # 80 KiB rows: a row is cut into pieces
+    L1 + "self_attn.o_proj.weight": (64, 128),               # skipped: a kept row-parallel slice
+    "model.extra.weight": (3, 20000),                        # kept, tp_plan row: rows over a slot
+    "model.norm.weight": (64,),
+    "lm_head.weight": (256, 64),                             # kept (name rule), column
+}
+KV = 4 * 32 * 64 * 2              # bytes of the kv parts: k_proj, v_proj and qkv_proj's k and v
+SKIP = [L1 + "self_attn.o_proj.weight", "model.extra.weight"]
+RING = 64 << 10   # 16 KiB slots: most tensors come in several pieces
+
+
+def make_checkpoint(folder, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: (torch.randn(s, generator=g) * (0.5 + i % 3)).to(torch.bfloat16) for i, (n, s) in
+               enumerate(shapes.items())}
+    half = len(tensors) // 2
+    names = list(tensors)
+    save_file({n: tensors[n] for n in names[:half]}, folder / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[half:]}, folder / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors"
+                                            for i, n in enumerate(names)}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 2,
+                                                    "head_dim": 16, "hidden_size": 64}))
+    return folder
+
+
+CASES = [dict(granularity=g, fp8_dtype=d, io=io) for g, d, io in itertools.product(
+    ("tensor", "channel", "block"), ("e4m3", "e5m2"), ("mmap", "pread", "direct"))]
+OPTS = dict(policy="names", skip=SKIP, tp_plan=TP_PLAN, ring_bytes=RING, block_size=(16, 16), tp_timeout=60)
+
+
+def _as_saved(model):
+    out = {}
+    for name, t in model.items():
+        out[name] = (t.data, t.scale) if isinstance(t, QuantizedTensor) else t
+    return out, model.report.as_dict()
+
+
+def _load_cases(rank, world, folder, cases):
+    return [_as_saved(stream_quantize(folder, "cpu", tp_size=world, **OPTS, **case)) for case in cases]
+
+
+def _heads(name):
+    leaf = name.split(".")[-2] if "." in name else ""
+    return HEADS if leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj") else None
+
+
+def _slice(name, shape, rank, world, block):
+    return shard_of(name, shape, rank, world, plan=TP_PLAN, heads=_heads(name), block=block)
+
+
+def _check_world(folder, world, results, cases):
+    """Per case: every rank's tensors == its slice of the TP=1 load; every index of every tensor
+    held by some rank; bytes read == the rank's slices' bytes."""
+    for k, case in enumerate(cases):
+        full = stream_quantize(folder, "cpu", **{**OPTS, "tp_plan": None}, **case)
+        covered = {}
+        for rank in range(world):
+            tensors, report = results[rank][1][k]
+            assert report["tp_rank"] == rank and report["tp_size"] == world
+            assert set(tensors) == set(full), case
+            want_bytes = 0
+            for name, ref in full.items():
+                q = isinstance(ref, QuantizedTensor)
+                block = (16, 16) if q and case["granularity"] == "block" else None
+                sl = _slice(name, tuple(ref.shape), rank, world, block)
+                got = tensors[name]
+                if q:
+                    data, scale = got
+                    assert torch.equal(data.view(torch.uint8), take(ref.data, sl).view(torch.uint8)), (case, name)
+                    ssl = scale_slice(sl, tuple(ref.scale.shape), block=block)
+                    assert torch.equal(scale, take(ref.scale, ssl)), (case, name)
+                else:
+                    assert torch.equal(got, take(ref, sl)), (case, name)
+                want_bytes += math.prod(sl.shape) * 2
+                if sl.dim is not None:
+                    covered.setdefault(name, set()).update(i for lo, hi in sl.ranges for i in range(lo, hi))
+            assert report["bytes_read"] == want_bytes, (case, rank)
+        for name, idx in covered.items():   # the ranks' slices together hold all of every tensor
+            sl = _slice(name, tuple(full[name].shape), 0, world, None)
+            assert idx == set(range(sl.full_shape[sl.dim])), name
+    return full
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_hold_their_slice_of_the_tp1_result_bit_for_bit(tmp_path, world):
+    (tmp_path / "ckpt").mkdir()
+    folder = make_checkpoint(tmp_path / "ckpt")
+    results = run_world(_load_cases, world, tmp_path, folder, CASES)
+    for r in results:
+        assert r[0] == "ok", r
+    full = _check_world(folder, world, results, CASES)
+    # the share: sharded tensors read 1/world of their bytes, replicated ones all of theirs
+    total = sum(t.numel() * 2 for t in (v.data if isinstance(v, QuantizedTensor) else v for v in full.values()))
+    rep = sum(math.prod(s) * 2 for n, s in SHAPES.items()
+              if _slice(n, s, 0, world, None).dim is None)
+    for r in results:
+        for tensors, report in r[1]:   # kv heads (k, v, qkv's k and v) are shared by world / 2 ranks
+            assert report["bytes_read"] <= (total - rep - KV) / world + rep + KV / min(world, 2)
+            assert report["collectives"] >= 2    # the plan check and the end-of-load check
+
+
+def test_tp_size_without_a_process_group_is_an_options_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c")
+    with pytest.raises(OptionsError, match="init_process_group"):
+        stream_quantize(folder, tp_size=2, policy="names")
+
+
+def test_convert_and_load_into_refuse_tp(tmp_path):
+    from mmapload import convert
+    from mmapload.nn import load_into
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c")
+    with pytest.raises(OptionsError, match="tp_size=2"):
+        convert(folder, tmp_path / "out", tp_size=2)
+    with pytest.raises(OptionsError, match="tp_size=2"):
+        load_into(torch.nn.Linear(4, 4, device="meta"), folder, tp_size=2)
+    assert not (tmp_path / "out").exists()
+
+
+def _load_one(rank, world, folder, opts):
+    return _as_saved(stream_quantize(folder, "cpu", tp_size=world, **opts))
+
+
+@pytest.mark.timeout(300)
+def test_a_dimension_tp_size_does_not_divide_is_a_tp_error_naming_tensor_and_fix(tmp_path):
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c", {"model.layers.0.mlp.up_proj.weight": (6, 64),
+                                              "model.norm.weight": (64,)})
+    results = run_world(_load_one, 4, tmp_path, folder, dict(policy="names", tp_timeout=20))
+    for r in results:
+        assert r[:2] == ("error", "TPError"), r
+        assert "model.layers.0.mlp.up_proj.weight" in r[2] and "tp_size=4" in r[2] and "replicate" in r[2]
+
+
+@pytest.mark.timeout(300)
+def test_a_cut_off_the_block_grid_is_a_tp_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c", {"model.layers.0.mlp.down_proj.weight": (64, 96),
+                                              "model.norm.weight": (64,)})
+    results = run_world(_load_one, 2, tmp_path, folder,
+                        dict(policy="names", granularity="block", block_size=(32, 32), tp_timeout=20))
+    for r in results:
+        assert r[:2] == ("error", "TPError"), r
+        assert "down_proj" in r[2] and "block grid" in r[2] and "granularity='channel'" in r[2]
+
+
+def _load_mismatched(rank, world, folder):
+    return _as_saved(stream_quantize(folder, "cpu", tp_size=world, policy="names", tp_timeout=20,
+                                     ring_bytes=RING if rank else 2 * RING))
+
+
+@pytest.mark.timeout(300)
+def test_ranks_with_different_options_fail_with_a_tp_error_before_reading(tmp_path):
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c")
+    results = run_world(_load_mismatched, 2, tmp_path, folder)
+    for r in results:
+        assert r[:2] == ("error", "TPError") and "planned different loads" in r[2], r
+
+
+def _load_and_die(rank, world, folder, how):
+    from mmapload import assemble
+    flush, calls = assemble.Assembler.flush, []
+
+    def dying_flush(self):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:   # mid-load, after some collectives
+            if how == "exit":
+                import os
+                os._exit(7)
+            import time
+            time.sleep(30)                  # alive but stalled
+        return flush(self)
+    assemble.Assembler.flush = dying_flush
+    return _as_saved(stream_quantize(folder, "cpu", tp_size=world, policy="names", ring_bytes=RING,
+                                     tp_timeout=5))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["exit", "stall"])
+def test_a_rank_that_dies_or_stalls_mid_load_makes_the_others_raise(tmp_path, how):
+    import time
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c")
+    t0 = time.monotonic()
+    results = run_world(_load_and_die, 2, tmp_path, folder, how, deadline=120)
+    assert results[0][:2] == ("error", "TPError"), results[0]
+    assert "rank 0 of tp_size=2" in results[0][2]
+    # the stalled rank wakes to a group whose peer gave up: its next collective fails too
+    assert results[1][0] == "died" if how == "exit" else results[1][:2] == ("error", "TPError"), results[1]
+    assert time.monotonic() - t0 < 100
