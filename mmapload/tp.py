@@ -18,6 +18,10 @@ num_kv_heads`` a kv head is shared by ``num_kv_head_replicas = tp_size // num_kv
 (``tp_size % num_kv_heads == 0``): ``shard_rank = tp_rank // num_kv_head_replicas``, i.e. kv head
 ``tp_rank * num_kv_heads // tp_size``; separate ``k_proj`` / ``v_proj`` load the same way (pass
 :class:`Heads`). ``FusedMoE._load_w13`` / ``_load_w2`` narrow expert weights likewise.
+gpt-oss stores its fused experts ``[experts, in, out]`` (``x @ W``) with gate and up interleaved
+(``gate_up_proj[..., 0::2]`` / ``[..., 1::2]``): with ``in_out=True`` column-parallel cuts the
+last dim in one range (pairs stay together) and row-parallel the one before, as vLLM's
+``gpt_oss.py`` narrows them (``weight[:, :, 2 * start:2 * end]``, ``weight[:, start:end, :]``).
 """
 
 from __future__ import annotations
@@ -142,15 +146,21 @@ def where(name, shape, dim=None) -> str:
     return f"tensor {name!r} (shape {list(shape)}{'' if dim is None else f', dim {dim}'})"
 
 
-def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None = None) -> Sharding:
+def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None = None,
+                in_out: bool = False) -> Sharding:
     """How tensor ``name`` of ``shape`` is cut: by the first matching ``plan`` rule, else the default
     rule (module docstring). ``fused``: logical part sizes along the parallel dim (default:
-    ``gate_up_proj`` in halves, ``qkv_proj`` from ``heads``). TPError: qkv_proj without heads /
+    ``gate_up_proj`` in halves, ``qkv_proj`` from ``heads``). ``in_out``: fused experts stored
+    ``[experts, in, out]`` with gate / up interleaved (gpt-oss). TPError: qkv_proj without heads /
     fused, or parts that do not add up; OptionsError: bad ``fused`` / ``plan``."""
     shape = tuple(int(d) for d in shape)
     leaf, attr, experts = _role(name)
     style = tp_plan(plan).style(name) or _default_style(leaf, experts)
     nd = len(shape)
+    if in_out and experts and nd >= 2 and attr == "weight" and style in (COLUMN, ROW):
+        return Sharding(nd - 1 if style == COLUMN else nd - 2, (shape[nd - 1 if style == COLUMN else nd - 2],))
+    if in_out and experts and attr == "bias" and style == COLUMN and nd >= 1:
+        return Sharding(nd - 1, (shape[-1],))
     if style == COLUMN and attr in ("weight", "bias") and nd >= 1:
         dim = nd - 2 if attr == "weight" and nd >= 2 else nd - 1
     elif style == ROW and attr == "weight" and nd >= 2:
@@ -195,7 +205,7 @@ def block_of(block, name) -> tuple[int, int] | None:
 
 
 def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=None,
-             heads: Heads | None = None, block=None) -> Slice:
+             heads: Heads | None = None, block=None, in_out: bool = False) -> Slice:
     """Rank ``tp_rank``'s :class:`Slice` of tensor ``name`` of ``shape`` (``plan`` / ``fused`` /
     ``heads``: :func:`sharding_of`). ``block=(br, bc)``: it gets block scales, so each range must
     start and end on the block grid (or at the dim's end) for rank scales == TP=1 scales, sliced.
@@ -206,7 +216,7 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
     if as_int(tp_rank) is None or not 0 <= tp_rank < tp_size:
         raise OptionsError(f"tp_rank must be an int in [0, {tp_size}), got {tp_rank!r} (loading tensor {name!r})")
     shape, block = tuple(int(d) for d in shape), block_of(block, name)
-    sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads)
+    sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads, in_out=in_out)
     if sh.dim is None:
         return Slice(name, shape, None, (), shape)
     ranges, off = [], 0

@@ -20,7 +20,7 @@ from .scheme import Granularity, PerBlock, Scheme
 from .tp import Heads, Slice, shard_of, where
 from .tp_ranges import byte_ranges, scale_slice, strided_ranges
 
-__all__ = ["heads_of", "rank_slices", "bands", "kept_segments"]
+__all__ = ["heads_of", "experts_in_out", "rank_slices", "bands", "kept_segments"]
 
 
 def heads_of(config: dict | None) -> Heads | None:
@@ -50,13 +50,20 @@ def _heads_for(spec: TensorSpec, heads: Heads | None) -> Heads | None:
     return heads if want is None or want == n else None
 
 
+def experts_in_out(config: dict | None) -> bool:
+    """Fused experts stored ``[experts, in, out]``, gate / up interleaved: gpt-oss (config.json's
+    ``model_type``)."""
+    return isinstance(config, dict) and config.get("model_type") == "gpt_oss"
+
+
 def rank_slices(tensors: Iterator[TensorSpec], quantize: Callable[[TensorSpec], bool], scheme: Scheme,
                 tp_rank: int, tp_size: int, *, plan=None, heads: Heads | None = None,
-                pairs: Mapping[str, tuple] | None = None) -> dict[str, Slice]:
+                pairs: Mapping[str, tuple] | None = None, in_out: bool = False) -> dict[str, Slice]:
     """name -> this rank's :class:`Slice` for every tensor it holds a part of (replicated ones
     are absent). ``quantize(spec)``: the policy; a tensor quantized with ``PerBlock`` scales
     must be cut on its block grid. ``pairs``: an FP8 source's weight -> (scale name,
-    granularity, block) (prequantized.fp8_pairs): a scale is cut as its weight is.
+    granularity, block) (prequantized.fp8_pairs): a scale is cut as its weight is. ``in_out``:
+    fused experts stored ``[experts, in, out]`` (gpt-oss; tp.sharding_of).
     TPError (naming the tensor and the fix) for a cut tp.py refuses or a sub-byte dtype."""
     tensors = list(tensors)
     pairs = pairs or {}
@@ -72,7 +79,7 @@ def rank_slices(tensors: Iterator[TensorSpec], quantize: Callable[[TensorSpec], 
         elif isinstance(scheme, PerBlock) and quantize(spec):
             block = scheme.block
         sl = shard_of(spec.name, spec.shape, tp_rank, tp_size, plan=plan, heads=_heads_for(spec, heads),
-                      block=block)
+                      block=block, in_out=in_out)
         if sl.dim is None:
             continue
         if BITS[spec.dtype] % 8:

@@ -17,6 +17,7 @@ ORDER = [
     {"readers"},                                  # open_reader: one factory
     {"ring"},                                     # slots + reader thread
     {"transfer"},                                 # slot -> device copies, events (movers)
+    {"tp_group"},                                 # the TP process group: collectives with a timeout
     {"scheme"},                                   # FP8 schemes: PerTensor, PerChannel, PerBlock
     {"fp8"},                                      # device quantizer (pure numerics)
     {"result"},                                   # QuantizedTensor / QuantizedModel
@@ -26,6 +27,7 @@ ORDER = [
     {"config", "policy"},                         # the load config; which tensors become FP8
     {"tp_ranges"},                                # a TP slice's file bytes and scale-grid slice
     {"tp_layout"},                                # a load's TP view: each tensor's slice, its bands
+    {"pieces"},                                   # one tensor cut into slot-sized pieces
     {"plan"},                                     # how to cut them; the load plan
     {"assemble", "estimate", "fill"},             # pieces -> finished tensors; memory estimate;
                                                   # the reader thread's reads and pre-passes

@@ -288,3 +288,25 @@ def test_property_ranks_partition_every_part(tp, per, other, experts, row, items
         assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))             # sorted, merged
         runs = strided_ranges(start, shape, itemsize, sl)
         assert sum(r.length * r.count for r in runs) == sum(hi - lo for lo, hi in ranges)
+
+
+def test_gpt_oss_experts_in_out_are_cut_as_vllm_narrows_them():
+    # gpt-oss: gate_up_proj [E, H, 2I] with gate / up interleaved on the last dim, down_proj [E, I, H];
+    # vLLM's gpt_oss.py: gate_up[:, :, 2 * s:2 * e], its bias [:, 2 * s:2 * e], down[:, s:e, :]
+    E, H, I, tp = 3, 16, 24, 4
+    per = I // tp
+    for r in range(tp):
+        s, e = r * per, (r + 1) * per
+        gu = full((E, H, 2 * I))
+        sl = shard_of("model.layers.0.mlp.experts.gate_up_proj", gu.shape, r, tp, in_out=True)
+        assert torch.equal(take(gu, sl), gu[:, :, 2 * s:2 * e])
+        b = full((E, 2 * I))
+        sl = shard_of("model.layers.0.mlp.experts.gate_up_proj_bias", b.shape, r, tp, in_out=True)
+        assert torch.equal(take(b, sl), b[:, 2 * s:2 * e])
+        d = full((E, I, H))
+        sl = shard_of("model.layers.0.mlp.experts.down_proj", d.shape, r, tp, in_out=True)
+        assert torch.equal(take(d, sl), d[:, s:e, :])
+        db = full((E, H))
+        assert shard_of("model.layers.0.mlp.experts.down_proj_bias", db.shape, r, tp, in_out=True).dim is None
+        # without in_out the [out, in] rule would cut gate_up's hidden dim: not what gpt-oss needs
+        assert shard_of("model.layers.0.mlp.experts.gate_up_proj", gu.shape, r, tp).dim == 1

@@ -232,3 +232,117 @@ def test_a_rank_that_dies_or_stalls_mid_load_makes_the_others_raise(tmp_path, ho
     # the stalled rank wakes to a group whose peer gave up: its next collective fails too
     assert results[1][0] == "died" if how == "exit" else results[1][:2] == ("error", "TPError"), results[1]
     assert time.monotonic() - t0 < 100
+
+
+ARCHS = ("llama", "mixtral", "qwen3_moe", "gpt_oss", "gpt2")
+
+
+def _load_archs(rank, world, folders):
+    return [_as_saved(stream_quantize(f, "cpu", tp_size=world, granularity="channel", tp_timeout=60))
+            for f in folders]
+
+
+@pytest.mark.timeout(600)
+def test_real_architectures_ranks_hold_vllms_slices(tmp_path):
+    """transformers' own tiny models: vLLM's layout per architecture (heads from config.json; gpt-oss's
+    [experts, in, out] experts with gate / up interleaved), bit-identical to the TP=1 load's slices."""
+    import archs
+    folders = [archs.build(kind, tmp_path / kind) for kind in ARCHS]
+    results = run_world(_load_archs, 2, tmp_path, folders)
+    for r in results:
+        assert r[0] == "ok", r
+    sharded = {}
+    for k, (kind, folder) in enumerate(zip(ARCHS, folders)):
+        cfg = json.loads((folder / "config.json").read_text())
+        heads = Heads(cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                      cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) \
+            if "num_attention_heads" in cfg else None
+        full = stream_quantize(folder, "cpu", granularity="channel")
+        for rank in range(2):
+            tensors, report = results[rank][1][k]
+            for name, ref in full.items():
+                leaf = name.split(".")[-2] if "." in name else ""
+                sl = shard_of(name, tuple(ref.shape), rank, 2, in_out=kind == "gpt_oss",
+                              heads=heads if leaf in ("q_proj", "k_proj", "v_proj") else None)
+                if isinstance(ref, QuantizedTensor):
+                    data, scale = tensors[name]
+                    assert torch.equal(data.view(torch.uint8), take(ref.data, sl).view(torch.uint8)), (kind, name)
+                    assert torch.equal(scale, take(ref.scale, scale_slice(sl, tuple(ref.scale.shape)))), (kind, name)
+                else:
+                    assert torch.equal(tensors[name], take(ref, sl)), (kind, name)
+                sharded[kind] = sharded.get(kind, 0) + (sl.dim is not None)
+            assert report["bytes_read"] < full.report.bytes_read or kind == "gpt2", kind
+    assert sharded["gpt2"] == 0 and all(sharded[k] > 0 for k in ARCHS if k != "gpt2")
+
+
+def _load_fp8_sources(rank, world, folders):
+    return [_as_saved(stream_quantize(f, "cpu", tp_size=world, policy="names", tp_timeout=60)) for f in folders]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.filterwarnings("ignore::mmapload.errors.MmapLoadWarning")   # convert keeps fused experts
+def test_fp8_checkpoints_weights_and_their_scales_are_cut_alike(tmp_path):
+    """An FP8 source (convert's outputs: per-tensor, per-channel, block scales): each rank's FP8
+    weight and scale are the slices of the TP=1 load's, the block grid cut with the weight."""
+    from mmapload import convert
+    (tmp_path / "c").mkdir()
+    src = make_checkpoint(tmp_path / "c", {k: v for k, v in SHAPES.items() if k not in SKIP})
+    folders = [convert(src, tmp_path / f"{fmt}-{g}", format=fmt, granularity=g, block_size=(16, 16), policy="names")
+               for fmt, g in (("compressed-tensors", "tensor"), ("compressed-tensors", "channel"), ("fp8", "block"))]
+    results = run_world(_load_fp8_sources, 2, tmp_path, folders)
+    for r in results:
+        assert r[0] == "ok", r
+    for k, folder in enumerate(folders):
+        full = stream_quantize(folder, "cpu", policy="names")
+        cut = 0
+        for rank in range(2):
+            tensors, _ = results[rank][1][k]
+            assert set(tensors) == set(full)
+            for name, ref in full.items():
+                if not isinstance(ref, QuantizedTensor):
+                    continue
+                block = ref.block_size if ref.granularity.value == "block" else None
+                sl = _slice(name, tuple(ref.shape), rank, 2, block)
+                data, scale = tensors[name]
+                assert torch.equal(data.view(torch.uint8), take(ref.data, sl).view(torch.uint8)), (folder, name)
+                assert torch.equal(scale, take(ref.scale, scale_slice(sl, tuple(ref.scale.shape), block=block)))
+                cut += sl.dim is not None
+        assert cut > 10, folder
+
+
+def _measured_load(rank, world, folder, ring):
+    import threading
+    import time
+    from mmapload._procmem import read_mem
+    base, peak, stop = read_mem(), {"rss": 0, "file": 0}, threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            m = read_mem()
+            peak["rss"], peak["file"] = max(peak["rss"], m.rss), max(peak["file"], m.file or 0)
+            time.sleep(0.002)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    model = stream_quantize(folder, "cpu", tp_size=world, ring_bytes=ring, tp_timeout=120)
+    stop.set()
+    t.join()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return {"over": max(hwm, peak["rss"]) - base.rss - model.nbytes, "file_over": peak["file"] - (base.file or 0),
+            "bytes_read": model.report.bytes_read, "retained": model.nbytes}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_host_peak_per_rank_is_bounded_by_the_ring(gib_checkpoint, tmp_path):
+    """The TP=1 memory contract (test_memory.py) holds on every rank, fresh processes, 1.1 GiB."""
+    ring, mib = 64 << 20, 2**20
+    size = sum(p.stat().st_size for p in gib_checkpoint.glob("*.safetensors"))
+    results = run_world(_measured_load, 2, tmp_path, gib_checkpoint, ring)
+    for r in results:
+        assert r[0] == "ok", r
+        m = r[1]
+        print(f"rank: over {m['over'] / mib:.0f} MiB, file {m['file_over'] / mib:.0f} MiB, "
+              f"read {m['bytes_read'] / mib:.0f} of {size / mib:.0f} MiB, retained {m['retained'] / mib:.0f} MiB")
+        assert m["over"] <= ring + 200 * mib and m["file_over"] <= ring + 64 * mib, m
+        assert m["bytes_read"] < 0.6 * size, m
