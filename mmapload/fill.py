@@ -115,10 +115,10 @@ class Filler:
 
     @staticmethod
     def _read_strided(shard: ShardReader, piece: Piece, dst: np.ndarray) -> np.ndarray:
-        """A piece with one file range per row, its rows back to back in ``dst``."""
-        w = (piece.col1 - piece.col0) * piece.spec.itemsize
-        shard.copy_strided(piece.lo, piece.stride,
-                           [dst[k * w:(k + 1) * w] for k in range(piece.row1 - piece.row0)])
+        """A piece with one file range per row, its rows back to back in ``dst``; the pages its
+        rows touched leave our RSS at once (a map copy faults in whole pages around each row)."""
+        shard.copy_strided(piece.lo, piece.stride, (piece.col1 - piece.col0) * piece.spec.itemsize, dst)
+        shard.forget(piece.lo, piece.hi)
         return dst
 
     def _prefetch(self, shard: ShardReader, at: int) -> None:
@@ -159,10 +159,11 @@ class Filler:
             else:
                 self._copy(shard, run[0].lo, dsts)
             self.sample()
-            if self.exact:
+            if self.exact:   # our ranges from the page cache; every page we touched from our RSS
                 for p in run:
                     for lo, hi in p.ranges():
                         shard.release(lo, hi)
+                    shard.forget(p.lo, p.hi)
                 continue
             for p in run:
                 if p.release_to < p.hi:

@@ -124,11 +124,11 @@ class ShardReader:
             self.copy_into(lo, lo + len(d), d)
             lo += len(d)
 
-    def copy_strided(self, lo: int, stride: int, dsts: list[np.ndarray]) -> None:
-        """Copy ``len(dsts[k])`` file bytes from ``lo + k * stride`` into each ``dsts[k]``: the
-        rows of a piece narrower than its matrix."""
-        for k, d in enumerate(dsts):
-            self.copy_ranges(lo + k * stride, [d])
+    def copy_strided(self, lo: int, stride: int, length: int, dst: np.ndarray) -> None:
+        """Copy ``len(dst) // length`` rows of ``length`` file bytes, row k from ``lo + k * stride``,
+        into ``dst`` back to back: the rows of a piece narrower than its matrix (a TP row slice)."""
+        for k in range(len(dst) // length):
+            self.copy_ranges(lo + k * stride, [dst[k * length:(k + 1) * length]])
 
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
         """File bytes [lo, hi) as a uint8 tensor, valid until the next call (may use scratch)."""
@@ -144,6 +144,10 @@ class ShardReader:
         lo, hi = _ceil(lo), _floor(hi)
         if hi > lo and (self.drop_page_cache if drop_cache is None else drop_cache):
             self._fadvise(lo, hi, os.POSIX_FADV_DONTNEED)
+
+    def forget(self, lo: int, hi: int) -> None:
+        """Drop every page touching [lo, hi) from this process's RSS only (a map's pages; other
+        processes and the page cache keep theirs): TP ranks share pages at their cuts."""
 
     def release_behind(self, upto: int) -> None:
         """Release everything before ``upto`` not released yet (sequential reader)."""

@@ -154,12 +154,36 @@ class MappedShard(ShardReader):
     def copy_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
         self.copy_ranges(lo, [dst[:hi - lo]])
 
-    def copy_strided(self, lo: int, stride: int, dsts: list[np.ndarray]) -> None:
-        """With pread, not through the map: faulting each short row into our RSS and dropping it
-        again row by row (an madvise each, TLB shootdowns included) measured 3-4x slower."""
+    def copy_strided(self, lo: int, stride: int, length: int, dst: np.ndarray) -> None:
+        """Through the kernel, up to IOV_MAX rows a call (process_vm_readv with one remote iovec
+        per row: SIGBUS-proof, ~1.8x the speed of a pread per row for 2 KiB rows), else a pread
+        per row. Faulting each short row into our RSS and dropping it row by row (an madvise
+        each) measured 3-4x slower: the caller forgets the piece's pages once it is read."""
         self.verify()
-        for k, d in enumerate(dsts):
-            self._read(lo + k * stride, memoryview(d).cast("B"))
+        rows = len(dst) // length
+        if self._kernel_copies and rows > 1:
+            for k0 in range(0, rows, IOV_MAX):
+                n = min(IOV_MAX, rows - k0)
+                remote = np.empty((n, 2), dtype=np.uint64)     # struct iovec {base, len}
+                remote[:, 0] = self._addr + lo + (k0 + np.arange(n, dtype=np.uint64)) * stride
+                remote[:, 1] = length
+                local = _Iovec(dst.ctypes.data + k0 * length, n * length)
+                got = _pvr(os.getpid(), ctypes.byref(local), 1,
+                           ctypes.cast(remote.ctypes.data, ctypes.POINTER(_Iovec)), n, 0)
+                if got == n * length:
+                    continue
+                err = ctypes.get_errno() if got < 0 else errno.EFAULT
+                if got < 0 and err in (errno.EPERM, errno.ENOSYS) and k0 == 0:
+                    self._kernel_copies = False
+                    break
+                self.verify()
+                raise FileChangedError(
+                    f"{self.name}: rows from byte {lo + k0 * stride} (stride {stride}) can no longer be read "
+                    f"from the map ({os.strerror(err)}; file truncated or replaced while loading?)")
+            else:
+                return
+        for k in range(rows):
+            self._read(lo + k * stride, memoryview(dst[k * length:(k + 1) * length]).cast("B"))
 
     def window(self, lo: int, hi: int, scratch: np.ndarray) -> torch.Tensor:
         if self._kernel_copies:   # a copy, so that the caller never touches the map itself
@@ -169,6 +193,9 @@ class MappedShard(ShardReader):
 
     def prefetch(self, lo: int, hi: int) -> None:
         self._advise(mmap.MADV_WILLNEED, lo, hi)
+
+    def forget(self, lo: int, hi: int) -> None:
+        self._advise(mmap.MADV_DONTNEED, lo, hi)
 
     def release(self, lo: int, hi: int, *, drop_cache: bool | None = None) -> None:
         """Drop the whole pages inside [lo, hi) from RSS and (optionally) the page cache."""
