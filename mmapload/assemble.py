@@ -24,6 +24,7 @@ the TP=1 scales, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Callable
 
@@ -87,25 +88,33 @@ class Assembler:
         self._hold_busy = False    # a completed held group still reads the copying mover's buffer
         self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=device)
         self._b: _Building | None = None
+        self._last: Piece | None = None   # the last piece added (for an out-of-memory message)
         self._unchecked: list = []     # (device bool "amax finite", piece) not yet looked at
         self.retained_bytes = self.tensors = self.quantized = 0
 
     def add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None = None,
             output: torch.Tensor | None = None) -> None:
-        try:
+        self._last = piece
+        with self._oom_is_device_error(piece):
             self._add(lease, piece, data, amax, output)
-        except RuntimeError as e:   # torch.OutOfMemoryError (CUDA) or the CPU allocator's
-            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
-                self._b = None
-                raise self._oom(piece) from e
-            raise
 
     def flush(self) -> list[tuple[str, Loaded]]:
         """End of a batch: reduce the amaxes it completed over the TP group (one collective),
         run the casts that waited for them; the tensors finished, in file order."""
-        self._reduce()
+        with self._oom_is_device_error(self._last):
+            self._reduce()
         done, self._finished = self._finished, []
         return done
+
+    @contextlib.contextmanager
+    def _oom_is_device_error(self, piece: Piece | None):
+        try:
+            yield
+        except RuntimeError as e:   # torch.OutOfMemoryError (CUDA) or the CPU allocator's
+            if piece is not None and (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+                self._b, self._later = None, []
+                raise self._oom(piece) from e
+            raise
 
     def _reduce(self) -> None:
         if self._pending:
@@ -113,7 +122,8 @@ class Assembler:
             local = [a.reshape(-1).float() for a, _ in pending]
             # per amax, rank + 1 where it is NaN / Inf: after the MAX every rank knows which and where
             bad = torch.stack([~torch.isfinite(a).all() for a in local]).float() * (self.group.rank + 1)
-            flat = self.group.max_(torch.cat([*local, bad]), f"the amax all-reduce of tensor {pending[0][1].spec.name!r}")
+            flat = self.group.max_(torch.cat([*local, bad]),
+                                   f"the amax all-reduce of tensor {pending[0][1].spec.name!r}")
             flags = flat[-len(pending):]
             if bool((flags > 0).any()):
                 i = int(torch.nonzero(flags > 0)[0])
@@ -127,6 +137,7 @@ class Assembler:
         for op in later:
             op()
         self._hold_busy = False
+
     def _oom(self, piece: Piece) -> DeviceError:
         spec, dev = piece.spec, self.device
         need = spec.numel * self.opts.fp8_dtype.itemsize if piece.quantize else spec.nbytes

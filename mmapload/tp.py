@@ -40,6 +40,7 @@ COLUMN, ROW, REPLICATE = "column", "row", "replicate"
 _COLUMN = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
                      "embed_tokens", "lm_head"})
 _ROW = frozenset({"o_proj", "down_proj"})
+_VOCAB = frozenset({"embed_tokens", "lm_head"})   # VocabParallelEmbedding / ParallelLMHead
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,11 @@ def shard_of(name: str, shape, tp_rank: int, tp_size: int, *, plan=None, fused=N
     sh = sharding_of(name, shape, plan=plan, fused=fused, heads=heads, in_out=in_out)
     if sh.dim is None:
         return Slice(name, shape, None, (), shape)
+    if tp_size > 1 and shape[sh.dim] % 64 and _role(name)[0] in _VOCAB and tp_plan(plan).style(name) is None:
+        raise TPError(f"{where(name, shape, sh.dim)}: vLLM pads a vocabulary to a multiple of 64 and cuts the padded "
+                      f"rows ({shape[sh.dim]} -> {-(-shape[sh.dim] // 64) * 64}), so its ranks' parts are not "
+                      f"{tp_size} equal parts of {shape[sh.dim]}; replicate it (tp_plan={{{name.rpartition('.')[0]!r}: "
+                      "'replicate'}) and let the engine narrow it, or cut equal parts ('column')")
     ranges, off = [], 0
     for i, size in enumerate(sh.parts):
         n = sh.heads[i] if sh.heads else size

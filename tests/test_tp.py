@@ -310,3 +310,14 @@ def test_gpt_oss_experts_in_out_are_cut_as_vllm_narrows_them():
         assert shard_of("model.layers.0.mlp.experts.down_proj_bias", db.shape, r, tp, in_out=True).dim is None
         # without in_out the [out, in] rule would cut gate_up's hidden dim: not what gpt-oss needs
         assert shard_of("model.layers.0.mlp.experts.gate_up_proj", gu.shape, r, tp).dim == 1
+
+
+def test_a_vocabulary_vllm_pads_is_refused_unless_the_plan_says_how():
+    # vLLM cuts round_up(V, 64) rows in equal parts: for V % 64 != 0 its parts are not V / tp rows each
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        with pytest.raises(TPError, match="pads a vocabulary to a multiple of 64.*32064.*replicate"):
+            shard_of(name, (32002, 64), 0, 2)
+        assert shard_of(name, (32002, 64), 1, 2, plan={name.rpartition(".")[0]: "column"}).ranges == ((16001, 32002),)
+        assert shard_of(name, (32002, 64), 0, 2, plan={name.rpartition(".")[0]: "replicate"}).dim is None
+        assert shard_of(name, (32000, 64), 1, 2).ranges == ((16000, 32000),)   # a multiple of 64: vLLM's parts
+        assert shard_of(name, (32002, 64), 0, 1).dim is not None                # tp_size 1: nothing to cut
