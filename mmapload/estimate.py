@@ -32,6 +32,16 @@ Device peak (CUDA; what ``torch.cuda.max_memory_allocated`` can reach during the
   + quantizer scratch (4M float32 = 16 MiB) + amax grids + error_stats temporaries
 On the CPU the device is host RAM: ``device_peak`` is None and ``fits`` uses the host peak.
 
+Tensor parallelism (``tp_size`` > 1): the projection is one rank's (``tp_rank``, default 0;
+every rank has the same sizes): its plan (plan.plan_load with the rank) and its local shapes
+(``LoadPlan.shape_of``) for the retained bytes, so FP8 data, scales, kept tensors and bytes read
+are the rank's share; ``tp1`` holds the same load at TP=1, for comparison. With ``io="mmap"`` a
+rank releases exactly its pieces' whole pages (others' bytes lie between them), so the pages at
+its pieces' edges stay mapped, each with the fault-around window the kernel maps with it
+(``fault_around_bytes``, 64 KiB by default): one more reader term, ``TP_FAULT_AROUND`` bytes per
+distinct window holding a piece's first or last byte. The collectives' buffers (a float per
+granule of a batch) are in the margin.
+
 HOST_MARGIN (64 MiB) covers what the model does not itemise: malloc arenas and the torch
 allocator's caching, the Python objects of the results, page rounding. Measured (fresh
 processes, 2-core CPU machine, 128 MiB-1 GiB llama-shaped checkpoints, rings of 4-256 MiB,
@@ -43,6 +53,7 @@ caching-allocator segments reserved beyond what is allocated): estimates, not me
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 from dataclasses import dataclass, field
@@ -52,12 +63,13 @@ import torch
 from .checkpoint import TensorSpec, open_checkpoint
 from ._math import ceil_div, round_up
 from .fp8 import Granularity, default_scratch_elems
-from .config import RING_BYTES, LoadOptions, config_from, public_verb
-from .plan import plan_load
+from .config import RING_BYTES, LoadConfig, LoadOptions, config_from, public_verb
+from .plan import LoadPlan, plan_load
 from .policy import policy_for
 from .transfer import parse_device
 
-__all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
+__all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT",
+           "TP_FAULT_AROUND"]
 
 HOST_MARGIN = 64 << 20
 DEVICE_MARGIN = 64 << 20
@@ -66,6 +78,7 @@ _CPU_SCRATCH = 4 * default_scratch_elems("cpu")     # bytes of one quantizer's f
 _CUDA_SCRATCH = 4 * default_scratch_elems("cuda")
 _PAGE = mmap.PAGESIZE
 _CUDA_ROUND = 512             # the CUDA caching allocator's size granularity
+TP_FAULT_AROUND = 64 << 10    # Linux's default fault_around_bytes: pages mapped around a fault
 _NAMES = 3                    # example names kept per group
 
 
@@ -98,13 +111,19 @@ class Projection:
     stage_bytes: int                                  # largest batch
     hold_bytes: int                                   # CUDA hold buffer
     prepass: int                                      # CPU: scale groups read twice (pre-pass)
+    bytes_read: int                                   # file bytes the load reads (a TP rank: its share)
+    kept_bytes: int                                   # what the kept tensors retain (a TP rank: its
+                                                      # slices of them; else kept.nbytes)
     host_terms: dict[str, int] = field(default_factory=dict)
     device_terms: dict[str, int] | None = None
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp1: "Projection | None" = None                   # TP: the same load at TP=1, for comparison
 
     @property
     def retained_bytes(self) -> int:
         """What the loaded model keeps: FP8 data + scales + the kept tensors."""
-        return self.fp8_bytes + self.scale_bytes + self.kept.nbytes
+        return self.fp8_bytes + self.scale_bytes + self.kept_bytes
 
     @property
     def host_peak(self) -> int:
@@ -147,12 +166,17 @@ class Projection:
             "device_peak": self.device_peak, "device_terms": self.device_terms, "needed": self.needed(),
             "device_memory": device_memory,
             "fits": None if device_memory is None else self.fits(device_memory),
+            "bytes_read": self.bytes_read, "kept_bytes": self.kept_bytes,
+            "tp_rank": self.tp_rank, "tp_size": self.tp_size,
+            "tp1": None if self.tp1 is None else {k: self.tp1.as_dict(device_memory)[k] for k in _TP1_KEYS},
         }
 
     def format(self, device_memory: int | None = None) -> str:
         o, g = self.options, lambda b: _size(b)
         terms = lambda d: " + ".join(f"{k} {g(v)}" for k, v in d.items() if v)  # noqa: E731
         few = lambda grp: f"  e.g. {', '.join(grp.names)}" if grp.names else ""  # noqa: E731
+        tp = self.tp1 is not None
+        share = " per rank" if tp else ""
         lines = [f"checkpoint   {self.path}: {len(self.shards)} shard(s), {self.tensors} tensors, "
                  f"{g(self.total_bytes)}"]
         lines += [f"  shard      {f}: {n} tensors, {g(b)}" for f, n, b in self.shards]
@@ -160,11 +184,11 @@ class Projection:
         lines += [f"  largest    {s.name} {s.dtype} {list(s.shape)}: {g(s.nbytes)}" for s in self.largest]
         lines += [
             f"quantized    {self.quantized.count} tensors, {g(self.quantized.nbytes)} -> FP8 "
-            f"{g(self.fp8_bytes)} + scales {g(self.scale_bytes)} ({o.granularity.value})"
+            f"{g(self.fp8_bytes)} + scales {g(self.scale_bytes)}{share} ({o.granularity.value})"
             f"{few(self.quantized)}",
             f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)} (decided by {self.policy})",
             *(f"  {grp.count:>4} x    {rule}: {g(grp.nbytes)}{few(grp)}" for rule, grp in self.kept_by.items()),
-            f"retained     {g(self.retained_bytes)}",
+            f"retained     {g(self.retained_bytes)}{share}",
             f"plan         ring {g(self.ring_bytes)} = {self.ring_bytes // o.slot_bytes} x {g(o.slot_bytes)} "
             f"slots, largest batch {g(self.stage_bytes)}" + (f", {self.prepass} scale groups read twice (amax pre-pass)"
                                        if self.prepass else ""),
@@ -172,13 +196,27 @@ class Projection:
         ]
         if self.device_terms is not None:
             lines.append(f"device peak  {g(self.device_peak)} ({terms(self.device_terms)})")
+        if tp:
+            one = self.tp1
+            lines.append(f"tensor par.  rank {self.tp_rank} of {self.tp_size} (every rank the same sizes) "
+                         f"vs TP=1:")
+            rows = [("bytes read", self.bytes_read, one.bytes_read),
+                    ("retained", self.retained_bytes, one.retained_bytes),
+                    ("host peak", self.host_peak, one.host_peak)]
+            if self.device_terms is not None:
+                rows.append(("device peak", self.device_peak, one.device_peak))
+            lines += [f"  {k:<11}{g(a):>14} per rank  vs {g(b):>14}" for k, a, b in rows]
         if device_memory is not None:
             extra = "" if self.device_terms is None else (
                 f" (device peak + CUDA context {g(CUDA_CONTEXT)} + margin {g(DEVICE_MARGIN)})")
             verdict = "fits" if self.fits(device_memory) else "does NOT fit"
             lines.append(f"{verdict:<12} {self.device}: needs {g(self.needed())}{extra} "
-                         f"of {g(device_memory)}")
+                         f"of {g(device_memory)}" + (" (each rank's device)" if tp else ""))
         return "\n".join(lines)
+
+
+_TP1_KEYS = ("bytes_read", "fp8_bytes", "scale_bytes", "kept_bytes", "retained_bytes", "host_peak",
+             "host_terms", "device_peak", "device_terms", "needed", "fits")
 
 
 def _size(b: int) -> str:
@@ -209,13 +247,17 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
             fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
             tp_size, tp_rank, process_group, tp_plan, tp_timeout:
-            the load options as for ``stream_quantize`` (``mmapload.LoadConfig``).
+            the load options as for ``stream_quantize`` (``mmapload.LoadConfig``). With ``tp_size``
+            > 1 the projection is rank ``tp_rank``'s (default 0; every rank has the same sizes),
+            no process group needed; ``Projection.tp1`` is the same load at TP=1.
 
     Returns:
         `Projection`: the checkpoint's totals and the host / device memory the load needs, in bytes.
+        (A TP rank: ``bytes_read``, FP8, scales, retained bytes and peaks are the rank's.)
 
     Raises:
-        OptionsError: a bad option (naming it). What ``open_checkpoint`` raises.
+        OptionsError: a bad option (naming it). What ``open_checkpoint`` raises. TPError: a tensor
+            ``tp_size`` cannot cut (naming it and the fix).
 
     Example:
 
@@ -228,11 +270,34 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     opts = config_from(locals())
     dev = parse_device(device)
     ckpt = open_checkpoint(path)
-    specs = ckpt.tensors
     policy = policy_for(ckpt, opts)
+    p = _project(ckpt, policy, opts, dev, top)
+    if opts.tp_size > 1:   # the same load without tensor parallelism, next to the rank's
+        one = LoadConfig(**{**opts.as_kwargs(), "tp_size": 1, "tp_rank": None, "process_group": None})
+        p = dataclasses.replace(p, tp1=_project(ckpt, policy, one, dev, top))
+    return p
+
+
+def _edge_windows(plan: LoadPlan) -> int:
+    """TP with io="mmap": bytes of the fault-around windows at the rank's pieces' edges, which
+    stay mapped (the reader releases exactly each piece's whole pages; module docstring).
+    Strided pieces are read with pread, not through the map."""
+    w = TP_FAULT_AROUND
+    wins = {(p.spec.shard, x // w) for b in plan.batches for p in b.pieces if not p.stride and p.hi > p.lo
+            for x in (p.lo, p.hi - 1)}
+    return len(wins) * w
+
+
+def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
+    """The projection of loading ``ckpt`` with ``opts`` (a TP rank's: ``opts.tp_rank`` or 0)."""
+    specs = ckpt.tensors
     quant = {s.name for s in specs if policy(s)}
     gran, (br, bc) = opts.granularity, opts.block_size
     plan = plan_load(ckpt, policy, opts, dev)
+    shape = {s.name: plan.shape_of(s) for s in specs}    # the rank's part (TP), else the header's
+
+    def local_nbytes(s: TensorSpec) -> int:   # sub-byte dtypes are never cut (tp_layout)
+        return s.nbytes if s.name not in plan.slices else math.prod(shape[s.name]) * s.itemsize
 
     dtypes: dict[str, tuple[int, int]] = {}
     for s in specs:
@@ -243,7 +308,8 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     by_rule: dict[str, list[TensorSpec]] = {}
     for s in kspecs:
         by_rule.setdefault(policy.decide(s).rule, []).append(s)
-    scale_elems = {s.name: math.prod(opts.scheme.scale_shape(s.shape)) for s in qspecs}
+    numel = {s.name: math.prod(shape[s.name]) for s in qspecs}
+    scale_elems = {s.name: math.prod(opts.scheme.scale_shape(shape[s.name])) for s in qspecs}
 
     # from the plan: the largest piece and its amax grid, bands read out of file order
     piece_elems = grid_elems = band_rows = 0
@@ -253,7 +319,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
                 continue
             rows, cols = p.row1 - p.row0, p.col1 - p.col0
             if p.release_to < p.hi:   # read out of file order: a band cut into columns
-                band_rows = max(band_rows, min(br, p.spec.shape[-2]))
+                band_rows = max(band_rows, min(br, shape[p.spec.name][-2]))
             piece_elems = max(piece_elems, rows * cols)
             if gran is Granularity.BLOCK:   # int grid + its row padding + float copy
                 grid_elems = max(grid_elems, (rows + br) * ceil_div(cols, bc))
@@ -262,14 +328,16 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     stage, hold = plan.stage_bytes, plan.hold_bytes
     slot, ring = plan.slot_bytes, plan.n_slots * plan.slot_bytes   # the ring the load allocates
     grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
-    fp8_bytes = sum(s.numel for s in qspecs)
+    fp8_bytes = sum(numel.values())
     scale_bytes = 4 * sum(scale_elems.values())
-    kept_bytes = sum(s.nbytes for s in kspecs)
+    kept_bytes = sum(local_nbytes(s) for s in kspecs)
 
     io = opts.io
     # mmap: a run's window, plus a pre-pass window where groups may be pre-passed (in place)
     reader = {"mmap": (1 if plan.copies else 2) * slot + 2 * _PAGE * band_rows, "pread": 0,
               "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
+    if io == "mmap" and plan.tp_size > 1:
+        reader += _edge_windows(plan)
     if dev.type == "cpu":
         prepass = len(plan.prepass)
         host = {"ring": ring, "retained": fp8_bytes + scale_bytes + kept_bytes,
@@ -280,8 +348,8 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         prepass = 0
         host = {"ring (pinned)": 1 << (ring - 1).bit_length(), f"reader ({io})": reader,
                 "quantizer scratch": _CPU_SCRATCH, "margin": HOST_MARGIN}
-        retained = (sum(round_up(s.numel, _CUDA_ROUND) + round_up(4 * scale_elems[s.name], _CUDA_ROUND)
-                        for s in qspecs) + sum(round_up(s.nbytes, _CUDA_ROUND) for s in kspecs))
+        retained = (sum(round_up(numel[s.name], _CUDA_ROUND) + round_up(4 * scale_elems[s.name], _CUDA_ROUND)
+                        for s in qspecs) + sum(round_up(local_nbytes(s), _CUDA_ROUND) for s in kspecs))
         device_terms = {"retained": retained, "staging": 2 * round_up(stage, _CUDA_ROUND),
                         "hold buffer": round_up(hold, _CUDA_ROUND), "quantizer scratch": _CUDA_SCRATCH,
                         "amax grids": grids, "error stats": err}
@@ -294,4 +362,5 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         kept_by={r: _group(v) for r, v in sorted(by_rule.items(), key=lambda kv: -sum(x.nbytes for x in kv[1]))},
         fp8_bytes=fp8_bytes, scale_bytes=scale_bytes,
         ring_bytes=ring, stage_bytes=stage, hold_bytes=hold, prepass=prepass,
-        host_terms=host, device_terms=device_terms)
+        host_terms=host, device_terms=device_terms, bytes_read=plan.total_bytes, kept_bytes=kept_bytes,
+        tp_rank=plan.tp_rank, tp_size=plan.tp_size)
