@@ -35,12 +35,8 @@ On the CPU the device is host RAM: ``device_peak`` is None and ``fits`` uses the
 Tensor parallelism (``tp_size`` > 1): the projection is one rank's (``tp_rank``, default 0;
 every rank has the same sizes): its plan (plan.plan_load with the rank) and its local shapes
 (``LoadPlan.shape_of``) for the retained bytes, so FP8 data, scales, kept tensors and bytes read
-are the rank's share; ``tp1`` holds the same load at TP=1, for comparison. With ``io="mmap"`` a
-rank releases exactly its pieces' whole pages (others' bytes lie between them), so the pages at
-its pieces' edges stay mapped, each with the fault-around window the kernel maps with it
-(``fault_around_bytes``, 64 KiB by default): one more reader term, ``TP_FAULT_AROUND`` bytes per
-distinct window holding a piece's first or last byte. The collectives' buffers (a float per
-granule of a batch) are in the margin.
+are the rank's share; ``tp1`` holds the same load at TP=1, for comparison. The collectives'
+buffers (a float per granule of a batch) are in the margin.
 
 HOST_MARGIN (64 MiB) covers what the model does not itemise: malloc arenas and the torch
 allocator's caching, the Python objects of the results, page rounding. Measured (fresh
@@ -64,12 +60,11 @@ from .checkpoint import TensorSpec, open_checkpoint
 from ._math import ceil_div, round_up
 from .fp8 import Granularity, default_scratch_elems
 from .config import RING_BYTES, LoadConfig, LoadOptions, config_from, public_verb
-from .plan import LoadPlan, plan_load
+from .plan import plan_load
 from .policy import policy_for
 from .transfer import parse_device
 
-__all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT",
-           "TP_FAULT_AROUND"]
+__all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]
 
 HOST_MARGIN = 64 << 20
 DEVICE_MARGIN = 64 << 20
@@ -78,7 +73,6 @@ _CPU_SCRATCH = 4 * default_scratch_elems("cpu")     # bytes of one quantizer's f
 _CUDA_SCRATCH = 4 * default_scratch_elems("cuda")
 _PAGE = mmap.PAGESIZE
 _CUDA_ROUND = 512             # the CUDA caching allocator's size granularity
-TP_FAULT_AROUND = 64 << 10    # Linux's default fault_around_bytes: pages mapped around a fault
 _NAMES = 3                    # example names kept per group
 
 
@@ -278,16 +272,6 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
     return p
 
 
-def _edge_windows(plan: LoadPlan) -> int:
-    """TP with io="mmap": bytes of the fault-around windows at the rank's pieces' edges, which
-    stay mapped (the reader releases exactly each piece's whole pages; module docstring).
-    Strided pieces are read with pread, not through the map."""
-    w = TP_FAULT_AROUND
-    wins = {(p.spec.shard, x // w) for b in plan.batches for p in b.pieces if not p.stride and p.hi > p.lo
-            for x in (p.lo, p.hi - 1)}
-    return len(wins) * w
-
-
 def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
     """The projection of loading ``ckpt`` with ``opts`` (a TP rank's: ``opts.tp_rank`` or 0)."""
     specs = ckpt.tensors
@@ -336,8 +320,6 @@ def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
     # mmap: a run's window, plus a pre-pass window where groups may be pre-passed (in place)
     reader = {"mmap": (1 if plan.copies else 2) * slot + 2 * _PAGE * band_rows, "pread": 0,
               "direct": len(ckpt.shards) * (slot + 2 * _PAGE)}[io]
-    if io == "mmap" and plan.tp_size > 1:
-        reader += _edge_windows(plan)
     if dev.type == "cpu":
         prepass = len(plan.prepass)
         host = {"ring": ring, "retained": fp8_bytes + scale_bytes + kept_bytes,

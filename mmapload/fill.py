@@ -159,11 +159,11 @@ class Filler:
             else:
                 self._copy(shard, run[0].lo, dsts)
             self.sample()
-            if self.exact:   # our ranges from the page cache; every page we touched from our RSS
+            if self.exact:   # our ranges from the page cache; all the pages we faulted in from our RSS
                 for p in run:
                     for lo, hi in p.ranges():
                         shard.release(lo, hi)
-                    shard.forget(p.lo, p.hi)
+                shard.forget(run[0].lo, run[-1].hi)
                 continue
             for p in run:
                 if p.release_to < p.hi:

@@ -23,8 +23,7 @@ ORDER = [
     {"result"},                                   # QuantizedTensor / QuantizedModel
     {"prequantized"},                             # FP8 checkpoints: weights joined with scales
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
-    {"tp", "tp_group"},                           # TP slices of one tensor (pure arithmetic); the
-                                                  # process group's collectives, with timeouts
+    {"tp"},                                       # TP slices of one tensor (pure arithmetic)
     {"config", "policy"},                         # the load config; which tensors become FP8
     {"tp_ranges"},                                # a TP slice's file bytes and scale-grid slice
     {"tp_layout"},                                # a load's TP view: each tensor's slice, its bands

@@ -148,7 +148,6 @@ class ShardReader:
     def forget(self, lo: int, hi: int) -> None:
         """Drop every page touching [lo, hi) from this process's RSS only (a map's pages; other
         processes and the page cache keep theirs): TP ranks share pages at their cuts."""
-
     def release_behind(self, upto: int) -> None:
         """Release everything before ``upto`` not released yet (sequential reader)."""
         if upto > self._released:
