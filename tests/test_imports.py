@@ -43,6 +43,7 @@ ORDER = [
     {"bench.timeline"},                           # the sampler's CSV and plot
     {"bench.strategies"},                         # the loaders compared by profile / bench ...
     {"bench.loaders"},                            # ... each run and measured in a fresh process
+    {"bench.tp"},                                 # tensor-parallel worlds of them, rank by rank
     {"cli"},                                      # command line
     {"__main__", "__init__"},                     # entry points
 ]

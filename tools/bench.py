@@ -26,6 +26,13 @@ each run (echo 3 > /proc/sys/vm/drop_caches where permitted, else posix_fadvise 
     python tools/bench.py --cold --threads 1 --json out.json
     python tools/bench.py --sizes 1GiB,4GiB --strategies naive,mmapload
     python tools/bench.py --quick                   # ~64 MiB, a few strategies, well under a minute
+    python tools/bench.py --tp 2,4 --sizes 1GiB     # tensor parallel: N gloo ranks, per-rank numbers
+
+--tp N (tools/bench_tp.py): for each strategy N fresh ranks (gloo on 127.0.0.1) each load their
+slice: "safe_open" (every rank get_tensor's every tensor and narrows it, as engines do) against
+mmapload:IO (tp_size=N); per rank seconds, CPU seconds, bytes read, storage reads
+(/proc/self/io), peak RSS (anon / file-backed), bytes kept; --row-weight RxC loads one
+row-parallel weight instead of the llama checkpoint.
 
 Output: a markdown table per size on stdout (seconds, GB/s of checkpoint bytes, time as a
 multiple of the ceiling and of mmapload:mmap, peak RSS / anonymous / file-backed above the
@@ -48,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import torch
@@ -500,6 +508,21 @@ def growth(results: list[dict]) -> str:
 
 
 # -- main --------------------------------------------------------------------------------------
+def bench_root(args) -> tuple[Path, str | None]:
+    """(folder the checkpoints go to, the temporary folder to delete at the end or None)."""
+    if args.keep:
+        root = Path(args.keep)
+        root.mkdir(parents=True, exist_ok=True)
+        return root, None
+    tmp = tempfile.mkdtemp(prefix="mmapload-bench-", dir=args.tmp)
+    return Path(tmp), tmp
+
+
+def cleanup(tmp: str | None) -> None:
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -528,11 +551,30 @@ def main(argv=None) -> int:
                     "when there); default: a temporary folder, deleted at the end")
     ap.add_argument("--tmp", metavar="DIR", help="where the temporary folder goes (default: the system's)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--tp", metavar="N[,N]", help="tensor parallel: world sizes, each a gloo world of N fresh "
+                    "ranks on this machine; strategies safe_open (+ narrow, the baseline) and mmapload[:io] "
+                    "(tools/bench_tp.py); default size 1GiB (--quick 64MiB), threads cores // N per rank")
+    ap.add_argument("--row-weight", metavar="RxC", help="with --tp: a checkpoint of one row-parallel bf16 "
+                    "weight [R, C] instead of the llama one (e.g. 16384x8192: 2 KiB of each row per rank at TP=8)")
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if args.tp or args.row_weight:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_tp
+        try:
+            args.tp = bench_tp.parse_tp(args.tp or "")
+            args.row_weight = args.row_weight and bench_tp.parse_shape(args.row_weight)
+        except ValueError as e:
+            ap.error(f"{e} (--row-weight needs --tp)")
+        if args.device != "cpu":
+            ap.error("--tp runs on the CPU (gloo)")
+        args.sizes = args.sizes or [QUICK_SIZE if args.quick else GiB]
+        args.ring_bytes = args.ring_bytes or (QUICK_RING if args.quick else 256 * MiB)
+        return bench_tp.run_tp(args, SimpleNamespace(**globals()))   # this file's helpers
     args.sizes = args.sizes or [QUICK_SIZE if args.quick else 8 * GiB if args.device.startswith("cuda") else 4 * GiB]
     rows_wanted = args.strategies or (QUICK_ROWS if args.quick else ALL_ROWS)
     if args.ring_bytes is None:
@@ -561,21 +603,14 @@ def main(argv=None) -> int:
                 strategies=[label(r) for r in rows_wanted], interval=args.interval,
                 command=" ".join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)]))
 
-    tmp = None
-    if args.keep:
-        root = Path(args.keep)
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="mmapload-bench-", dir=args.tmp)
-        root = Path(tmp)
+    root, tmp = bench_root(args)
     meta["filesystem"] = fstype(root)
     results = []
     try:
         for size in args.sizes:
             results.append(bench_size(size, root, args, rows_wanted, device, opts, cold))
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        cleanup(tmp)
     meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     m = meta
