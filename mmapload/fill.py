@@ -159,10 +159,11 @@ class Filler:
             else:
                 self._copy(shard, run[0].lo, dsts)
             self.sample()
-            if self.exact:   # our ranges from the page cache; all the pages we faulted in from our RSS
-                for p in run:
-                    for lo, hi in p.ranges():
-                        shard.release(lo, hi)
+            if self.exact:   # our slices' pages from the page cache (a replicated tensor's, which
+                for p in run:  # every rank reads, stay for the others); what we faulted in from our RSS
+                    if p.spec.name in self.plan.slices:
+                        for lo, hi in p.ranges():
+                            shard.release(lo, hi)
                 shard.forget(run[0].lo, run[-1].hi)
                 continue
             for p in run:
