@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from .errors import MmapLoadError, TPError
 from .config import IO_MODES, POLICIES, RING_BYTES
+from .cli_tp import add_tp_plan, quantize_tp
 from .fp8 import Granularity
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -69,114 +69,18 @@ def _positive_seconds(text: str) -> float:
     return v
 
 
-def _tp_plan_arg(text: str) -> dict:
-    """--tp-plan: a JSON object (pattern -> "column" | "row" | "replicate"), or a file holding one."""
-    src = text
-    if not text.lstrip().startswith("{") and Path(text).is_file():
-        src = Path(text).read_text()
-    try:
-        plan = json.loads(src)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object (or a file of one): {text!r} ({e})") from None
-    if not isinstance(plan, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object of name pattern -> 'column' | 'row' | "
-                                         f"'replicate', got {text!r}")
-    return plan   # its patterns and styles are checked by the load (OptionsError)
-
-
-def _add_tp_plan(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp-plan", type=_tp_plan_arg, default=None, metavar="JSON",
-                   help='overrides of the TP sharding rule: a JSON object (or a file of one) of name '
-                        'pattern -> column | row | replicate, e.g. \'{"model.extra": "row"}\'')
-
-
 def _quantize(path, a: argparse.Namespace) -> int:
     if getattr(a, "tp", False):   # demo shares this, without --tp
-        return _quantize_tp(path, a)
+        return quantize_tp(path, a, _load_kwargs(a), _line)
     from .stream import stream_quantize
     model = stream_quantize(path, a.device, **_load_kwargs(a))
     print(model.report.format())
     return 0
 
 
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")   # what init_process_group reads
-
-
-def _quantize_tp(path, a: argparse.Namespace) -> int:
-    """``quantize --tp`` on one rank of a torchrun world: join the group torchrun set up (its
-    environment), load this rank's part, print its report, every line prefixed ``[rank R]``.
-    Errors are one line each, on every rank, prefixed with the rank."""
-    missing = [k for k in _TORCHRUN_ENV if not os.environ.get(k)]
-    if missing:
-        print(f"mmapload: error: --tp needs the environment torchrun sets ({', '.join(missing)} unset): "
-              f"run torchrun --nproc-per-node N -m mmapload quantize {path} --tp", file=sys.stderr)
-        return 2
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except ValueError:
-        print(f"mmapload: error: --tp: RANK={os.environ['RANK']!r} and WORLD_SIZE="
-              f"{os.environ['WORLD_SIZE']!r} must be ints (torchrun sets them)", file=sys.stderr)
-        return 2
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    from .stream import stream_quantize
-    tag = f"rank {rank} of {world}"
-    device = a.device
-    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"   # one GPU per local rank
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.tp_timeout))
-        # every rank has joined before any may leave: a rank that failed fast (bad options, a
-        # tp_size that does not cut a tensor) and exited would break a slower one's joining
-        dist.barrier()
-    except (RuntimeError, ValueError) as e:   # DistStoreError (a timeout, no rendezvous), a bad device
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"mmapload: error: {tag}: could not join the torch.distributed group (backend {backend}, "
-              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {first}", file=sys.stderr)
-        return 2
-    prev = signal.signal(signal.SIGTERM, _stop)   # torchrun stops the other ranks when one fails
-    try:
-        model = stream_quantize(path, device, tp_size=world, tp_rank=rank, tp_plan=a.tp_plan,
-                                tp_timeout=a.tp_timeout, **_load_kwargs(a))
-        report = "\n".join(f"[rank {rank}] {line}" for line in model.report.format().splitlines())
-        sys.stdout.write(report + "\n")   # one write: ranks' reports interleave whole, not by line
-        sys.stdout.flush()
-        signal.signal(signal.SIGTERM, prev)
-        dist.destroy_process_group()
-        return 0
-    except MmapLoadError as e:
-        code, msg = 2, _error_text(e)
-    except OSError as e:
-        code, msg = 2, _os_error(e)
-    except _Stopped:
-        code, msg = 143, ("stopped by SIGTERM (torchrun stops every rank once one has failed: that "
-                          "rank's error says why)")
-    except KeyboardInterrupt:
-        code, msg = 130, "interrupted"
-    if not msg.startswith(f"rank {rank} of tp_size="):   # tp_group's errors name the rank already
-        msg = f"{tag}: {msg}"
-    print(f"mmapload: error: {msg}", file=sys.stderr)
-    # A failed load may leave a collective pending or a peer gone: tearing the group down (or the
-    # interpreter's exit doing it) can then abort inside gloo / NCCL ("terminate called without an
-    # active exception"). Leave at once, with our own exit status.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-class _Stopped(BaseException):
-    """SIGTERM under ``quantize --tp`` (torchrun stopping the ranks after one failed)."""
-
-
-def _stop(signum, frame):
-    raise _Stopped()
+def _line(e: MmapLoadError | OSError) -> str:
+    """The one line the CLI prints for an error."""
+    return _error_text(e) if isinstance(e, MmapLoadError) else _os_error(e)
 
 
 def _error_text(e: MmapLoadError) -> str:
@@ -314,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                    "reports its part (gloo on cpu, nccl on cuda)")
     p.add_argument("--tp-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
                    help="with --tp: how long joining the group and each collective may wait (300)")
-    _add_tp_plan(p)
+    add_tp_plan(p)
     p = sub.add_parser("inspect", help="totals and projected memory of a load, from the headers only")
     p.add_argument("checkpoint")
     _add_load_options(p, device="cuda", progress=False)   # plans a GPU load; needs no GPU
@@ -325,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                    "tensor-parallel load of N ranks (quantize --tp under torchrun), next to TP=1")
     p.add_argument("--tp-rank", type=int, default=None, metavar="R", help="which rank (default 0; every "
                    "rank has the same sizes)")
-    _add_tp_plan(p)
+    add_tp_plan(p)
     p = sub.add_parser("profile", help="host RSS, page cache and device memory of each loader over "
                        "a load, side by side (fresh process per loader)")
     p.add_argument("checkpoint")

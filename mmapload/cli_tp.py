@@ -1,0 +1,117 @@
+"""The command line's side of tensor parallelism: ``quantize --tp`` joins the world torchrun set
+up (its environment: the CLI may read it, the library never does) and loads this rank's part;
+``--tp-plan`` parses the sharding overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .errors import MmapLoadError
+
+__all__ = ["quantize_tp", "tp_plan_arg", "add_tp_plan"]
+
+
+def tp_plan_arg(text: str) -> dict:
+    """--tp-plan: a JSON object (pattern -> "column" | "row" | "replicate"), or a file holding one."""
+    src = text
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        src = Path(text).read_text()
+    try:
+        plan = json.loads(src)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object (or a file of one): {text!r} ({e})") from None
+    if not isinstance(plan, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of name pattern -> 'column' | 'row' | "
+                                         f"'replicate', got {text!r}")
+    return plan   # its patterns and styles are checked by the load (OptionsError)
+
+
+def add_tp_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp-plan", type=tp_plan_arg, default=None, metavar="JSON",
+                   help='overrides of the TP sharding rule: a JSON object (or a file of one) of name '
+                        'pattern -> column | row | replicate, e.g. \'{"model.extra": "row"}\'')
+
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")   # what init_process_group reads
+
+
+def quantize_tp(path, a: argparse.Namespace, load_kwargs: dict, error_text) -> int:
+    """``quantize --tp`` on one rank of a torchrun world: join the group torchrun set up (its
+    environment), load this rank's part, print its report, every line prefixed ``[rank R]``.
+    Errors are one line each, on every rank, prefixed with the rank (``error_text(e)``: the CLI's
+    line for an MmapLoadError or OSError)."""
+    missing = [k for k in _TORCHRUN_ENV if not os.environ.get(k)]
+    if missing:
+        print(f"mmapload: error: --tp needs the environment torchrun sets ({', '.join(missing)} unset): "
+              f"run torchrun --nproc-per-node N -m mmapload quantize {path} --tp", file=sys.stderr)
+        return 2
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        print(f"mmapload: error: --tp: RANK={os.environ['RANK']!r} and WORLD_SIZE="
+              f"{os.environ['WORLD_SIZE']!r} must be ints (torchrun sets them)", file=sys.stderr)
+        return 2
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .stream import stream_quantize
+    tag = f"rank {rank} of {world}"
+    device = a.device
+    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"   # one GPU per local rank
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.tp_timeout))
+        # every rank has joined before any may leave: a rank that failed fast (bad options, a
+        # tp_size that does not cut a tensor) and exited would break a slower one's joining
+        dist.barrier()
+    except (RuntimeError, ValueError) as e:   # DistStoreError (a timeout, no rendezvous), a bad device
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"mmapload: error: {tag}: could not join the torch.distributed group (backend {backend}, "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {first}", file=sys.stderr)
+        return 2
+    prev = signal.signal(signal.SIGTERM, _stop)   # torchrun stops the other ranks when one fails
+    try:
+        model = stream_quantize(path, device, tp_size=world, tp_rank=rank, tp_plan=a.tp_plan,
+                                tp_timeout=a.tp_timeout, **load_kwargs)
+        report = "\n".join(f"[rank {rank}] {line}" for line in model.report.format().splitlines())
+        sys.stdout.write(report + "\n")   # one write: ranks' reports interleave whole, not by line
+        sys.stdout.flush()
+        signal.signal(signal.SIGTERM, prev)
+        dist.destroy_process_group()
+        return 0
+    except (MmapLoadError, OSError) as e:
+        code, msg = 2, error_text(e)
+    except _Stopped:
+        code, msg = 143, ("stopped by SIGTERM (torchrun stops every rank once one has failed: that "
+                          "rank's error says why)")
+    except KeyboardInterrupt:
+        code, msg = 130, "interrupted"
+    if not msg.startswith(f"rank {rank} of tp_size="):   # tp_group's errors name the rank already
+        msg = f"{tag}: {msg}"
+    print(f"mmapload: error: {msg}", file=sys.stderr)
+    # A failed load may leave a collective pending or a peer gone: tearing the group down (or the
+    # interpreter's exit doing it) can then abort inside gloo / NCCL ("terminate called without an
+    # active exception"). Leave at once, with our own exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class _Stopped(BaseException):
+    """SIGTERM under ``quantize --tp`` (torchrun stopping the ranks after one failed)."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
