@@ -108,3 +108,24 @@ def test_mmap_copies_fall_back_to_memcpy_where_process_vm_readv_is_refused(tmp_p
     assert len(calls) == 1                    # tried once per shard, then plain copies
     assert torch.equal(model["b"], tensors["b"]) and torch.equal(model["emb.embed.weight"], ref["emb.embed.weight"])
     assert torch.equal(model["a.weight"].data.view(torch.uint8), ref["a.weight"].data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
+@pytest.mark.parametrize("length,stride", [(2048, 16384), (7168, 57344), (5, 7), (4096, 4097), (3, 400001)])
+def test_strided_rows_are_the_files_bytes_in_every_mode(tmp_path, io, length, stride):
+    """copy_strided (TP row slices, column pieces) against numpy's view of the file, for dense rows
+    (one vectored call per span) and sparse ones (a read per row), rows spanning many calls."""
+    import numpy as np
+    from mmapload.readers import open_reader
+    from mmapload.header import read_header
+    from safetensors.numpy import save_file as save_np
+    rows = 3000 if stride < 100000 else 12
+    data = np.random.default_rng(0).integers(0, 256, rows * stride + 999, dtype=np.uint8)
+    save_np({"x": data}, str(tmp_path / "s.safetensors"))
+    shard = read_header(tmp_path / "s.safetensors")
+    (x,) = shard.tensors
+    with open_reader(io, shard, drop_page_cache=False, max_read=16 << 20) as r:
+        dst = np.empty(rows * length, np.uint8)
+        r.copy_strided(x.start + 123, stride, length, dst)
+    want = np.lib.stride_tricks.as_strided(data[123:], (rows, length), (stride, 1)).reshape(-1)
+    assert np.array_equal(dst, want)

@@ -60,6 +60,11 @@ class DirectShard(PreadShard):
             s, t = max(lo, a), min(hi, b)
             dst[s - lo:t - lo] = self._bounce_np[s - a:t - a]
 
+    def copy_strided(self, lo: int, stride: int, length: int, dst: np.ndarray) -> None:
+        """A row at a time (an aligned read each): a span read would take every rank's columns
+        from storage; for rows narrower than a page each read is still a whole page or two."""
+        ShardReader.copy_strided(self, lo, stride, length, dst)
+
     def copy_ranges(self, lo: int, dsts: list[np.ndarray]) -> None:
         """One aligned O_DIRECT read of the whole run, then scatter (if it fits the bounce)."""
         total = sum(len(d) for d in dsts)
