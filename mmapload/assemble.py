@@ -128,7 +128,8 @@ class Assembler:
             if bool((flags > 0).any()):
                 i = int(torch.nonzero(flags > 0)[0])
                 self._later = []
-                raise self._nonfinite(pending[i][1].spec, f" (on rank {int(flags[i]) - 1})")
+                self.group.open = False   # every rank raises after this same collective: still in step
+                raise self._nonfinite(pending[i][1].spec, f" (in rank {int(flags[i]) - 1}'s part of it)")
             at = 0
             for a, _ in pending:
                 a.copy_(flat[at:at + a.numel()].view_as(a))

@@ -189,6 +189,8 @@ class Pipeline:
                 self.group.finish()
         finally:
             phases.mark("done")
+            if self.group is not None:
+                self.group.left()   # stopped between collectives (an error, an early close): say so next time
             if stages is not None:
                 stages.close()  # joins the reader thread, also on exceptions and early close
             reader.close()

@@ -34,7 +34,7 @@ from .fp8 import Granularity, as_scheme
 from .pieces import Piece, matrix_dims, release_points, segments
 from .prequantized import fp8_pairs
 from .tp import Slice
-from .tp_layout import experts_in_out, heads_of, rank_slices
+from .tp_layout import experts_in_out, heads_of, rank_slices, warn_unmatched
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -188,6 +188,7 @@ def plan_load(ckpt: "Checkpoint", policy: Callable[[TensorSpec], bool], config: 
     slices = {}
     if config.tp_size > 1:
         cfg = getattr(policy, "config", None)
+        warn_unmatched(config.tp_plan, (s.name for s in ckpt.tensors))
         slices = rank_slices(ckpt.tensors, policy, config.scheme, rank, config.tp_size, plan=config.tp_plan,
                              heads=heads_of(cfg), pairs=fp8_pairs(ckpt, cfg, config.source_block),
                              in_out=experts_in_out(cfg))

@@ -38,8 +38,10 @@ __all__ = ["COLUMN", "ROW", "REPLICATE", "TPPlan", "tp_plan", "Heads", "Sharding
 
 COLUMN, ROW, REPLICATE = "column", "row", "replicate"
 _COLUMN = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
-                     "embed_tokens", "lm_head"})
-_ROW = frozenset({"o_proj", "down_proj"})
+                     "embed_tokens", "lm_head",
+                     "q_b_proj", "kv_b_proj",        # DeepSeek MLA (q_a / kv_a: replicated, as in vLLM)
+                     "fc1", "dense_h_to_4h"})        # OPT / BART / CLIP / Whisper, GPT-NeoX MLPs
+_ROW = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h"})
 _VOCAB = frozenset({"embed_tokens", "lm_head"})   # VocabParallelEmbedding / ParallelLMHead
 
 
@@ -162,6 +164,8 @@ def sharding_of(name: str, shape, *, plan=None, fused=None, heads: Heads | None 
         return Sharding(nd - 1 if style == COLUMN else nd - 2, (shape[nd - 1 if style == COLUMN else nd - 2],))
     if in_out and experts and attr == "bias" and style == COLUMN and nd >= 1:
         return Sharding(nd - 1, (shape[-1],))
+    if in_out and attr == "sinks" and nd == 1 and tp_plan(plan).style(name) is None:
+        return Sharding(0, (shape[0],))   # gpt-oss's per-head attention sinks: narrowed by heads, as vLLM does
     if style == COLUMN and attr in ("weight", "bias") and nd >= 1:
         dim = nd - 2 if attr == "weight" and nd >= 2 else nd - 1
     elif style == ROW and attr == "weight" and nd >= 2:
@@ -253,7 +257,13 @@ def _indivisible(name, shape, sh: Sharding, i, tp_size, why):
     n, unit = (sh.heads[i], "heads") if sh.heads else (sh.parts[i], "rows/cols")
     what = f"part {i} of {list(sh.parts)} ({n} {unit})" if len(sh.parts) > 1 else f"its {n} {unit}"
     raise TPError(f"{where(name, shape, sh.dim)}: {what}; tp_size={tp_size} {why}; use another tp_size, or "
-                  f"replicate it (tp_plan={{{name.rpartition('.')[0]!r}: 'replicate'}})")
+                  f"replicate it (tp_plan={{{_every_layer(name.rpartition('.')[0])!r}: 'replicate'}})")
+
+
+def _every_layer(module: str) -> str:
+    """A tp_plan pattern for ``module`` in every layer: ``re:`` + its name, layer numbers as ``\\d+``."""
+    return "re:" + re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(module)) + "$" if re.search(r"\.\d+\.", module) \
+        else module
 
 
 def cut(name, shape, dim, ranges) -> Slice:

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
+import weakref
 
 import torch
 
 from .errors import OptionsError, TPError
 
 __all__ = ["TPGroup"]
+
+# Groups a load left between its first and last collective (an error, an early close): the ranks'
+# sequences of collectives are out of step there, and gloo aborts the process on the next mismatch.
+_LEFT_MID_LOAD: "weakref.WeakSet" = weakref.WeakSet()
 
 
 class TPGroup:
@@ -29,6 +35,12 @@ class TPGroup:
         self.device = device
         self.count = 0          # collectives run
         self.seconds = 0.0      # spent waiting in them
+        self.open = False       # between the first collective of a load and its last
+
+    def left(self) -> None:
+        """The load stops here: if it stopped between its collectives, the group is unusable."""
+        if self.open:
+            _LEFT_MID_LOAD.add(self.group)
 
     @classmethod
     def resolve(cls, config, device: torch.device) -> "TPGroup | None":
@@ -51,22 +63,30 @@ class TPGroup:
         if config.tp_rank is not None and config.tp_rank != rank:
             raise OptionsError(f"tp_rank={config.tp_rank} but this process is rank {rank} of its group; "
                                "leave tp_rank=None (the group's rank)")
+        if group in _LEFT_MID_LOAD:
+            raise TPError("an earlier load on this process group stopped between its collectives (it failed "
+                          "or was closed early), so the ranks' collectives are out of step: "
+                          "torch.distributed.destroy_process_group() and init_process_group() again (or use a "
+                          "new group) before loading again")
         backend = str(dist.get_backend(group)).lower()
         on = device if device.type == "cuda" and "nccl" in backend else torch.device("cpu")
         return cls(group, rank, size, config.tp_timeout, on)
 
     def _run(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """MAX all-reduce of ``t`` (in place on ``self.device``), bounded by the timeout."""
-        import time
         import torch.distributed as dist
         t0 = time.perf_counter()
+        self.open = True
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             work.wait(self.timeout)
         except RuntimeError as e:   # DistBackendError, gloo's timeouts and closed connections
+            waited = time.perf_counter() - t0
+            why = (f"another rank stalled for over {self.timeout.total_seconds():g} s, or a slow rank needs a "
+                   "longer tp_timeout" if waited >= 0.9 * self.timeout.total_seconds() else
+                   f"another rank left after {waited:.1f} s (it failed or was stopped: its own error says why)")
             raise TPError(f"rank {self.rank} of tp_size={self.size}: {what} failed: {str(e).strip()[:300]}; "
-                          f"another rank failed or stalled for over {self.timeout.total_seconds():g} s (its own "
-                          "error says why), or a slow rank needs a longer tp_timeout") from None
+                          f"{why}") from None
         finally:
             self.count += 1
             self.seconds += time.perf_counter() - t0
@@ -81,6 +101,7 @@ class TPGroup:
         h = int.from_bytes(hashlib.blake2b(fingerprint.encode(), digest_size=8).digest(), "little") >> 2
         got = self._run(torch.tensor([h, -h], dtype=torch.int64, device=self.device), what).tolist()
         if got[0] != -got[1]:
+            self.open = False   # every rank stops here, in step: the group stays usable
             raise TPError(f"rank {self.rank} of tp_size={self.size}: the ranks planned different loads ({what}); "
                           "pass the same checkpoint and options (ring_bytes, granularity, fp8_dtype, skip, "
                           "tp_plan, ...) on every rank")
@@ -88,3 +109,4 @@ class TPGroup:
     def finish(self) -> None:
         """The last collective: every rank got here (a rank that failed never does)."""
         self._run(torch.zeros(1, device=self.device), "the end-of-load check")
+        self.open = False

@@ -15,12 +15,12 @@ from typing import Callable, Iterator, Mapping
 
 from .checkpoint import TensorSpec
 from .dtypes import BITS
-from .errors import TPError
+from .errors import TPError, warn
 from .scheme import Granularity, PerBlock, Scheme
-from .tp import Heads, Slice, shard_of, where
+from .tp import Heads, Slice, TPPlan, shard_of, tp_plan, where
 from .tp_ranges import byte_ranges, scale_slice, strided_ranges
 
-__all__ = ["heads_of", "experts_in_out", "rank_slices", "bands", "kept_segments"]
+__all__ = ["heads_of", "experts_in_out", "rank_slices", "warn_unmatched", "bands", "kept_segments"]
 
 
 def heads_of(config: dict | None) -> Heads | None:
@@ -37,12 +37,31 @@ def heads_of(config: dict | None) -> Heads | None:
     return None
 
 
+_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj"})
+
+
+def _leaf(name: str) -> str:
+    """The module's last name: ``a.q_proj.weight`` -> "q_proj"."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) > 1 else ""
+
+
+def warn_unmatched(plan, names) -> None:
+    """A ``tp_plan`` pattern that matches no tensor is most likely a typo: say so (as for ``skip``)."""
+    plan, names = tp_plan(plan), list(names)
+    for pattern, style in plan.rules:
+        one = TPPlan(((pattern, style),))
+        if not any(one.style(n) for n in names):
+            warn(f"tp_plan pattern {pattern!r} matches no tensor (a module or tensor name, exactly, or 're:' + a "
+                 "regex matched from the start of the name, e.g. 're:.*\\.mlp\\.up_proj')")
+
+
 def _heads_for(spec: TensorSpec, heads: Heads | None) -> Heads | None:
     """``heads`` where they describe this tensor (a vision tower's q_proj has other heads: split
     it evenly instead)."""
     if heads is None or not spec.shape:
         return None
-    leaf = spec.name.split(".")[-2] if spec.name.count(".") else ""
+    leaf = _leaf(spec.name)
     n = spec.shape[-2] if len(spec.shape) >= 2 else spec.shape[-1]
     want = {"q_proj": heads.num_heads * heads.head_dim, "k_proj": heads.num_kv_heads * heads.head_dim,
             "v_proj": heads.num_kv_heads * heads.head_dim,
@@ -67,6 +86,7 @@ def rank_slices(tensors: Iterator[TensorSpec], quantize: Callable[[TensorSpec], 
     TPError (naming the tensor and the fix) for a cut tp.py refuses or a sub-byte dtype."""
     tensors = list(tensors)
     pairs = pairs or {}
+    plan = tp_plan(plan)
     scale_of = {s: w for w, (s, _, _) in pairs.items()}
     out: dict[str, Slice] = {}
     for spec in tensors:
@@ -78,8 +98,20 @@ def rank_slices(tensors: Iterator[TensorSpec], quantize: Callable[[TensorSpec], 
             block = b if gran is Granularity.BLOCK else None
         elif isinstance(scheme, PerBlock) and quantize(spec):
             block = scheme.block
-        sl = shard_of(spec.name, spec.shape, tp_rank, tp_size, plan=plan, heads=_heads_for(spec, heads),
-                      block=block, in_out=in_out)
+        if heads is None and tp_size > 1 and _leaf(spec.name) in _ATTENTION and plan.style(spec.name) is None:
+            raise TPError(f"{where(spec.name, spec.shape)}: no head geometry (config.json's num_attention_heads / "
+                          "num_key_value_heads / head_dim): an even cut may split heads, or fail to replicate kv "
+                          "heads when there are fewer than ranks; put the model's config.json next to the "
+                          "checkpoint, or say how to cut it (tp_plan: 'column' for even parts, or 'replicate')")
+        h = _heads_for(spec, heads)
+        try:
+            sl = shard_of(spec.name, spec.shape, tp_rank, tp_size, plan=plan, heads=h, block=block, in_out=in_out)
+        except TPError as e:
+            if spec.name in pairs and "block grid" in str(e):   # granularity= does not re-cut an FP8 source
+                raise TPError(f"{where(spec.name, spec.shape)} is FP8 with {block[0]}x{block[1]} block scales: "
+                              f"tp_size={tp_size} would cut inside a block; use a tp_size whose parts are whole "
+                              "blocks, or replicate it (tp_plan)") from None
+            raise
         if sl.dim is None:
             continue
         if BITS[spec.dtype] % 8:

@@ -321,3 +321,27 @@ def test_a_vocabulary_vllm_pads_is_refused_unless_the_plan_says_how():
         assert shard_of(name, (32002, 64), 0, 2, plan={name.rpartition(".")[0]: "replicate"}).dim is None
         assert shard_of(name, (32000, 64), 1, 2).ranges == ((16000, 32000),)   # a multiple of 64: vLLM's parts
         assert shard_of(name, (32002, 64), 0, 1).dim is not None                # tp_size 1: nothing to cut
+
+
+def test_other_architectures_layer_names_and_gpt_oss_sinks():
+    # vLLM: OPT / BART / CLIP / Whisper fc1 column, fc2 and out_proj row; DeepSeek MLA q_b / kv_b column
+    # (q_a / kv_a replicated); GPT-NeoX dense_h_to_4h column, dense_4h_to_h row; gpt-oss sinks by heads
+    t = full((8, 16))
+    for leaf, dim in (("fc1", 0), ("q_b_proj", 0), ("kv_b_proj", 0), ("dense_h_to_4h", 0), ("fc2", 1),
+                      ("out_proj", 1), ("dense_4h_to_h", 1), ("q_a_proj", None), ("kv_a_proj_with_mqa", None)):
+        sl = shard_of(f"model.layers.0.x.{leaf}.weight", t.shape, 1, 2)
+        assert sl.dim == dim, leaf
+        if dim is not None:
+            assert torch.equal(take(t, sl), torch.chunk(t, 2, dim)[1]), leaf
+    sinks = full((8,))
+    sl = shard_of("model.layers.0.self_attn.sinks", sinks.shape, 3, 4, in_out=True)
+    assert torch.equal(take(sinks, sl), sinks[6:8])
+    assert shard_of("model.layers.0.self_attn.sinks", sinks.shape, 3, 4).dim is None   # not gpt-oss: whole
+
+
+def test_an_indivisible_tensor_suggests_a_pattern_for_every_layer():
+    import re
+    with pytest.raises(TPError) as e:
+        shard_of("model.layers.3.mlp.up_proj.weight", (6, 64), 0, 4)
+    pattern = re.search(r"tp_plan=\{'re:(.*)': 'replicate'\}", str(e.value)).group(1).replace("\\\\", "\\")
+    assert re.match(pattern, "model.layers.17.mlp.up_proj") and not re.match(pattern, "model.layers.17.mlp.up_proj2")

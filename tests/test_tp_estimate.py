@@ -30,6 +30,7 @@ def _tiny(folder):
         t[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(64, 64, generator=g).bfloat16()
         t[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(3, generator=g).bfloat16()
     save_file(t, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16}')
     return folder
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmapload import stream_quantize
-from mmapload.errors import OptionsError
+from mmapload.errors import OptionsError, TPError
 from mmapload.result import QuantizedTensor
 from mmapload.tp import Heads, shard_of
 from mmapload.tp_ranges import scale_slice, take
@@ -346,3 +346,68 @@ def test_host_peak_per_rank_is_bounded_by_the_ring(gib_checkpoint, tmp_path):
               f"read {m['bytes_read'] / mib:.0f} of {size / mib:.0f} MiB, retained {m['retained'] / mib:.0f} MiB")
         assert m["over"] <= ring + 200 * mib and m["file_over"] <= ring + 64 * mib, m
         assert m["bytes_read"] < 0.6 * size, m
+
+
+def _retry_after_failures(rank, world, folder, bad):
+    """Rank 1 reads a copy with a NaN (every rank raises NonFiniteError after the same collective:
+    the group stays usable); then rank 1 closes an iter_quantized early (the group is left out of
+    step: the next load there is a TPError at once, on that rank, never a gloo abort)."""
+    import warnings
+    from mmapload import iter_quantized
+    from mmapload.errors import NonFiniteError
+    out = []
+    try:
+        stream_quantize(bad if rank else folder, "cpu", tp_size=world, policy="names", ring_bytes=RING, tp_timeout=20)
+    except NonFiniteError as e:
+        out.append(("nonfinite", "in rank 1's part" in str(e)))
+    out.append(len(stream_quantize(folder, "cpu", tp_size=world, policy="names", tp_timeout=20)))   # retry works
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        stream_quantize(folder, "cpu", tp_size=world, policy="names", tp_timeout=20, tp_plan={"model.layers.0.mlp.up_prj": "row"})
+    out.append([str(x.message) for x in w if "matches no tensor" in str(x.message)])
+    if rank == 1:
+        it = iter_quantized(folder, "cpu", tp_size=world, policy="names", ring_bytes=RING, tp_timeout=5)
+        next(it)
+        it.close()
+    else:
+        try:
+            stream_quantize(folder, "cpu", tp_size=world, policy="names", ring_bytes=RING, tp_timeout=5)
+        except TPError as e:
+            out.append(("peer left", "left after" in str(e) or "stalled" in str(e)))
+    try:
+        stream_quantize(folder, "cpu", tp_size=world, policy="names", tp_timeout=5)
+    except TPError as e:
+        out.append(("refused", "destroy_process_group" in str(e)))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_group_stays_usable_after_an_in_step_failure_and_refuses_after_an_early_close(tmp_path):
+    from safetensors.torch import load_file
+    (tmp_path / "c").mkdir()
+    (tmp_path / "bad").mkdir()
+    folder = make_checkpoint(tmp_path / "c")
+    for f in folder.iterdir():
+        (tmp_path / "bad" / f.name).write_bytes(f.read_bytes())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = tmp_path / "bad" / index["weight_map"][L0 + "self_attn.o_proj.weight"]
+    t = load_file(shard)
+    t[L0 + "self_attn.o_proj.weight"][5, 100] = float("nan")   # rank 1's half of the row-parallel weight
+    save_file(t, shard)
+    r0, r1 = run_world(_retry_after_failures, 2, tmp_path, folder, tmp_path / "bad", deadline=200)
+    assert r0[0] == r1[0] == "ok", (r0, r1)
+    assert r0[1][0] == r1[1][0] == ("nonfinite", True)
+    assert r0[1][1] == r1[1][1] == len(SHAPES)
+    assert all(len(r[1][2]) == 1 and "up_prj" in r[1][2][0] for r in (r0, r1))
+    assert r0[1][3] == ("peer left", True)
+    assert r0[1][-1] == r1[1][-1] == ("refused", True)
+
+
+@pytest.mark.timeout(300)
+def test_attention_without_head_geometry_is_a_tp_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    folder = make_checkpoint(tmp_path / "c")
+    (folder / "config.json").unlink()
+    results = run_world(_load_one, 2, tmp_path, folder, dict(policy="names", tp_timeout=20))
+    for r in results:
+        assert r[:2] == ("error", "TPError") and "no head geometry" in r[2] and "config.json" in r[2], r
