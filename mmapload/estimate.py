@@ -177,10 +177,11 @@ class Projection:
         lines += [f"  dtype      {d}: {n} tensors, {g(b)}" for d, (n, b) in sorted(self.dtypes.items())]
         lines += [f"  largest    {s.name} {s.dtype} {list(s.shape)}: {g(s.nbytes)}" for s in self.largest]
         lines += [
-            f"quantized    {self.quantized.count} tensors, {g(self.quantized.nbytes)} -> FP8 "
+            f"quantized    {self.quantized.count} tensors, {g(self.quantized.nbytes)}{' in all' if tp else ''} -> FP8 "
             f"{g(self.fp8_bytes)} + scales {g(self.scale_bytes)}{share} ({o.granularity.value})"
             f"{few(self.quantized)}",
-            f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)} (decided by {self.policy})",
+            f"kept         {self.kept.count} tensors, {g(self.kept.nbytes)}"
+            + (f" ({g(self.kept_bytes)} per rank)" if tp else "") + f" (decided by {self.policy})",
             *(f"  {grp.count:>4} x    {rule}: {g(grp.nbytes)}{few(grp)}" for rule, grp in self.kept_by.items()),
             f"retained     {g(self.retained_bytes)}{share}",
             f"plan         ring {g(self.ring_bytes)} = {self.ring_bytes // o.slot_bytes} x {g(o.slot_bytes)} "
