@@ -24,7 +24,6 @@ the TP=1 scales, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Callable
 
@@ -95,26 +94,29 @@ class Assembler:
     def add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None = None,
             output: torch.Tensor | None = None) -> None:
         self._last = piece
-        with self._oom_is_device_error(piece):
+        try:                        # per piece: a plain try, no context manager on the hot path
             self._add(lease, piece, data, amax, output)
+        except RuntimeError as e:
+            raise self._as_device_error(e, piece)
 
     def flush(self) -> list[tuple[str, Loaded]]:
         """End of a batch: reduce the amaxes it completed over the TP group (one collective),
         run the casts that waited for them; the tensors finished, in file order."""
-        with self._oom_is_device_error(self._last):
+        try:
             self._reduce()
+        except RuntimeError as e:
+            raise self._as_device_error(e, self._last)
         done, self._finished = self._finished, []
         return done
 
-    @contextlib.contextmanager
-    def _oom_is_device_error(self, piece: Piece | None):
-        try:
-            yield
-        except RuntimeError as e:   # torch.OutOfMemoryError (CUDA) or the CPU allocator's
-            if piece is not None and (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
-                self._b, self._later = None, []
-                raise self._oom(piece) from e
-            raise
+    def _as_device_error(self, e: RuntimeError, piece: Piece | None) -> Exception:
+        """torch.OutOfMemoryError (CUDA) or the CPU allocator's -> DeviceError; else ``e`` itself."""
+        if piece is not None and (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            self._b, self._later = None, []
+            err = self._oom(piece)
+            err.__cause__ = e
+            return err
+        return e
 
     def _reduce(self) -> None:
         if self._pending:
@@ -184,11 +186,10 @@ class Assembler:
                 self._quantize(b, piece, x, self.quantizer.amax_2d(x))
         if piece.last:
             self._b = None
-            finish = partial(self._done, b)
             if self.group is None:
-                finish()
+                self._done(b)
             else:                  # after the casts that wait for the batch's collective: in order
-                self._later.append(finish)
+                self._later.append(partial(self._done, b))
 
     def _done(self, b: _Building) -> None:
         self._finished.append((b.spec.name, self._finish(b)))

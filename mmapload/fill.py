@@ -115,10 +115,9 @@ class Filler:
 
     @staticmethod
     def _read_strided(shard: ShardReader, piece: Piece, dst: np.ndarray) -> np.ndarray:
-        """A piece with one file range per row, its rows back to back in ``dst``; the pages its
-        rows touched leave our RSS at once (a map copy faults in whole pages around each row)."""
+        """A piece with one file range per row, its rows back to back in ``dst`` (a map's reader
+        drops the pages its copies faulted in itself: MappedShard.copy_strided)."""
         shard.copy_strided(piece.lo, piece.stride, (piece.col1 - piece.col0) * piece.spec.itemsize, dst)
-        shard.forget(piece.lo, piece.hi)
         return dst
 
     def _prefetch(self, shard: ShardReader, at: int) -> None:
@@ -164,7 +163,8 @@ class Filler:
                     if p.spec.name in self.plan.slices:
                         for lo, hi in p.ranges():
                             shard.release(lo, hi)
-                shard.forget(run[0].lo, run[-1].hi)
+                if not run[0].stride:   # a strided run's reader forgot its pages already
+                    shard.forget(run[0].lo, run[-1].hi)
                 continue
             for p in run:
                 if p.release_to < p.hi:
