@@ -39,7 +39,7 @@ from .result import QuantizedTensor
 from .stream import prepare, results
 from .writer import SafetensorsWriter
 
-__all__ = ["convert", "SYNC_BYTES", "PARTIAL_MARK"]
+__all__ = ["convert", "engine_plan", "SYNC_BYTES", "PARTIAL_MARK"]
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # Mixtral / Qwen-MoE / DeepSeek per-expert Linear weights
 SYNC_BYTES = 64 << 20        # fdatasync + drop from the page cache every this many bytes written
@@ -165,8 +165,7 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     opts.whole_tensors("convert", "it writes whole tensors to one checkpoint")
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
-    check_format(format, opts)   # before the reader starts
-    pipe = prepare(src, device, opts, narrow=lambda p: convert_policy(p, opts))
+    pipe, qconfig = engine_plan(src, device, opts, format)   # checks the format before the reader starts
     ckpt, policy = pipe.ckpt, pipe.policy
     layout = output_layout(ckpt, opts, format, policy)
     kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
@@ -192,7 +191,6 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": weight_map}, indent=2))
         fsync_path(tmp / INDEX_NAME)
-        qconfig = quantization_config(format, opts, ignored_modules(ckpt, policy))
         if not single_file(ckpt):   # config.json as read once, by policy_for
             copy_extras(ckpt.root, tmp, qconfig, policy.config)
         check_written(tmp, format, opts, qconfig, policy)
@@ -203,6 +201,16 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def engine_plan(src, device, opts: LoadOptions, fmt: str = "compressed-tensors"):
+    """What an engine loading ``src`` as ``convert(src, ..., format=fmt)`` wrote it gets, without
+    the files: the pipeline (convert's policy; nothing read yet) and the ``quantization_config``
+    describing its stream. ``convert`` writes exactly this; the vLLM plugin hands it to vLLM.
+    Raises what ``prepare`` and ``check_format`` raise."""
+    check_format(fmt, opts)
+    pipe = prepare(src, device, opts, narrow=lambda p: convert_policy(p, opts))
+    return pipe, quantization_config(fmt, opts, ignored_modules(pipe.ckpt, pipe.policy))
 
 
 def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy: Policy) -> None:

@@ -37,6 +37,7 @@ ORDER = [
     {"converter"},                                # convert: FP8 checkpoint on disk
     {"hf"},                                       # transformers names and code, for load_into
     {"nn"},                                       # FP8Linear, load_into (torch modules)
+    {"integrations", "integrations.vllm"},        # engines' loaders (vLLM plugin): convert's plan, streamed
     {"synth"},                                    # generated checkpoints
     {"bench"},                                    # the harness's names (strategy lists)
     {"bench.sampler"},                            # memory sampler: listens to phase marks
