@@ -188,7 +188,8 @@ def _loader_class():
             if missing:
                 raise CheckpointError(f"--load-format mmapload: {len(missing)} parameter(s) of the vLLM model got "
                                    f"no weight from {model_config.model}, e.g. {missing[:3]}")
-            log.info("mmapload: %s streamed to FP8 (%s scales) in %.2f s", model_config.model,
-                     self.opts.granularity.value, time.perf_counter() - t0)
+            log.info("mmapload: %s streamed to FP8 (%s scales; ring %.1f MiB, io %s) in %.2f s",
+                     model_config.model, self.opts.granularity.value, self.opts.ring_bytes / 2**20,
+                     self.opts.io, time.perf_counter() - t0)
 
     return MmapLoadModelLoader
