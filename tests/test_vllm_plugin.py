@@ -32,18 +32,20 @@ AMX = bool(torch.cpu._is_amx_tile_supported())   # vLLM-CPU runs per-tensor and 
 no_amx = pytest.mark.skipif(AMX, reason="this CPU has AMX: vLLM-CPU's FP8 tensor/block kernels may run here")
 
 
-def _tiny_llama(out: Path, *, moe: bool = False) -> Path:
-    """A random bf16 Llama (Mixtral with ``moe``), saved with transformers. Each output row of a Linear
-    weight gets its own magnitude (log-normal), so per-channel scales differ and shuffling them shows."""
+def _tiny_llama(out: Path, *, arch: str = "llama") -> Path:
+    """A random bf16 Llama ("mixtral": MoE; "qwen2": q/k/v biases, tied lm_head), saved with transformers.
+    Each output row of a Linear weight gets its own magnitude (log-normal), so per-channel scales differ
+    and shuffling them shows."""
     import transformers as tf
     torch.manual_seed(0)
     shape = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 tie_word_embeddings=False)
-    if moe:
+                 tie_word_embeddings=arch == "qwen2")
+    if arch == "mixtral":
         model = tf.MixtralForCausalLM(tf.MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
     else:
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
+        model = (tf.Qwen2ForCausalLM(tf.Qwen2Config(**shape)) if arch == "qwen2" else
+                 tf.LlamaForCausalLM(tf.LlamaConfig(**shape)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
@@ -125,6 +127,15 @@ def test_plugin_gives_vllm_the_weights_convert_writes(models):
     assert plugin["results"] == converted["results"]   # every top-5 logprob, prompt and sample, equal
 
 
+def test_a_tied_lm_head_and_qkv_biases_load_as_convert_writes_them(models):
+    from mmapload import convert
+    qwen2 = _tiny_llama(models["root"] / "tiny-qwen2", arch="qwen2")   # lm_head is the embedding: no tensor
+    converted = _ok(run_vllm(models["root"], convert(qwen2, models["root"] / "tiny-qwen2-fp8",
+                                                     granularity="channel")))
+    plugin = _ok(run_vllm(models["root"], qwen2, "mmapload"))
+    assert plugin["results"] == converted["results"]
+
+
 def test_fp8_logprobs_stay_within_fp8_noise_of_bf16_and_shuffled_scales_do_not(models):
     bf16 = _prompt_token_logprobs(_ok(run_vllm(models["root"], models["bf16"])))
     plugin = _prompt_token_logprobs(_ok(run_vllm(models["root"], models["bf16"], "mmapload")))
@@ -188,7 +199,7 @@ def test_unsupported_setups_are_refused_at_startup(models, tmp_path):
     with pytest.raises(OptionsError, match="drop --quantization fp8_per_channel"):
         check_supported(_engine_config(models["bf16"], quantization="fp8_per_channel"), channel)
     with pytest.raises(OptionsError, match="mixture-of-experts.*mmapload convert"):
-        check_supported(_engine_config(_tiny_llama(tmp_path / "mixtral", moe=True)), channel)
+        check_supported(_engine_config(_tiny_llama(tmp_path / "mixtral", arch="mixtral")), channel)
     if not AMX:
         with pytest.raises(OptionsError, match="'tensor' scales only with AMX.*\"channel\""):
             check_supported(_engine_config(models["bf16"]), loader_options({"granularity": "tensor"}))
