@@ -36,7 +36,7 @@ from .errors import DeviceError, NonFiniteError
 from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax
 from .config import LoadOptions
 from .plan import LoadPlan, Piece, matrix_dims
-from .result import Loaded, QuantizedTensor, tensor_nbytes
+from .result import Loaded, OutFor, QuantizedTensor, provided_output, tensor_nbytes
 from .ring import Lease
 from .tp_group import TPGroup
 from .transfer import Mover
@@ -78,8 +78,9 @@ class Assembler:
     """
 
     def __init__(self, opts: LoadOptions, device: torch.device, mover: Mover, plan: LoadPlan,
-                 group: TPGroup | None = None):
+                 group: TPGroup | None = None, out_for: OutFor | None = None):
         self.opts, self.device, self.mover, self.plan, self.group = opts, device, mover, plan, group
+        self.out_for = out_for   # the caller's tensors that kept tensors are copied into, where it has them
         self.prepass = plan.prepass
         self._finished: list[tuple[str, Loaded]] = []
         self._later: list[Callable[[], None]] = []     # TP: casts waiting for reduced amaxes
@@ -166,8 +167,12 @@ class Assembler:
     def _add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None,
              output: torch.Tensor | None) -> None:
         if piece.first:
-            spec = piece.spec
-            self._b = _Building(spec, piece.quantize, self.opts, self.device, output, self.plan.shape_of(spec),
+            spec, shape = piece.spec, self.plan.shape_of(piece.spec)
+            out = output
+            if out is None and not piece.quantize:   # copied off the slot: into the caller's tensor if it has one
+                out = provided_output(self.out_for, spec.name, torch_shape(spec.dtype, shape), spec.torch_dtype,
+                                      self.device)
+            self._b = _Building(spec, piece.quantize, self.opts, self.device, out, shape,
                                 piece.quantize and self._reduces(spec))
         b = self._b
         raw = data[piece.offset:piece.offset + piece.nbytes]

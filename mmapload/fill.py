@@ -19,6 +19,7 @@ from .dtypes import torch_shape
 from .fp8 import Granularity, Quantizer, merge_amax
 from .readers import ShardReader
 from .plan import Batch, LoadPlan, Piece, runs
+from .result import OutFor, provided_output
 from .ring import CopyPool
 
 __all__ = ["Filler", "Prepared", "split_run"]
@@ -48,8 +49,9 @@ class Filler:
     Reader thread only (after construction)."""
 
     def __init__(self, shards: dict[Path, ShardReader], plan: LoadPlan, device: torch.device,
-                 pool: CopyPool, sample: Callable[[], None]):
+                 pool: CopyPool, sample: Callable[[], None], out_for: OutFor | None = None):
         self.shards, self.slot_bytes, self.device, self.pool = shards, plan.slot_bytes, device, pool
+        self.out_for = out_for   # the caller's tensors that kept tensors are read into, where it has them
         self.plan = plan
         # TP: other ranks read the bytes between ours; read ahead and release exactly our pieces
         self.exact = plan.tp_size > 1
@@ -91,9 +93,11 @@ class Filler:
         if that allocation failed: the consumer allocates again and reports it in order."""
         if piece.first:
             spec = piece.spec
+            shape = torch_shape(spec.dtype, self.plan.shape_of(spec))
+            self._out = provided_output(self.out_for, spec.name, shape, spec.torch_dtype, self.device)
             try:
-                self._out = torch.empty(torch_shape(spec.dtype, self.plan.shape_of(spec)), dtype=spec.torch_dtype,
-                                        device=self.device)
+                if self._out is None:
+                    self._out = torch.empty(shape, dtype=spec.torch_dtype, device=self.device)
             except RuntimeError:
                 self._out = None
         return self._out

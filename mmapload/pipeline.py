@@ -32,7 +32,7 @@ from .errors import OptionsError
 from .plan import Batch, LoadPlan, plan_load
 from .policy import Policy
 from .readers import ShardReader, open_reader
-from .result import LoadReport
+from .result import LoadReport, OutFor
 from .ring import CopyPool, Lease, Ring, StageTimes, staged
 
 __all__ = ["Pipeline", "Peaks"]
@@ -62,8 +62,9 @@ class _ReaderSide:
     """What the reader thread uses: opened by the consumer before the thread starts, closed
     after it was joined."""
 
-    def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device):
-        self.ckpt, self.plan, self.opts, self.device = ckpt, plan, opts, device
+    def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device,
+                 out_for: OutFor | None = None):
+        self.ckpt, self.plan, self.opts, self.device, self.out_for = ckpt, plan, opts, device, out_for
         self.shards: dict[Path, ShardReader] = {}
         self.pool = CopyPool(1)
         self.peaks = Peaks()
@@ -77,7 +78,7 @@ class _ReaderSide:
             return
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.pool = CopyPool(self.opts.read_threads_for(self.device, cpus))
-        self.filler = Filler(self.shards, self.plan, self.device, self.pool, self.peaks.sample)
+        self.filler = Filler(self.shards, self.plan, self.device, self.pool, self.peaks.sample, self.out_for)
 
     def close(self) -> None:
         """After the reader thread was joined: its copy threads, then the shards."""
@@ -91,8 +92,8 @@ class _ConsumerSide:
     """What the consumer thread uses: moves each batch to the device and assembles it."""
 
     def __init__(self, ckpt: Checkpoint, plan: LoadPlan, opts: LoadOptions, device: torch.device,
-                 group: TPGroup | None):
-        self.plan, self.opts, self.device, self.group = plan, opts, device, group
+                 group: TPGroup | None, out_for: OutFor | None = None):
+        self.plan, self.opts, self.device, self.group, self.out_for = plan, opts, device, group, out_for
         self.peaks = Peaks()
         self.progress = Progress(plan.total_bytes, enabled=opts.progress)
         self.mover: transfer.Mover | None = None
@@ -103,7 +104,7 @@ class _ConsumerSide:
     def open(self) -> None:
         self.mover = transfer.mover_class(self.device)(self.device, self.plan.stage_bytes,
                                                        self.plan.hold_bytes)
-        self.asm = Assembler(self.opts, self.device, self.mover, self.plan, self.group)
+        self.asm = Assembler(self.opts, self.device, self.mover, self.plan, self.group, self.out_for)
 
     def consume(self, lease: Lease[Batch, Prepared], data: torch.Tensor) -> Iterator[tuple[str, Loaded]]:
         """Quantize / copy every piece of one batch; yield the tensors it completes."""
@@ -141,13 +142,16 @@ class Pipeline:
                                  tp_rank=self.plan.tp_rank, tp_size=self.plan.tp_size)
         self.times = StageTimes()
 
-    def run(self) -> Iterator[tuple[str, Loaded]]:
+    def run(self, out_for: OutFor | None = None) -> Iterator[tuple[str, Loaded]]:
+        """``out_for(name, shape, dtype)``: a tensor of the caller's that a tensor kept as it is (not
+        quantized) is read into and yielded as, instead of a new one (result.provided_output says
+        which it takes); an engine's own parameters, so the model is not held twice."""
         plan, dev = self.plan, self.device
         t0 = time.perf_counter()
         phases.mark("open")
         self.report.rss_before = read_mem().rss
-        reader = _ReaderSide(self.ckpt, plan, self.opts, dev)
-        consumer = _ConsumerSide(self.ckpt, plan, self.opts, dev, self.group)
+        reader = _ReaderSide(self.ckpt, plan, self.opts, dev, out_for)
+        consumer = _ConsumerSide(self.ckpt, plan, self.opts, dev, self.group, out_for)
         consumer.peaks.sample()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .fp8 import Granularity, Scheme, as_scheme, dequantize
 
-__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "Loaded", "tensor_nbytes", "flat"]
+__all__ = ["QuantizedTensor", "QuantizedModel", "LoadReport", "Loaded", "OutFor", "provided_output",
+           "tensor_nbytes", "flat"]
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -60,6 +61,19 @@ class QuantizedTensor:
 
 
 Loaded = QuantizedTensor | torch.Tensor   # what a load yields for one tensor
+# where a tensor kept as it is gets read into: (name, shape, dtype) -> a tensor the caller owns, or None
+OutFor = Callable[[str, tuple, torch.dtype], "torch.Tensor | None"]
+
+
+def provided_output(out_for: OutFor | None, name: str, shape: tuple, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor | None:
+    """``out_for``'s tensor for ``name`` if it can take the tensor as it is (that shape and dtype,
+    contiguous, on ``device``); None otherwise, and the load allocates its own."""
+    t = out_for(name, tuple(shape), dtype) if out_for is not None else None
+    if (isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape) and t.dtype == dtype
+            and t.is_contiguous() and t.device == device):
+        return t
+    return None
 
 
 @dataclass

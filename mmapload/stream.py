@@ -19,7 +19,7 @@ from .config import RING_BYTES, LoadConfig, config_from, public_verb
 from .pipeline import Pipeline as _Pipeline
 from .prequantized import fp8_pairs, paired, unscaled_fp8
 from .policy import LINEAR, Policy, policy_for
-from .result import QuantizedModel, flat as _flatten
+from .result import OutFor, QuantizedModel, flat as _flatten
 from .transfer import resolve_device
 
 __all__ = ["stream_quantize", "iter_quantized"]
@@ -38,9 +38,10 @@ def prepare(path, device, config: LoadConfig, *, module: torch.nn.Module | None 
     return _Pipeline(ckpt, dev, config, narrow(policy) if narrow else policy)
 
 
-def results(pipe: _Pipeline, flat_: bool = False) -> Iterator[tuple[str, Loaded]]:
-    """The pipeline's ``(name, tensor)`` stream, FP8 pairs of the source joined."""
-    run = pipe.run()
+def results(pipe: _Pipeline, flat_: bool = False, out_for: OutFor | None = None) -> Iterator[tuple[str, Loaded]]:
+    """The pipeline's ``(name, tensor)`` stream, FP8 pairs of the source joined; ``out_for``: see
+    ``Pipeline.run``."""
+    run = pipe.run(out_for)
     pairs = fp8_pairs(pipe.ckpt, pipe.policy.config, pipe.opts.block_size)
     scale = pipe.opts.fp8_weight_scale
     unscaled = {} if scale is None else {w.name: float(scale) for w in unscaled_fp8(

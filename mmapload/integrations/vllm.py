@@ -172,7 +172,7 @@ def _loader_class():
             if pipe is None:   # a reload: plan again
                 from vllm.config import get_current_vllm_config
                 pipe = self._plan(get_current_vllm_config())[0]
-            return results(pipe, flat_=True)
+            return results(pipe, flat_=True, out_for=_parameters_of(model))
 
         def load_weights(self, model, model_config) -> None:
             t0 = time.perf_counter()
@@ -188,6 +188,22 @@ def _loader_class():
             log.info("mmapload: %s streamed to FP8 (%s scales; ring %.1f MiB, io %s) in %.2f s",
                      model_config.model, self.opts.granularity.value, self.opts.ring_bytes / 2**20,
                      self.opts.io, time.perf_counter() - t0)
+
+    def _parameters_of(model):
+        """``out_for`` for the pipeline: a tensor kept as it is (embedding, lm_head, norms) is read straight
+        into the vLLM parameter of its name where that has its shape and dtype, so it is not held twice
+        (a copy handed over, then vLLM's copy; the largest, lm_head, last in the file, is ~1 GiB on an 8B
+        model). vLLM's weight loader then copies the parameter onto itself. A parameter cut for tensor
+        parallelism has another shape: that tensor comes as a new one, as before."""
+        params = dict(model.named_parameters())
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+
+        def out_for(name, shape, dtype):
+            p = params.get(name)
+            if p is None and mapper is not None:
+                p = params.get(mapper.map_name(name) or "")
+            return None if p is None else p.data
+        return out_for
 
     def _not_loaded(model, loaded) -> list[str]:
         """The parameters no checkpoint tensor reached, as vLLM's DefaultModelLoader.track_weights_loading
