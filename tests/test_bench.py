@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"
 MiB = 2**20
 REQUESTED = ["naive", "runai_capped", "fastsafetensors", "mmapload:mmap", "mmapload:direct"]
-COLS = ["strategy", "io", "seconds", "GB/s", "x ceiling", "x mmapload (mmap)", "peak RSS above base (MiB)",
+COLS = ["strategy", "io", "seconds", "GB/s", "x ceiling", "x naive best", "x mmapload (mmap)", "peak RSS above base (MiB)",
         "RSS x mmapload (mmap)", "peak anon above base (MiB)", "peak file above base (MiB)",
         "transient: RSS above base - retained (MiB)", "peak device (MiB)", "others' CPU"]
 
@@ -92,7 +92,11 @@ def test_quick_figures_are_computed_from_the_same_run(quick):
     (res,) = data["results"]
     total, ceil = res["checkpoint_bytes"], res["ceiling"]
     stages = ceil["stages"]
-    assert set(stages) == {"read", "quantize"}     # CPU: no host->device stage
+    assert set(stages) == {"read", "quantize", "cpu"}     # CPU: no host->device stage; shared cores
+    cpu = stages["cpu"]   # read and quantize share the cores: their CPU seconds over the cores
+    assert cpu["cores"] >= 1 and stages["read"]["cpu_seconds"] > 0 and stages["quantize"]["cpu_seconds"] > 0
+    assert cpu["seconds"] == pytest.approx(
+        (stages["read"]["cpu_seconds"] + stages["quantize"]["cpu_seconds"]) / cpu["cores"], rel=1e-12)
     assert ceil["seconds"] == max(s["seconds"] for s in stages.values()) > 0
     assert stages[ceil["slowest"]]["seconds"] == ceil["seconds"]
     assert ceil["gbps"] == pytest.approx(total / ceil["seconds"] / 1e9, rel=1e-12)
@@ -100,6 +104,7 @@ def test_quick_figures_are_computed_from_the_same_run(quick):
     assert "buffered" in stages["read"]["how"]      # warm: buffered reads
     ok = [r for r in res["rows"] if r["status"] == "ok"]
     ref = next(r for r in ok if r["label"] == "mmapload:mmap")
+    naive = next(r for r in ok if r["label"] == "naive")   # the only plain loader requested
     files = sum(os.path.getsize(p) for p in Path(res["checkpoint"]).glob("*.safetensors")) \
         if Path(res["checkpoint"]).exists() else None
     for r in ok:
@@ -107,6 +112,7 @@ def test_quick_figures_are_computed_from_the_same_run(quick):
         assert r["gbps"] == pytest.approx(total / r["seconds"] / 1e9, rel=1e-12)
         assert r["x_ceiling"] == pytest.approx(r["seconds"] / ceil["seconds"], rel=1e-12)
         assert r["x_mmapload"] == pytest.approx(r["seconds"] / ref["seconds"], rel=1e-12)
+        assert r["x_naive"] == pytest.approx(r["seconds"] / naive["seconds"], rel=1e-12)
         assert r["rss_x_mmapload"] == pytest.approx(r["peak_rss_above"] / ref["peak_rss_above"], rel=1e-12)
         assert r["peak_rss_above"] > 0 and r["peak_dev_alloc"] is None and r["threads"] == 1
         if sys.platform.startswith("linux"):
@@ -135,6 +141,7 @@ def test_quick_table_matches_the_json(quick):
         assert row["GB/s"] == f"{r['gbps']:.2f}"
         assert row["x ceiling"] == f"{r['x_ceiling']:.2f}"
         assert row["x mmapload (mmap)"] == f"{r['x_mmapload']:.2f}"
+        assert row["x naive best"] == f"{r['x_naive']:.2f}"
         assert row["peak RSS above base (MiB)"] == f"{r['peak_rss_above'] / MiB:.0f}"
         assert row["RSS x mmapload (mmap)"] == f"{r['rss_x_mmapload']:.1f}"
         assert row["peak anon above base (MiB)"] == f"{r['peak_anon_above'] / MiB:.0f}"
