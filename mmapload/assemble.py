@@ -93,10 +93,10 @@ class Assembler:
         self.retained_bytes = self.tensors = self.quantized = 0
 
     def add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None = None,
-            output: torch.Tensor | None = None) -> None:
+            output: torch.Tensor | None = None, view: torch.Tensor | None = None) -> None:
         self._last = piece
         try:                        # per piece: a plain try, no context manager on the hot path
-            self._add(lease, piece, data, amax, output)
+            self._add(lease, piece, data, amax, output, view)
         except RuntimeError as e:
             raise self._as_device_error(e, piece)
 
@@ -165,7 +165,7 @@ class Assembler:
         return g is Granularity.TENSOR or (g is Granularity.CHANNEL and sl.dim == len(spec.shape) - 1)
 
     def _add(self, lease: Lease, piece: Piece, data: torch.Tensor, amax: torch.Tensor | None,
-             output: torch.Tensor | None) -> None:
+             output: torch.Tensor | None, view: torch.Tensor | None = None) -> None:
         if piece.first:
             spec, shape = piece.spec, self.plan.shape_of(piece.spec)
             out = output
@@ -175,7 +175,7 @@ class Assembler:
             self._b = _Building(spec, piece.quantize, self.opts, self.device, out, shape,
                                 piece.quantize and self._reduces(spec))
         b = self._b
-        raw = data[piece.offset:piece.offset + piece.nbytes]
+        raw = data[piece.offset:piece.offset + piece.nbytes] if view is None else view   # io="view": the map
         if not piece.quantize:
             if output is None:   # else already read into b.out
                 b.bytes[piece.at:piece.at + piece.nbytes].copy_(raw)

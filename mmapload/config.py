@@ -29,7 +29,7 @@ RING_BYTES = 256 << 20       # the default host ring: 256 MiB
 MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
-IO_MODES = ("mmap", "pread", "direct")
+IO_MODES = ("mmap", "pread", "direct", "view")
 POLICIES = ("auto", "model", "names")   # how policy.py decides what is quantized
 _FLAGS = ("progress", "drop_page_cache", "error_stats", "keep_partial")
 

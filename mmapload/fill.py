@@ -42,6 +42,8 @@ class Prepared:
                                                                     # amax of the group a piece opens
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # the output a kept piece was
                                                                     # read into (plan.into_outputs)
+    views: dict[int, torch.Tensor] = field(default_factory=dict)    # io="view": a quantized piece's
+                                                                    # bytes in the map (uint8, no copy)
 
 
 class Filler:
@@ -49,9 +51,14 @@ class Filler:
     Reader thread only (after construction)."""
 
     def __init__(self, shards: dict[Path, ShardReader], plan: LoadPlan, device: torch.device,
-                 pool: CopyPool, sample: Callable[[], None], out_for: OutFor | None = None):
+                 pool: CopyPool, sample: Callable[[], None], out_for: OutFor | None = None,
+                 views: bool = False):
         self.shards, self.slot_bytes, self.device, self.pool = shards, plan.slot_bytes, device, pool
         self.out_for = out_for   # the caller's tensors that kept tensors are read into, where it has them
+        # io="view": quantized pieces are handed on as views of the map (populated here, never copied);
+        # their pages are released when their slot comes back, i.e. once the consumer is done with them
+        self.views = views
+        self._viewed: dict[int, list[Callable[[], None]]] = {}   # slot address -> its batch's releases
         self.plan = plan
         # TP: other ranks read the bytes between ours; read ahead and release exactly our pieces
         self.exact = plan.tp_size > 1
@@ -139,9 +146,37 @@ class Filler:
                 if not p.stride and p.hi > p.lo:
                     self.shards[p.spec.shard].prefetch(p.lo, p.hi)
 
+    def release_views(self, slot: int | None = None) -> None:
+        """Release the pages of the batch viewed in ``slot`` (an address; None: every slot's), which
+        the consumer is done with: its slot came back, or the load ended."""
+        for key in [slot] if slot is not None else list(self._viewed):
+            for release in self._viewed.pop(key, ()):
+                release()
+
+    def _release_run(self, shard: ShardReader, run: tuple[Piece, ...] | list[Piece]) -> None:
+        for p in run:
+            if p.release_to < p.hi:
+                for lo, hi in _finished_ranges(p):
+                    shard.release(lo, hi)
+        shard.release_behind(run[-1].release_to)
+
+    def _view_run(self, shard: ShardReader, run, start: int, outputs: dict, slot_np: np.ndarray,
+                  views: dict) -> None:
+        """io="view": fault the run in with one call (a file truncated before is FileChangedError, after
+        it a SIGBUS: the mode's caveat), hand its quantized pieces on as views, copy the kept ones."""
+        shard.populate(run[0].lo, run[-1].hi)
+        for i, p in enumerate(run, start):
+            if p.quantize and p.lo % p.spec.itemsize == 0:   # a misaligned one (odd header) is copied
+                views[i] = shard.tensor(p.lo, p.hi)
+            else:
+                self._copy(shard, p.lo, [self._dest(p, slot_np, outputs.get(i))])
+
     def __call__(self, batch: Batch, slot: torch.Tensor) -> Prepared:
         slot_np = slot.numpy()
         pieces = batch.pieces
+        if self.views:   # the slot is back: the consumer is done with what was viewed for it
+            self.release_views(slot.data_ptr())
+        views: dict[int, torch.Tensor] = {}
         # pre-passes first: a syscall reader uses the (still empty) slot as its window
         amax = {i: self.group_amax(self.prepass[p.group], slot_np)
                 for i, p in enumerate(pieces) if p.group_first and p.group in self.prepass}
@@ -155,6 +190,11 @@ class Filler:
             shard = self.shards[run[0].spec.shard]
             if not self.exact:
                 self._prefetch(shard, run[-1].release_to)
+            if self.views and not any(p.stride for p in run):
+                self._view_run(shard, run, start, outputs, slot_np, views)
+                self.sample()
+                self._viewed.setdefault(slot.data_ptr(), []).append(partial(self._release_run, shard, run))
+                continue
             dsts = [self._dest(p, slot_np, outputs.get(i))
                     for i, p in enumerate(run, start)]
             if run[0].stride:
@@ -170,16 +210,12 @@ class Filler:
                 if not run[0].stride:   # a strided run's reader forgot its pages already
                     shard.forget(run[0].lo, run[-1].hi)
                 continue
-            for p in run:
-                if p.release_to < p.hi:
-                    for lo, hi in _finished_ranges(p):
-                        shard.release(lo, hi)
-            shard.release_behind(run[-1].release_to)
+            self._release_run(shard, run)
         # the file read is the file validated: a shard rewritten in place (its mtime moved) while
         # this batch was read fails here, before any of the batch is handed on
         for path in dict.fromkeys(p.spec.shard for p in pieces):
             self.shards[path].verify()
-        return Prepared(amax, {i: x for i, x in outputs.items() if x is not None})
+        return Prepared(amax, {i: x for i, x in outputs.items() if x is not None}, views)
 
 
 def split_run(lo: int, sizes: list[int], parts: int, min_bytes: int = 1 << 20,

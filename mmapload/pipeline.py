@@ -78,10 +78,15 @@ class _ReaderSide:
             return
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.pool = CopyPool(self.opts.read_threads_for(self.device, cpus))
-        self.filler = Filler(self.shards, self.plan, self.device, self.pool, self.peaks.sample, self.out_for)
+        views = self.opts.io == "view" and self.device.type == "cpu" and self.plan.tp_size == 1
+        self.filler = Filler(self.shards, self.plan, self.device, self.pool, self.peaks.sample, self.out_for,
+                             views)
 
     def close(self) -> None:
-        """After the reader thread was joined: its copy threads, then the shards."""
+        """After the reader thread was joined: the last batches' viewed pages, its copy threads, then
+        the shards."""
+        if self.filler is not None:
+            self.filler.release_views()
         self.pool.close()
         for shard in self.shards.values():
             shard.close()
@@ -112,7 +117,7 @@ class _ConsumerSide:
         phases.mark("quantize")
         t1 = time.perf_counter()
         for i, piece in enumerate(lease.item.pieces):
-            asm.add(lease, piece, data, prep.amax.get(i), prep.outputs.get(i))
+            asm.add(lease, piece, data, prep.amax.get(i), prep.outputs.get(i), prep.views.get(i))
             self.bytes_read += piece.nbytes
             self.progress.update(piece.nbytes)
         finished = asm.flush()     # TP: the batch's one amax collective, then its waiting casts

@@ -44,7 +44,7 @@ def _named_by_safetensors() -> dict[str, tuple[torch.dtype, int]]:
 
 SAFETENSORS_NAMES = _named_by_safetensors()   # "F4" -> (torch.float4_e2m1fn_x2, 4), ...
 WEIGHT = "layer.weight"   # bf16 [64, 32]: quantized
-IO_MODES = ["mmap", "pread", "direct"]
+IO_MODES = ["mmap", "pread", "direct", "view"]
 
 
 def _random_bytes(n: int, seed: int) -> bytes:

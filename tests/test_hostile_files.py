@@ -21,7 +21,7 @@ from mmapload.estimate import estimate
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
-IO = ["mmap", "pread", "direct"]
+IO = ["mmap", "pread", "direct", "view"]
 pytestmark = pytest.mark.filterwarnings("ignore:mmapload. O_DIRECT")   # tmpfs: direct falls back
 
 

@@ -22,7 +22,7 @@ def _ckpt(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
+@pytest.mark.parametrize("io", ["mmap", "pread", "direct", "view"])
 def test_kept_tensors_land_in_the_callers_tensors(tmp_path, io, device):
     path, src = _ckpt(tmp_path)
     mine = {"model.embed_tokens.weight": torch.full((300, 64), 7.0, dtype=torch.bfloat16, device=device),

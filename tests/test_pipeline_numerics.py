@@ -113,7 +113,7 @@ def test_error_stats_match_a_direct_computation(ckpt):
     assert stream_quantize(path)["a.weight"].rel_error is None   # off by default
 
 
-@pytest.mark.parametrize("io", ["pread", "direct"])
+@pytest.mark.parametrize("io", ["pread", "direct", "view"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_every_io_mode_gives_identical_results(ckpt, io, granularity):
     path, tensors = ckpt
@@ -144,7 +144,7 @@ def mib_ckpt(tmp_path_factory):
     return path, t
 
 
-@pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
+@pytest.mark.parametrize("io", ["mmap", "pread", "direct", "view"])
 @pytest.mark.parametrize("granularity", ["tensor", "block"])
 def test_several_read_threads_give_identical_results(mib_ckpt, io, granularity, no_thread_leak):
     path, tensors = mib_ckpt

@@ -58,7 +58,7 @@ def _assert_exact(model, tensors, granularity, fp8, block_size=(128, 128)):
 
 
 @pytest.mark.parametrize("ring", [TINY, MID])
-@pytest.mark.parametrize("io", ["mmap", "pread", "direct"])
+@pytest.mark.parametrize("io", ["mmap", "pread", "direct", "view"])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_wide_rows_equal_the_whole_tensor_quantizer(ckpt, granularity, fp8, io, ring, no_thread_leak):

@@ -22,7 +22,7 @@ def open_reader(io: str, shard, *, drop_page_cache: bool, max_read: int) -> Shar
     the file validated (``Shard.ident``), named in messages as the user names it."""
     kw = dict(drop_page_cache=drop_page_cache, ident=shard.ident, name=shard.shown)
     path = shard.real or shard.path
-    if io == "mmap":
+    if io in ("mmap", "view"):   # "view": the same map, quantized straight from it on the CPU (fill.py)
         return MappedShard(path, shard.file_size, **kw)
     if io == "pread":
         return PreadShard(path, shard.file_size, **kw)
