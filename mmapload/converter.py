@@ -34,7 +34,7 @@ from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignor
 from .fp8 import Granularity
 from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
-from .policy import LINEAR, Policy, matches_module
+from .policy import CONV1D, LINEAR, Policy, matches_module
 from .result import QuantizedTensor
 from .stream import prepare, results
 from .writer import SafetensorsWriter
@@ -226,7 +226,7 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
         scale = ckpt.get(spec.name + suffix)
         fp8 = spec.dtype in FP8
         scaled = fp8 and scale is not None and scale.dtype == "F32"
-        linear = attr == "weight" and policy.decide(spec).kind == LINEAR
+        linear = attr == "weight" and policy.decide(spec).kind in (LINEAR, CONV1D)   # what engines target
         if not linear and not scaled:
             continue   # plain data: no config speaks of it
         targeted = linear and not any(matches_module(module, p) for p in ignore)

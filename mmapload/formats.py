@@ -35,7 +35,7 @@ from .errors import CheckpointError, OptionsError
 from .fp8 import Granularity
 from .config import LoadOptions
 from .prequantized import fp8_pairs, unscaled_fp8
-from .policy import LINEAR, Policy
+from .policy import CONV1D, LINEAR, Policy
 
 __all__ = ["FORMATS", "SCALE_SUFFIX", "Entry", "check_format", "scale_suffix", "ignored_modules",
            "quantization_config", "output_layout", "shard_metadata", "convert_policy", "single_file",
@@ -113,10 +113,12 @@ def convert_policy(policy: Policy, opts: LoadOptions) -> Policy:
 
 def ignored_modules(ckpt: Checkpoint, policy: Policy) -> list[str]:
     """The Linear modules left in high precision, as compressed-tensors' ``ignore`` (and vLLM fp8's
-    ``ignored_layers``) name them: every kept high-precision weight the policy calls a Linear weight,
-    and the model's Linear modules whose weight the checkpoint does not hold (a tied lm_head)."""
+    ``ignored_layers``) name them: every kept high-precision weight the policy calls a Linear weight
+    or a GPT-2 Conv1D weight (engines build Linear layers for those: unlisted, vLLM would make them
+    FP8 layers, copy bf16 bytes in and never get a scale), and the model's Linear modules whose
+    weight the checkpoint does not hold (a tied lm_head)."""
     out = [spec.name.removesuffix(".weight") for spec in ckpt.tensors
-           if spec.name.endswith(".weight") and (d := policy.decide(spec)).kind == LINEAR
+           if spec.name.endswith(".weight") and (d := policy.decide(spec)).kind in (LINEAR, CONV1D)
            and not d.quantize and spec.dtype not in FP8]
     have = {spec.name.removesuffix(".weight") for spec in ckpt.tensors}
     prefix = policy.prefix + "." if policy.prefix else ""

@@ -38,10 +38,13 @@ from .errors import OptionsError, warn
 from .foreign import QuantizedSourceError, read_config, refuse_other_methods
 from .skeleton import Skeleton, describe, from_config
 
-__all__ = ["Decision", "Policy", "policy_for", "matches_module", "LINEAR", "EXPERTS", "OTHER",
+__all__ = ["Decision", "Policy", "policy_for", "matches_module", "LINEAR", "EXPERTS", "OTHER", "CONV1D",
            "FLOAT_DTYPES", "QuantizedSourceError"]
 
 LINEAR, EXPERTS, OTHER = "linear", "experts", "other"   # Decision.kind
+# GPT-2's Conv1D: kept (stored [in, out]), but engines build Linear layers for it (vLLM's GPT-2 /
+# GPTBigCode: QKVParallelLinear, Column/RowParallelLinear), so a converted checkpoint must ignore it
+CONV1D = "conv1d"
 FLOAT_DTYPES = WIDE_FLOATS   # floats wider than FP8: the only dtypes worth quantizing
 # MoE routers are kept by vLLM (its gate is a ReplicatedLinear built without quant_config) and by
 # llm-compressor's recipes; their outputs pick experts, so FP8 noise there changes which run.
@@ -60,7 +63,8 @@ _KEPT_CLASSES = (("Embedding", "embedding"), ("Norm", "norm"), ("Conv1D", "GPT-2
 @dataclass(frozen=True)
 class Decision:
     """``quantize``: becomes FP8. ``rule``: why, in words. ``kind``: LINEAR for the weight of a
-    Linear(-like) module, EXPERTS for a fused ``[E, rows, cols]`` expert tensor, OTHER else."""
+    Linear(-like) module, EXPERTS for a fused ``[E, rows, cols]`` expert tensor, CONV1D for a GPT-2
+    Conv1D weight (kept; a Linear to engines), OTHER else."""
 
     quantize: bool
     rule: str
@@ -97,7 +101,7 @@ _NAME_RULES = {k: Decision(*v) for k, v in {   # shared: one object per verdict,
     "experts": (True, "name rule: fused experts", EXPERTS), "attr": (False, "name rule: not a .weight"),
     "embed": (False, "name rule: embedding"), "lm_head": (False, "name rule: lm_head (output embeddings)", LINEAR),
     "norm": (False, "name rule: norm"), "router": (False, "name rule: MoE router", LINEAR),
-    "conv1d": (False, "name rule: GPT-2 Conv1D ([in, out], not a Linear)"),
+    "conv1d": (False, "name rule: GPT-2 Conv1D ([in, out], not a Linear)", CONV1D),
     "linear": (True, "name rule: Linear weight", LINEAR)}.items()}
 
 
@@ -173,7 +177,8 @@ class _Judge:
             return Decision(True, rule("Linear weight"), LINEAR)
         if len(spec.shape) >= 3 and ("Expert" in cls or module.rpartition(".")[2] in _FUSED_EXPERTS):
             return Decision(True, rule("fused experts"), EXPERTS)
-        return Decision(False, rule(next((k for part, k in _KEPT_CLASSES if part in cls), "not a Linear")))
+        return Decision(False, rule(next((k for part, k in _KEPT_CLASSES if part in cls), "not a Linear")),
+                        CONV1D if "Conv1D" in cls and attr == "weight" else OTHER)
 
 
 @functools.lru_cache(maxsize=None)

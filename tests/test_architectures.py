@@ -188,3 +188,18 @@ def test_convert_keeps_block_layers_whose_input_is_no_whole_blocks(built, tmp_pa
     dtypes = {s.name: s.dtype for s in open_checkpoint(dst).tensors}
     assert dtypes["backbone.layers.0.mixer.x_proj.weight"] == "F8_E4M3"
     assert dtypes["backbone.layers.0.mixer.dt_proj.weight"] == "BF16"
+
+
+@pytest.mark.parametrize("policy", ["auto", "names"])
+def test_convert_ignores_gpt2_conv1d_weights_that_engines_build_as_linear(built, tmp_path, policy):
+    """GPT-2's Conv1D weights stay bf16 ([in, out]), but vLLM builds Column/RowParallelLinear layers for
+    c_attn / c_proj / c_fc: unless ``ignore`` lists them it makes FP8 layers, copies the bf16 bytes in
+    and never gets a scale (a newcomer's vLLM run generated NaN)."""
+    import json
+    folder, _ = built("gpt2")
+    dst = convert(folder, tmp_path / "out", granularity="channel", policy=policy)
+    ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["ignore"]
+    conv1d = {s.name.removesuffix(".weight") for s in open_checkpoint(folder).tensors
+              if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", s.name)}
+    assert len(conv1d) == 8 and conv1d <= set(ignore), sorted(conv1d - set(ignore))
+    assert {s.name: s.dtype for s in open_checkpoint(dst).tensors}["transformer.h.0.attn.c_attn.weight"] == "BF16"
