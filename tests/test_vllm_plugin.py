@@ -136,6 +136,23 @@ def test_a_tied_lm_head_and_qkv_biases_load_as_convert_writes_them(models):
     assert plugin["results"] == converted["results"]
 
 
+def test_gpt2_conv1d_layers_stay_bf16_in_vllm_and_the_output_is_the_models(models):
+    """GPT-2's Conv1D weights are kept bf16 and listed in ``ignore`` (vLLM builds Linear layers for them:
+    unlisted, it made FP8 layers without scales and generated NaN)."""
+    import transformers as tf
+    from mmapload import convert
+    torch.manual_seed(0)
+    gpt2 = models["root"] / "tiny-gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=1, eos_token_id=2)).to(torch.bfloat16).save_pretrained(gpt2)
+    converted = _ok(run_vllm(models["root"], convert(gpt2, models["root"] / "tiny-gpt2-fp8", granularity="channel")))
+    plugin = _ok(run_vllm(models["root"], gpt2, "mmapload"))
+    assert plugin["results"] == converted["results"]
+    bf16 = _prompt_token_logprobs(_ok(run_vllm(models["root"], gpt2)))
+    got = _prompt_token_logprobs(plugin)
+    assert torch.isfinite(got).all() and (got - bf16).abs().max() < 0.6
+
+
 def test_fp8_logprobs_stay_within_fp8_noise_of_bf16_and_shuffled_scales_do_not(models):
     bf16 = _prompt_token_logprobs(_ok(run_vllm(models["root"], models["bf16"])))
     plugin = _prompt_token_logprobs(_ok(run_vllm(models["root"], models["bf16"], "mmapload")))

@@ -11,7 +11,7 @@ quantizer (mmapload.fp8), so only the loading differs; each runs in a fresh proc
     runai_capped             the same, RUNAI_STREAMER_MEMORY_LIMIT = the ring (>= the largest tensor)
     fastsafetensors          SafeTensorsFileLoader(nogds=True), one shard at a time (vLLM's iterator)
     fastsafetensors_capped   its ParallelLoader, max_batch_bytes = the ring (>= the largest tensor)
-    mmapload:mmap|pread|direct   stream_quantize with each io mode
+    mmapload:mmap|pread|direct|view   stream_quantize with each io mode
 
 Peers are optional (pip install -e ".[bench]"); a missing or failing peer is reported as
 skipped with the reason. A "ceiling" is measured in every run: a raw sequential read of the

@@ -190,12 +190,16 @@ def _loader_class():
                      self.opts.io, time.perf_counter() - t0)
 
     def _parameters_of(model):
-        """``out_for`` for the pipeline: a tensor kept as it is (embedding, lm_head, norms) is read straight
-        into the vLLM parameter of its name where that has its shape and dtype, so it is not held twice
-        (a copy handed over, then vLLM's copy; the largest, lm_head, last in the file, is ~1 GiB on an 8B
-        model). vLLM's weight loader then copies the parameter onto itself. A parameter cut for tensor
+        """``out_for`` for the pipeline: a vocabulary embedding or lm_head kept as it is is read straight
+        into vLLM's parameter of its name where that has its shape and dtype, so it is not held twice
+        (a copy handed over, then vLLM's copy; lm_head, last in the file, is ~1 GiB on an 8B model).
+        vLLM's VocabParallelEmbedding.weight_loader then copies the parameter onto itself. Only those:
+        other parameters may be transformed on the way in (GPT-2's model.load_weights transposes its
+        Conv1D weights; onto itself that is an error, or silently wrong). A parameter cut for tensor
         parallelism has another shape: that tensor comes as a new one, as before."""
-        params = dict(model.named_parameters())
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        params = {f"{m}.{p}" if m else p: t for m, mod in model.named_modules()
+                  if isinstance(mod, VocabParallelEmbedding) for p, t in mod.named_parameters(recurse=False)}
         mapper = getattr(model, "hf_to_vllm_mapper", None)
 
         def out_for(name, shape, dtype):
