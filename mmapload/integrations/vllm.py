@@ -80,7 +80,7 @@ def loader_options(extra) -> LoadConfig:
     extra = {} if extra is None else extra
     if not isinstance(extra, dict):
         raise OptionsError(f"--model-loader-extra-config must be a JSON object for --load-format mmapload, "
-                           f"got {type(extra).__name__}")
+                           f"e.g. '{{\"ring_bytes\": 268435456}}', got {type(extra).__name__} {extra!r:.80}")
     owned = sorted(set(extra) & set(_OWNED))
     if owned:
         raise OptionsError(f"--model-loader-extra-config key {owned[0]!r} is not for --load-format mmapload: "
