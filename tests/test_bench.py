@@ -190,7 +190,8 @@ def _load_bench():
 def test_strategy_arguments_are_checked():
     bench = _load_bench()
     assert bench.parse_strategies("naive,mmapload") == [("naive", None), ("mmapload", "mmap"),
-                                                        ("mmapload", "pread"), ("mmapload", "direct")]
+                                                        ("mmapload", "pread"), ("mmapload", "direct"),
+                                                        ("mmapload", "view")]
     assert bench.parse_strategies("mmapload:direct,mmapload:direct,runai") == [("mmapload", "direct"),
                                                                               ("runai", None)]
     for bad in ("turbo", "naive:direct", "mmapload:async", ","):
