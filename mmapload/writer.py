@@ -6,12 +6,18 @@ without ever holding all of its tensors. The file is written under a short tempo
 renamed into place only by ``commit()``: a failure never leaves a complete-looking file.
 
 With ``sync_bytes`` set, written data does not pile up as dirty page cache (which counts
-against a cgroup memory limit): every ``sync_bytes`` the file is ``fdatasync``-ed and the
-written range dropped from the page cache (``POSIX_FADV_DONTNEED``).
+against a cgroup memory limit): every ``sync_bytes`` the range just written is handed to the disk
+(``sync_file_range(WRITE)``, which does not wait), the range before it is waited for and dropped
+from the page cache (``POSIX_FADV_DONTNEED``): the disk writes one window while the next is
+computed, and at most two windows are dirty or under writeback. Where ``sync_file_range`` is
+missing (not Linux, a seccomp profile), each window is ``fdatasync``-ed in turn, waiting for it.
+``commit()`` fsyncs the whole file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import json
 import os
@@ -25,6 +31,13 @@ from .dtypes import dtype_name, nbytes_of, torch_dtype_of, torch_shape
 __all__ = ["SafetensorsWriter"]
 
 _SEQ = itertools.count()   # temporary names unique within this process
+# sync_file_range(2) flags (linux/fs.h); through ctypes, which releases the GIL while the disk works
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+try:
+    _sfr = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    _sfr.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (OSError, AttributeError):
+    _sfr = None
 
 
 def _header_dtype(dtype: str | torch.dtype) -> str:
@@ -73,20 +86,36 @@ class SafetensorsWriter:
         self._f = open(self.tmp, "wb")
         self._f.write(len(raw).to_bytes(8, "little") + raw)
         self._pos, self._synced = self.header_bytes, 0   # bytes written; bytes synced and dropped
+        self._started = 0   # bytes handed to the disk (sync_file_range WRITE), not yet waited for
+        self._async = _sfr is not None
 
     @property
     def size(self) -> int:
         """The finished file's size in bytes."""
         return self.header_bytes + self.data_bytes
 
-    def _sync(self) -> None:
-        """fdatasync what was written since the last sync and drop it from the page cache."""
+    def _sync(self, final: bool = False) -> None:
+        """Hand what was written since the last call to the disk without waiting; wait for the window
+        before it and drop that from the page cache (``final``: wait for everything and drop it)."""
         self._f.flush()
         fd = self._f.fileno()
+        if self._async:
+            if _sfr(fd, self._started, self._pos - self._started, _WRITE) == 0:
+                done = self._pos if final else self._started   # the previous window, or all
+                if done > self._synced and _sfr(fd, self._synced, done - self._synced,
+                                                _WAIT_BEFORE | _WRITE | _WAIT_AFTER) == 0:
+                    self._drop(fd, done)
+                self._started = self._pos
+                return
+            self._async = False   # refused here: wait for each window instead
         os.fdatasync(fd)
+        self._drop(fd, self._pos)
+        self._started = self._pos
+
+    def _drop(self, fd: int, upto: int) -> None:
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, self._synced, self._pos - self._synced, os.POSIX_FADV_DONTNEED)
-        self._synced = self._pos
+            os.posix_fadvise(fd, self._synced, upto - self._synced, os.POSIX_FADV_DONTNEED)
+        self._synced = upto
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order):
@@ -102,7 +131,7 @@ class SafetensorsWriter:
             for i in range(0, n, step):
                 self._f.write(mv[i:i + step])
                 self._pos += min(step, n - i)
-                if self.sync_bytes and self._pos - self._synced >= self.sync_bytes:
+                if self.sync_bytes and self._pos - self._started >= self.sync_bytes:
                     self._sync()
         self._next += 1
 
@@ -112,7 +141,7 @@ class SafetensorsWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         if self.sync_bytes:
-            self._sync()
+            self._sync(final=True)
         self._f.close()
         os.replace(self.tmp, self.path)
         return self.path

@@ -264,19 +264,37 @@ def test_keyboard_interrupt_mid_write_removes_partial(small, tmp_path, monkeypat
     assert len(calls) == 30 and sorted(tmp_path.iterdir()) == []
 
 
-def test_written_data_is_synced_and_dropped_from_the_page_cache(small, tmp_path, monkeypatch):
-    synced, advised = [], []
-    real_sync, real_advise = os.fdatasync, os.posix_fadvise
+@pytest.mark.parametrize("async_writeback", [True, False])
+def test_written_data_is_synced_and_dropped_from_the_page_cache(small, tmp_path, monkeypatch, async_writeback):
+    """Every window is on disk before it is dropped from the page cache, and the dropped ranges tile
+    each file: with sync_file_range (the disk writes a window while the next is computed; it is
+    waited for before the drop) and without it (fdatasync per window)."""
+    import mmapload.writer as writer
+    if async_writeback and writer._sfr is None:
+        pytest.skip("no sync_file_range here")
+    events = []   # ("wait", lo, hi) once a range is on disk; ("drop", lo, hi)
+    real_sync, real_advise, real_sfr = os.fdatasync, os.posix_fadvise, writer._sfr
     monkeypatch.setattr(export, "SYNC_BYTES", 256 << 10)
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_sync(fd))[1])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append(("wait", 0, os.fstat(fd).st_size)),
+                                                     real_sync(fd))[1])
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (
-        advised.append((off, n, adv)), real_advise(fd, off, n, adv))[1])
+        adv == os.POSIX_FADV_DONTNEED and events.append(("drop", off, off + n)), real_advise(fd, off, n, adv))[1])
+
+    def sfr(fd, off, n, flags):
+        rc = real_sfr(fd, off, n, flags)
+        if flags & writer._WAIT_AFTER and rc == 0:
+            events.append(("wait", off, off + n))
+        return rc
+    monkeypatch.setattr(writer, "_sfr", sfr if async_writeback else None)
     dst = export.convert(small, tmp_path / "out", drop_page_cache=False)   # reads advise nothing
     written = sum((dst / s).stat().st_size for s in SHARDS)
-    dropped = [(o, n) for o, n, adv in advised if adv == os.POSIX_FADV_DONTNEED]
-    assert len(synced) >= written // (256 << 10)
-    # the dropped ranges tile each file from 0 to its end
-    assert sum(n for _, n in dropped) == written and all(n <= (256 << 10) + (1 << 20) for _, n in dropped)
+    dropped = [(lo, hi) for kind, lo, hi in events if kind == "drop"]
+    # the dropped ranges tile each file from 0 to its end, in windows of about SYNC_BYTES
+    assert sum(hi - lo for lo, hi in dropped) == written and all(hi - lo <= (256 << 10) + (1 << 20) for lo, hi in dropped)
+    assert len(dropped) >= written // (256 << 10) - len(SHARDS)   # a file's last drop may take two windows
+    for i, (kind, lo, hi) in enumerate(events):   # on disk before dropped
+        if kind == "drop":
+            assert any(k == "wait" and a <= lo and hi <= b for k, a, b in events[:i]), (lo, hi)
 
 
 def test_writer_sync_bytes_writes_the_same_file(tmp_path):
