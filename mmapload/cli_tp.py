@@ -69,35 +69,43 @@ def quantize_tp(path, a: argparse.Namespace, load_kwargs: dict, error_text) -> i
         device = f"cuda:{os.environ['LOCAL_RANK']}"   # one GPU per local rank
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    # torchrun stops the other ranks (SIGTERM) as soon as one has failed, which may be before a
+    # slower rank is past the join: the handler is in place before it, so every rank that has
+    # joined says one line, whenever the SIGTERM comes.
+    prev = signal.signal(signal.SIGTERM, _stop)
+    code, msg = 0, None
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.tp_timeout))
-        # every rank has joined before any may leave: a rank that failed fast (bad options, a
-        # tp_size that does not cut a tensor) and exited would break a slower one's joining
-        dist.barrier()
-    except (RuntimeError, ValueError) as e:   # DistStoreError (a timeout, no rendezvous), a bad device
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"mmapload: error: {tag}: could not join the torch.distributed group (backend {backend}, "
-              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {first}", file=sys.stderr)
-        return 2
-    prev = signal.signal(signal.SIGTERM, _stop)   # torchrun stops the other ranks when one fails
-    try:
-        model = stream_quantize(path, device, tp_size=world, tp_rank=rank, tp_plan=a.tp_plan,
-                                tp_timeout=a.tp_timeout, **load_kwargs)
-        report = "\n".join(f"[rank {rank}] {line}" for line in model.report.format().splitlines())
-        sys.stdout.write(report + "\n")   # one write: ranks' reports interleave whole, not by line
-        sys.stdout.flush()
-        signal.signal(signal.SIGTERM, prev)
-        dist.destroy_process_group()
-        return 0
-    except (MmapLoadError, OSError) as e:
-        code, msg = 2, error_text(e)
-    except _Stopped:
-        code, msg = 143, ("stopped by SIGTERM (torchrun stops every rank once one has failed: that "
-                          "rank's error says why)")
+        try:
+            if backend == "nccl":
+                torch.cuda.set_device(torch.device(device))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.tp_timeout))
+            # every rank has joined before any may leave: a rank that failed fast (bad options, a
+            # tp_size that does not cut a tensor) and exited would break a slower one's joining
+            dist.barrier()
+        except (RuntimeError, ValueError) as e:   # DistStoreError (a timeout, no rendezvous), a bad device
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            code, msg = 2, (f"could not join the torch.distributed group (backend {backend}, "
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {first}")
+        if msg is None:
+            try:
+                model = stream_quantize(path, device, tp_size=world, tp_rank=rank, tp_plan=a.tp_plan,
+                                        tp_timeout=a.tp_timeout, **load_kwargs)
+                report = "\n".join(f"[rank {rank}] {line}" for line in model.report.format().splitlines())
+                sys.stdout.write(report + "\n")   # one write: ranks' reports interleave whole, not by line
+                sys.stdout.flush()
+                signal.signal(signal.SIGTERM, prev)
+                dist.destroy_process_group()
+                return 0
+            except (MmapLoadError, OSError) as e:
+                code, msg = 2, error_text(e)
+    except _Stopped:      # also while this rank's own error was being worded: that error wins
+        if msg is None:
+            code, msg = 143, ("stopped by SIGTERM (torchrun stops every rank once one has failed: that "
+                              "rank's error says why)")
     except KeyboardInterrupt:
-        code, msg = 130, "interrupted"
+        if msg is None:
+            code, msg = 130, "interrupted"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the one line below is said whole
     if not msg.startswith(f"rank {rank} of tp_size="):   # tp_group's errors name the rank already
         msg = f"{tag}: {msg}"
     print(f"mmapload: error: {msg}", file=sys.stderr)

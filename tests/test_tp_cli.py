@@ -89,9 +89,46 @@ def test_quantize_tp_errors_are_one_line_on_every_rank(indivisible):
     out = _torchrun("-m", "mmapload", "quantize", indivisible, "--tp", "--policy", "names")
     assert out.returncode != 0
     _no_mmapload_traceback(out.stderr)
+    _one_line_each_and_the_cause(out.stderr)
+
+
+def _one_line_each_and_the_cause(err: str) -> None:
+    """Every rank says one line; at least one says why (the tensor tp_size=2 cannot cut). torchrun
+    stops the others as soon as one rank has failed, so a slower rank may say only that."""
+    named = 0
     for rank in (0, 1):
-        line, = [ln for ln in out.stderr.splitlines() if ln.startswith(f"mmapload: error: rank {rank} of 2: ")]
-        assert "model.layers.0.mlp.up_proj.weight" in line and "tp_size=2" in line and "--tp-plan" in line
+        line, = [ln for ln in err.splitlines() if ln.startswith(f"mmapload: error: rank {rank} of 2: ")]
+        cause = "model.layers.0.mlp.up_proj.weight" in line and "tp_size=2" in line and "--tp-plan" in line
+        assert cause or "stopped by SIGTERM" in line, line
+        named += cause
+    assert named >= 1, err
+
+
+SLOW_AFTER_JOIN = """
+import os, sys, time
+import torch.distributed as dist
+from mmapload.cli import main
+barrier = dist.barrier
+def slow(*args, **kwargs):               # rank 0 is slow just after the join: rank 1 fails first
+    barrier(*args, **kwargs)
+    if os.environ["RANK"] == "0":
+        time.sleep(20)
+dist.barrier = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_stopped_right_after_joining_says_so(indivisible, tmp_path):
+    """torchrun's SIGTERM may reach a rank before it has started loading (here: rank 1 failed while
+    rank 0 was still leaving the join barrier): it says one line too, not nothing."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_AFTER_JOIN)
+    out = _torchrun(script, "quantize", indivisible, "--tp", "--policy", "names", timeout=120)
+    assert out.returncode != 0
+    _no_mmapload_traceback(out.stderr)
+    _one_line_each_and_the_cause(out.stderr)
+    assert re.search(r"^mmapload: error: rank 0 of 2: stopped by SIGTERM", out.stderr, re.M), out.stderr
 
 
 STALL = """
