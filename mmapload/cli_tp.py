@@ -90,9 +90,7 @@ def quantize_tp(path, a: argparse.Namespace, load_kwargs: dict, error_text) -> i
             try:
                 model = stream_quantize(path, device, tp_size=world, tp_rank=rank, tp_plan=a.tp_plan,
                                         tp_timeout=a.tp_timeout, **load_kwargs)
-                report = "\n".join(f"[rank {rank}] {line}" for line in model.report.format().splitlines())
-                sys.stdout.write(report + "\n")   # one write: ranks' reports interleave whole, not by line
-                sys.stdout.flush()
+                _say(sys.stdout, "".join(f"[rank {rank}] {line}\n" for line in model.report.format().splitlines()))
                 signal.signal(signal.SIGTERM, prev)
                 dist.destroy_process_group()
                 return 0
@@ -108,13 +106,23 @@ def quantize_tp(path, a: argparse.Namespace, load_kwargs: dict, error_text) -> i
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the one line below is said whole
     if not msg.startswith(f"rank {rank} of tp_size="):   # tp_group's errors name the rank already
         msg = f"{tag}: {msg}"
-    print(f"mmapload: error: {msg}", file=sys.stderr)
+    _say(sys.stderr, f"mmapload: error: {msg}\n")
     # A failed load may leave a collective pending or a peer gone: tearing the group down (or the
     # interpreter's exit doing it) can then abort inside gloo / NCCL ("terminate called without an
     # active exception"). Leave at once, with our own exit status.
     sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(code)
+
+
+def _say(stream, text: str) -> None:
+    """``text`` in one write(2) on ``stream``'s file descriptor: the ranks share torchrun's pipes,
+    and print() writes a line and its newline separately, so two ranks' lines could interleave
+    mid-line (seen: "...JSON)mmapload: error: rank 0..."). One write of up to PIPE_BUF (4 KiB) bytes
+    to a pipe is atomic."""
+    stream.flush()
+    data = text.encode(errors="backslashreplace")
+    while data:
+        data = data[os.write(stream.fileno(), data):]
 
 
 class _Stopped(BaseException):

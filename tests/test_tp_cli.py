@@ -97,7 +97,9 @@ def _one_line_each_and_the_cause(err: str) -> None:
     stops the others as soon as one rank has failed, so a slower rank may say only that."""
     named = 0
     for rank in (0, 1):
-        line, = [ln for ln in err.splitlines() if ln.startswith(f"mmapload: error: rank {rank} of 2: ")]
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"mmapload: error: rank {rank} of 2: ")]
+        assert len(lines) == 1, err
+        line = lines[0]
         cause = "model.layers.0.mlp.up_proj.weight" in line and "tp_size=2" in line and "--tp-plan" in line
         assert cause or "stopped by SIGTERM" in line, line
         named += cause
@@ -214,3 +216,17 @@ def test_inspect_tp_size_that_does_not_divide_is_one_line(indivisible, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mmapload: error: tensor 'model.layers.0.mlp.up_proj.weight'")
     assert "tp_size=2" in err and "replicate" in err and "--tp-plan" in err
+
+
+def test_a_ranks_line_is_one_write(tmp_path, monkeypatch):
+    """Ranks share torchrun's pipes: a line and its newline in two writes interleaved two ranks'
+    errors mid-line under load (CI). Each line, report or error, goes out in one write(2)."""
+    from mmapload import cli_tp
+    writes = []
+    real = os.write
+    monkeypatch.setattr(cli_tp.os, "write", lambda fd, data: writes.append(bytes(data)) or real(fd, data))
+    with open(tmp_path / "err", "w") as f:
+        cli_tp._say(f, "mmapload: error: rank 1 of 2: x\n")
+        cli_tp._say(f, "[rank 0] a\n[rank 0] b\n")
+    assert writes == [b"mmapload: error: rank 1 of 2: x\n", b"[rank 0] a\n[rank 0] b\n"]
+    assert (tmp_path / "err").read_text() == "mmapload: error: rank 1 of 2: x\n[rank 0] a\n[rank 0] b\n"
