@@ -28,7 +28,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, open_checkpoint
 from .dtypes import FP8, torch_dtype_of, torch_shape
-from .errors import CheckpointError, FileChangedError, OptionsError, warn
+from .errors import CheckpointError, FileChangedError, MmapLoadError, OptionsError, warn
 from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignored_modules, output_layout, \
     quantization_config, scale_suffix, shard_metadata, single_file
 from .fp8 import Granularity
@@ -36,7 +36,7 @@ from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import CONV1D, LINEAR, Policy, matches_module
 from .result import QuantizedTensor
-from .stream import prepare, results
+from .stream import GuessedWrong, prepare, prepare_soon, results, stands, watched
 from .writer import SafetensorsWriter
 
 __all__ = ["convert", "engine_plan", "SYNC_BYTES", "PARTIAL_MARK"]
@@ -165,28 +165,42 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     opts.whole_tensors("convert", "it writes whole tensors to one checkpoint")
     src, dst = Path(src), Path(dst)
     _check_dst(src, dst, overwrite)
-    pipe, qconfig = engine_plan(src, device, opts, format)   # checks the format before the reader starts
+    check_format(format, opts)   # before the reader starts
+    narrow = lambda p: convert_policy(p, opts)  # noqa: E731
+    pipe, guess = prepare_soon(src, device, opts, narrow=narrow)
+    try:
+        try:
+            return _convert(pipe, guess, dst, src, opts, format, overwrite)
+        except (GuessedWrong, MmapLoadError) as e:
+            if isinstance(e, MmapLoadError) and stands(guess):
+                raise
+            # the model's policy decides otherwise than the name rule: again, on the model's
+            return _convert(prepare(src, device, opts, narrow=narrow), None, dst, src, opts, format, overwrite)
+    finally:
+        if guess is not None:
+            guess.cancel()
+
+
+def _convert(pipe, guess, dst: Path, src: Path, opts: LoadOptions, format: str, overwrite: bool) -> Path:
+    """convert's load and write: ``guess`` (stream.prepare_soon) is checked while the stream is
+    written, and settled before anything that names the model (the quantization_config's ignore
+    list, the check of what was written) is decided."""
     ckpt, policy = pipe.ckpt, pipe.policy
     layout = output_layout(ckpt, opts, format, policy)
-    kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
-    if kept:
-        warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
-                      f"precision, because no FP8 checkpoint format describes them; e.g. {kept[0][0]!r}: "
-                      f"{kept[0][1]}")
-    experts = [s.name for s in ckpt.tensors if _PER_EXPERT.search(s.name) and policy(s)]
-    if experts and opts.granularity is Granularity.BLOCK and format == "compressed-tensors":
-        warn(f"{ckpt.root}: {len(experts)} per-expert MoE weights (e.g. {experts[0]!r}) are written with "
-                      "block scales: vLLM's FusedMoE reads them, transformers 5 cannot (it fuses the experts "
-                      "and multiplies q * scale without expanding the block grid); for transformers, convert "
-                      "with granularity='channel' or 'tensor'")
+    if guess is None:
+        _warn(ckpt, policy, opts, format)
     stream = results(pipe)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(dst)   # left by killed processes (ours too, if a dead one had our pid)
     tmp = work_name(dst)
     tmp.mkdir()
     try:
-        total = _write_all(stream, layout, tmp, opts, src, format)
+        total = _write_all(watched(stream, guess), layout, tmp, opts, src, format)
         stream.close()
+        if guess is not None:
+            policy = guess.policy   # settled by watched(): decides as the guess did
+            _warn(ckpt, policy, opts, format)
+        qconfig = quantization_config(format, opts, ignored_modules(ckpt, policy))
         weight_map = {name: fname for fname, entries in layout for name, _, _ in entries}
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": weight_map}, indent=2))
@@ -201,6 +215,21 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _warn(ckpt, policy: Policy, opts: LoadOptions, format: str) -> None:
+    """What the user should know about the output: tensors kept that stream_quantize quantizes,
+    per-expert block scales transformers cannot read."""
+    kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
+    if kept:
+        warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "
+             f"precision, because no FP8 checkpoint format describes them; e.g. {kept[0][0]!r}: {kept[0][1]}")
+    experts = [s.name for s in ckpt.tensors if _PER_EXPERT.search(s.name) and policy(s)]
+    if experts and opts.granularity is Granularity.BLOCK and format == "compressed-tensors":
+        warn(f"{ckpt.root}: {len(experts)} per-expert MoE weights (e.g. {experts[0]!r}) are written with "
+             "block scales: vLLM's FusedMoE reads them, transformers 5 cannot (it fuses the experts "
+             "and multiplies q * scale without expanding the block grid); for transformers, convert "
+             "with granularity='channel' or 'tensor'")
 
 
 def engine_plan(src, device, opts: LoadOptions, fmt: str = "compressed-tensors"):

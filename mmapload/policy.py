@@ -36,9 +36,9 @@ from .checkpoint import Checkpoint, TensorSpec
 from .dtypes import WIDE_FLOATS
 from .errors import OptionsError, warn
 from .foreign import QuantizedSourceError, read_config, refuse_other_methods
-from .skeleton import Skeleton, describe, from_config
+from .skeleton import Skeleton, describe, start
 
-__all__ = ["Decision", "Policy", "policy_for", "matches_module", "LINEAR", "EXPERTS", "OTHER", "CONV1D",
+__all__ = ["Decision", "Policy", "policy_for", "policy_soon", "first_difference", "matches_module", "LINEAR", "EXPERTS", "OTHER", "CONV1D",
            "FLOAT_DTYPES", "QuantizedSourceError"]
 
 LINEAR, EXPERTS, OTHER = "linear", "experts", "other"   # Decision.kind
@@ -262,14 +262,48 @@ def policy_for(ckpt: Checkpoint, opts, module: torch.nn.Module | None = None) ->
 
     Raises ``QuantizedSourceError`` for a checkpoint quantized by another method (GPTQ, AWQ,
     bitsandbytes, int / NVFP4 compressed-tensors, ...): its packed weights are no floats."""
+    policy, later = policy_soon(ckpt, opts, module)
+    return later() if later is not None else policy
+
+
+def policy_soon(ckpt: Checkpoint, opts, module: torch.nn.Module | None = None
+                ) -> tuple[Policy, Callable[[], Policy] | None]:
+    """``(policy, None)`` as :func:`policy_for` when it is had without waiting, else ``(guess,
+    later)``: the model of config.json is being built in a child process (seconds: importing
+    transformers), ``guess`` is the name rule, and ``later()`` waits for the child and returns
+    policy_for's policy. A load may run on the guess meanwhile and check, with
+    :func:`first_difference`, that the policy decides the same (Llama-like models do), else load
+    again. ``later.cancel()`` stops the child. Same errors as policy_for (the child's: from later)."""
     cfg = read_config(ckpt.root)
     refuse_other_methods(ckpt, cfg)
     kw = dict(skip=opts.skip, ignore=opts.ignore, targets=opts.targets, config=cfg)
     if module is not None:
-        return Policy(describe(module), type(module).__name__, **kw)
+        return Policy(describe(module), type(module).__name__, **kw), None
     if opts.policy == "names":
-        return _warn_unmatched(Policy(None, "name rule (policy='names')", **kw), ckpt)
-    skeleton, source = from_config(ckpt.root, cfg) if cfg is not None else (None, "name rule (no config.json)")
+        return _warn_unmatched(Policy(None, "name rule (policy='names')", **kw), ckpt), None
+    if cfg is None:
+        return _settle(ckpt, opts, kw, None, "name rule (no config.json)"), None
+    pending = start(ckpt.root, cfg)
+    if pending.ready() or opts.policy == "model":   # "model" never loads on the name rule
+        return _settle(ckpt, opts, kw, *pending.result()), None
+
+    def later() -> Policy:
+        return _settle(ckpt, opts, kw, *pending.result())
+    later.cancel, later.ready = pending.cancel, pending.ready
+    return Policy(None, "name rule (guess while config.json's model is built)", **kw), later
+
+
+def first_difference(a: Policy, b: Policy, ckpt: Checkpoint) -> str | None:
+    """The first tensor of ``ckpt`` that ``a`` and ``b`` load differently (quantized or not, or
+    of another kind: the plan and convert's layout follow both), in words; None if none does."""
+    for spec in ckpt.tensors:
+        da, db = a.decide(spec), b.decide(spec)
+        if (da.quantize, da.kind) != (db.quantize, db.kind):
+            return f"{spec.name!r}: {a.source}: {da.rule}; {b.source}: {db.rule}"
+    return None
+
+
+def _settle(ckpt: Checkpoint, opts, kw: dict, skeleton: Skeleton | None, source: str) -> Policy:
     if skeleton is not None and (why := _mismatch(ckpt, skeleton)):
         skeleton, source = None, f"name rule (config.json's {skeleton.source} {why})"
         if opts.policy == "auto":

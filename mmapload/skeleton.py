@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Skeleton", "describe", "from_config"]
+__all__ = ["Pending", "Skeleton", "describe", "from_config", "start"]
 
 _CHILD_TIMEOUT = 300    # seconds a child may take to import transformers and build the model
 _MEMO: dict[str, tuple[Skeleton | None, str]] = {}
@@ -93,31 +93,68 @@ def _child_main() -> None:
     sys.stdout.write(json.dumps({"skeleton": skeleton.as_json() if skeleton else None, "why": why}))
 
 
-def _in_child(root: Path, archs: list[str]) -> tuple[Skeleton | None, str]:
+class Pending:
+    """The skeleton of a config.json, being built (a child process) or already known. ``ready()``
+    says whether ``result()`` would return at once; ``result()`` waits for it (and remembers it);
+    ``cancel()`` stops the child (a load that failed meanwhile)."""
+
+    def __init__(self, key: str, value: tuple[Skeleton | None, str] | None = None,
+                 proc: subprocess.Popen | None = None):
+        self._key, self._value, self._proc = key, value, proc
+
+    def ready(self) -> bool:
+        return self._value is not None or self._proc.poll() is not None
+
+    def result(self) -> tuple[Skeleton | None, str]:
+        if self._value is None:
+            try:
+                out, _ = self._proc.communicate(timeout=_CHILD_TIMEOUT)
+                reply = json.loads(out)
+                self._value = ((Skeleton.from_json(reply["skeleton"]), reply["why"]) if reply["skeleton"]
+                               else (None, reply["why"]))
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                self.cancel()
+                self._value = None, f"name rule (building the model in a child process failed: {type(e).__name__}: {e})"
+            _MEMO[self._key] = self._value
+        return self._value
+
+    def cancel(self) -> None:
+        if self._value is None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+
+def _child(key: str, root: Path, archs: list[str]) -> Pending:
     pkg = str(Path(__file__).resolve().parent.parent)
     code = f"import sys; sys.path.insert(0, {pkg!r}); from mmapload.skeleton import _child_main; _child_main()"
     try:
-        done = subprocess.run([sys.executable, "-c", code], input=json.dumps({"root": str(root), "archs": archs}),
-                              capture_output=True, text=True, timeout=_CHILD_TIMEOUT)
-        reply = json.loads(done.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-        return None, f"name rule (building the model in a child process failed: {type(e).__name__}: {e})"
-    if reply["skeleton"] is None:
-        return None, reply["why"]
-    return Skeleton.from_json(reply["skeleton"]), reply["why"]
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        with proc.stdin:   # a few hundred bytes: the pipe takes them without the child reading yet
+            proc.stdin.write(json.dumps({"root": str(root), "archs": archs}))
+        proc.stdin = None   # closed: communicate() must not flush it
+    except OSError as e:
+        return Pending(key, (None, f"name rule (building the model in a child process failed: {type(e).__name__}: {e})"))
+    return Pending(key, proc=proc)
+
+
+def start(root: Path, cfg: dict) -> Pending:
+    """Start building the skeleton of the model ``cfg`` (``root``/config.json) describes: in this
+    process (at once) if transformers is imported already, else in a child process (see the module
+    docstring) that runs while the caller goes on. Remembered per config.json content."""
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    key = json.dumps(cfg, sort_keys=True)
+    if key in _MEMO:
+        return Pending(key, _MEMO[key])
+    if "transformers" in sys.modules:
+        _MEMO[key] = _build(root, archs)
+        return Pending(key, _MEMO[key])
+    if importlib.util.find_spec("transformers") is None:
+        return Pending(key, (None, "name rule (transformers is not installed)"))
+    return _child(key, root, archs)
 
 
 def from_config(root: Path, cfg: dict) -> tuple[Skeleton | None, str]:
     """The skeleton of the model ``cfg`` (``root``/config.json) describes, or None and why the
-    name rule decides instead. In this process if transformers is imported already, else in a
-    child process (see the module docstring)."""
-    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
-    key = json.dumps(cfg, sort_keys=True)
-    if key not in _MEMO:
-        if "transformers" in sys.modules:
-            _MEMO[key] = _build(root, archs)
-        elif importlib.util.find_spec("transformers") is None:
-            return None, "name rule (transformers is not installed)"
-        else:
-            _MEMO[key] = _in_child(root, archs)
-    return _MEMO[key]
+    name rule decides instead (``start(root, cfg).result()``)."""
+    return start(root, cfg).result()

@@ -8,17 +8,18 @@ the FP8 data and scales. No view into a ring slot ever reaches the caller.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Callable, Iterator
 
 import torch
 
 from .result import Loaded
 from .checkpoint import open_checkpoint
-from .errors import DeviceError, OptionsError
+from .errors import DeviceError, MmapLoadError, OptionsError
 from .config import RING_BYTES, LoadConfig, config_from, public_verb
 from .pipeline import Pipeline as _Pipeline
 from .prequantized import fp8_pairs, paired, unscaled_fp8
-from .policy import LINEAR, Policy, policy_for
+from .policy import LINEAR, Policy, first_difference, policy_for, policy_soon
 from .result import OutFor, QuantizedModel, flat as _flatten
 from .transfer import resolve_device
 
@@ -30,12 +31,74 @@ def prepare(path, device, config: LoadConfig, *, module: torch.nn.Module | None 
     """Check device and checkpoint and build the policy and the plan under ``config`` (already
     validated); no data is read yet. ``module``: judge tensors by this model (load_into);
     ``narrow``: adjust the policy (convert keeps what its formats cannot describe)."""
-    if not isinstance(config, LoadConfig):
-        raise OptionsError(f"prepare needs a LoadConfig, got {type(config).__name__}")
-    dev = resolve_device(device)
-    ckpt = open_checkpoint(path)
+    dev, ckpt = _open(path, device, config)
     policy = policy_for(ckpt, config, module)
     return _Pipeline(ckpt, dev, config, narrow(policy) if narrow else policy)
+
+
+def _open(path, device, config: LoadConfig):
+    if not isinstance(config, LoadConfig):
+        raise OptionsError(f"prepare needs a LoadConfig, got {type(config).__name__}")
+    return resolve_device(device), open_checkpoint(path)
+
+
+class Guess:
+    """A pipeline planned on the name rule while the model of config.json is still being built in
+    a child process (``policy_soon``): the load goes on meanwhile, ``settle`` says whether it stands."""
+
+    def __init__(self, pipe: _Pipeline, later: Callable[[], Policy], narrow: Callable[[Policy], Policy]):
+        self.pipe, self._later, self._narrow = pipe, later, narrow
+        self.policy: Policy | None = None      # the model's policy, once settled
+
+    def ready(self) -> bool:
+        """True when ``settle`` would not wait."""
+        return self._later.ready()
+
+    def settle(self) -> bool:
+        """Wait for the model's policy (``self.policy``); True when it decides every tensor as the
+        guess did (quantized or not, the same kind), so the guess's load is the load (its report
+        then names the model), False when it must be loaded again."""
+        if self.policy is None:
+            self.policy = self._narrow(self._later())
+        if first_difference(self.pipe.policy, self.policy, self.pipe.ckpt) is not None:
+            return False
+        self.pipe.report.policy = self.policy.source
+        return True
+
+    def cancel(self) -> None:
+        """Stop the child (the load failed or was abandoned)."""
+        self._later.cancel()
+
+
+def prepare_soon(path, device, config: LoadConfig, *, narrow: Callable[[Policy], Policy] | None = None
+                 ) -> tuple[_Pipeline, Guess | None]:
+    """``prepare``, without waiting for the model of config.json when it is built in a child
+    process: ``(pipe, None)`` when the policy was had at once (as prepare), else the pipeline of
+    the name rule and its ``Guess``. Only for a load whose results are not handed out before
+    ``Guess.settle`` (stream_quantize, convert) and without tensor parallelism (every rank must
+    plan the same)."""
+    if config.tp_size > 1:
+        return prepare(path, device, config, narrow=narrow), None
+    dev, ckpt = _open(path, device, config)
+    fix = narrow or (lambda p: p)
+    policy, later = policy_soon(ckpt, config)
+    try:
+        pipe = _Pipeline(ckpt, dev, config, fix(policy))
+    except MmapLoadError:
+        if later is None:
+            raise
+        return _Pipeline(ckpt, dev, config, fix(later())), None   # the guess's error may not be the model's
+    except BaseException:
+        if later is not None:
+            later.cancel()
+        raise
+    return pipe, (None if later is None else Guess(pipe, later, fix))
+
+
+def stands(guess: Guess | None) -> bool:
+    """After an ``MmapLoadError`` in a load planned on ``guess``: True when the error is the model's
+    too (re-raise it), False when the model's policy loads otherwise (load again, as GuessedWrong)."""
+    return guess is None or guess.settle()
 
 
 def results(pipe: _Pipeline, flat_: bool = False, out_for: OutFor | None = None) -> Iterator[tuple[str, Loaded]]:
@@ -153,11 +216,48 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
     w = model["model.layers.0.mlp.up_proj.weight"]   # QuantizedTensor
     ```
     """
-    pipe = prepare(path, device, config_from(locals()))
+    config = config_from(locals())
+    pipe, guess = prepare_soon(path, device, config)
+    try:
+        try:
+            tensors = _collect(pipe, guess)
+        except (GuessedWrong, MmapLoadError) as e:
+            if isinstance(e, MmapLoadError) and stands(guess):
+                raise
+            pipe = prepare(path, device, config)   # the model's policy (remembered by now): load again
+            tensors = _collect(pipe, None)
+    finally:
+        if guess is not None:
+            guess.cancel()
+    return QuantizedModel(tensors, pipe.report)
+
+
+class GuessedWrong(Exception):
+    """Raised by :func:`watched`: the model's policy decides otherwise than the name rule the load
+    was planned on; load again with ``prepare`` (the model is remembered by then)."""
+
+
+def watched(stream: Iterator, guess: Guess | None) -> Iterator:
+    """``stream``, checking ``guess`` as soon as the model's policy is known (and at the end, waiting
+    for it): ``GuessedWrong`` when it would load otherwise."""
+    for item in stream:
+        yield item
+        if guess is not None and guess.ready():
+            if not guess.settle():
+                raise GuessedWrong(first_difference(guess.pipe.policy, guess.policy, guess.pipe.ckpt))
+            guess = None
+    if guess is not None and not guess.settle():
+        raise GuessedWrong(first_difference(guess.pipe.policy, guess.policy, guess.pipe.ckpt))
+
+
+def _collect(pipe: _Pipeline, guess: Guess | None) -> dict[str, Loaded]:
+    """Every tensor of ``pipe``'s load (GuessedWrong as soon as ``guess`` turns out wrong)."""
     tensors: dict[str, Loaded] = {}
     try:
-        for name, t in results(pipe):
-            tensors[name] = t
+        stream = results(pipe)
+        with closing(stream):
+            for name, t in watched(stream, guess):
+                tensors[name] = t
     except DeviceError as e:
         if pipe.opts.keep_partial:
             e.partial = QuantizedModel(tensors, pipe.report)
@@ -166,4 +266,4 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
             if pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
         raise
-    return QuantizedModel(tensors, pipe.report)
+    return tensors

@@ -1,0 +1,91 @@
+"""A fresh process has no transformers: the model of config.json is built in a child process (seconds
+of imports), and stream_quantize / convert load on the name rule meanwhile (stream.prepare_soon).
+The result must be the model's policy's, whether the guess stands (Llama) or not (T5 keeps its
+``wo`` in float32; the name rule would quantize it): then the load is done again."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers not installed")
+
+import archs  # noqa: E402
+from mmapload import QuantizedTensor, convert, stream_quantize  # noqa: E402
+
+# In the child: count the guesses and their verdicts (and whether this process had imported
+# transformers by then: it must not have), then load or convert.
+CHILD = """
+import json, sys, torch
+from mmapload import stream, QuantizedTensor
+verdicts = []
+settle = stream.Guess.settle
+def counting(self):
+    verdicts.append([settle(self), "transformers" in sys.modules])
+    return verdicts[-1][0]
+stream.Guess.settle = counting
+from mmapload import convert, stream_quantize
+mode, folder, out = sys.argv[1:]
+if mode == "convert":
+    convert(folder, out, granularity="channel")
+    print(json.dumps({"verdicts": verdicts}))
+else:
+    m = stream_quantize(folder, granularity="channel")
+    print(json.dumps({
+        "verdicts": verdicts, "policy": m.report.policy,
+        "tensors": {n: [t.data.view(torch.uint8).flatten().tolist()[:4096], t.scale.flatten().tolist()[:64]]
+                    if isinstance(t, QuantizedTensor) else ["kept", t.float().flatten().tolist()[:64]]
+                    for n, t in m.items()}}))
+"""
+
+
+def _in_fresh_process(mode, folder, out=""):
+    done = subprocess.run([sys.executable, "-c", CHILD, mode, str(folder), str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind, stands", [("llama", True), ("t5", False)])
+def test_a_load_on_the_guess_is_the_models_load(kind, stands, tmp_path):
+    folder = archs.build(kind, tmp_path / "src")
+    got = _in_fresh_process("stream", folder)
+    assert got["verdicts"] == [[stands, False]], got["verdicts"]   # one guess; a wrong one: loaded again
+    # here transformers is imported: the model is built in this process, no guess
+    want = stream_quantize(folder, granularity="channel")
+    assert got["policy"] == want.report.policy == archs.model_class(kind).__name__
+    assert set(got["tensors"]) == set(want)
+    for name, t in want.items():
+        if isinstance(t, QuantizedTensor):
+            assert got["tensors"][name] == [t.data.view(torch.uint8).flatten().tolist()[:4096],
+                                            t.scale.flatten().tolist()[:64]], name
+        else:
+            assert got["tensors"][name] == ["kept", t.float().flatten().tolist()[:64]], name
+    if kind == "t5":   # the name rule would have quantized it
+        assert got["tensors"]["encoder.block.0.layer.1.DenseReluDense.wo.weight"][0] == "kept"
+    assert _in_fresh_process("convert", folder, tmp_path / "guessed")["verdicts"] == [[stands, False]]
+    convert(folder, tmp_path / "direct", granularity="channel")
+    assert _files(tmp_path / "guessed") == _files(tmp_path / "direct")
+
+
+@pytest.mark.timeout(600)
+def test_an_error_of_the_guess_alone_is_not_raised(tmp_path):
+    """A NaN in T5's ``wo``: the name rule would quantize it (NonFiniteError), the model keeps it
+    in float32 and so loads it as it is. The guess's error waits for the model's verdict."""
+    from safetensors.torch import load_file, save_file
+    folder = archs.build("t5", tmp_path / "src")
+    name = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    (shard,) = folder.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    got = _in_fresh_process("stream", folder)
+    assert got["verdicts"] == [[False, False]] and got["tensors"][name][0] == "kept"
+    assert stream_quantize(folder, granularity="channel")[name].isnan().any()   # the model's load, here
