@@ -33,6 +33,7 @@ from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignor
     quantization_config, scale_suffix, shard_metadata, single_file
 from .fp8 import Granularity
 from .config import RING_BYTES, LoadOptions, config_from, public_verb
+from .ctvalidate import Validator, validate_in_process
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import CONV1D, LINEAR, Policy, matches_module
 from .result import QuantizedTensor
@@ -168,20 +169,25 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     check_format(format, opts)   # before the reader starts
     narrow = lambda p: convert_policy(p, opts)  # noqa: E731
     pipe, guess = prepare_soon(src, device, opts, narrow=narrow)
+    validator = Validator() if format == "compressed-tensors" else None   # imports while we read
     try:
         try:
-            return _convert(pipe, guess, dst, src, opts, format, overwrite)
+            return _convert(pipe, guess, dst, src, opts, format, overwrite, validator)
         except (GuessedWrong, MmapLoadError) as e:
             if isinstance(e, MmapLoadError) and stands(guess):
                 raise
             # the model's policy decides otherwise than the name rule: again, on the model's
-            return _convert(prepare(src, device, opts, narrow=narrow), None, dst, src, opts, format, overwrite)
+            return _convert(prepare(src, device, opts, narrow=narrow), None, dst, src, opts, format, overwrite,
+                            validator)
     finally:
         if guess is not None:
             guess.cancel()
+        if validator is not None:
+            validator.close()
 
 
-def _convert(pipe, guess, dst: Path, src: Path, opts: LoadOptions, format: str, overwrite: bool) -> Path:
+def _convert(pipe, guess, dst: Path, src: Path, opts: LoadOptions, format: str, overwrite: bool,
+             validator: Validator | None) -> Path:
     """convert's load and write: ``guess`` (stream.prepare_soon) is checked while the stream is
     written, and settled before anything that names the model (the quantization_config's ignore
     list, the check of what was written) is decided."""
@@ -207,7 +213,7 @@ def _convert(pipe, guess, dst: Path, src: Path, opts: LoadOptions, format: str, 
         fsync_path(tmp / INDEX_NAME)
         if not single_file(ckpt):   # config.json as read once, by policy_for
             copy_extras(ckpt.root, tmp, qconfig, policy.config)
-        check_written(tmp, format, opts, qconfig, policy)
+        check_written(tmp, format, opts, qconfig, policy, validator)
         fsync_path(tmp)
         swap_in(tmp, dst, overwrite)
     except BaseException:
@@ -242,11 +248,14 @@ def engine_plan(src, device, opts: LoadOptions, fmt: str = "compressed-tensors")
     return pipe, quantization_config(fmt, opts, ignored_modules(pipe.ckpt, pipe.policy))
 
 
-def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy: Policy) -> None:
+def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy: Policy,
+                  validator: Validator | None = None) -> None:
     """Read the written headers back as an engine would apply ``qconfig`` to them: a Linear
     weight (per ``policy``) is targeted (not in ``ignore``) exactly when it is FP8 with its float32
     scale; an FP8 tensor with a scale is a targeted Linear weight. Other tensors are plain data.
-    ``CheckpointError`` if not."""
+    A compressed-tensors ``qconfig`` must pass the library's own validator (``validator``: one
+    started before, ctvalidate.py; None: in this process, when installed). ``CheckpointError``
+    if not."""
     ckpt = open_checkpoint(out)
     suffix = scale_suffix(fmt, opts)
     ignore = qconfig.get("ignore" if fmt == "compressed-tensors" else "ignored_layers", [])
@@ -267,8 +276,7 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
             raise CheckpointError(f"{where} is a Linear weight that quantization_config targets but it is "
                                   + ("FP8 without a float32 scale" if fp8 else f"not FP8: add {module!r} to ignore"))
     if fmt == "compressed-tensors":
-        try:
-            from compressed_tensors.quantization import QuantizationConfig
-        except ImportError:
-            return
-        QuantizationConfig.model_validate(qconfig)   # the library's own validator
+        why = validator.check(qconfig) if validator is not None else validate_in_process(qconfig)
+        if why is not None:
+            raise CheckpointError(f"{out}: compressed-tensors rejects the quantization_config written to "
+                                  f"config.json: {why}")

@@ -89,3 +89,39 @@ def test_an_error_of_the_guess_alone_is_not_raised(tmp_path):
     got = _in_fresh_process("stream", folder)
     assert got["verdicts"] == [[False, False]] and got["tensors"][name][0] == "kept"
     assert stream_quantize(folder, granularity="channel")[name].isnan().any()   # the model's load, here
+
+
+VALIDATE = """
+import json, sys
+from mmapload.ctvalidate import Validator
+v = Validator()
+good = json.loads(sys.argv[1])
+print(json.dumps({"good": v.check(good), "bad": Validator().check(good | {"format": 3}),
+                  "imported": "compressed_tensors" in sys.modules or "transformers" in sys.modules}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_convert_validates_its_config_in_a_child_process(tmp_path):
+    """compressed-tensors' own validator judges the quantization_config convert writes; in a process
+    without it imported the import (transformers: seconds, ~150 MiB) happens in a child, while
+    the shards are read, and its verdict is the in-process one."""
+    pytest.importorskip("compressed_tensors")
+    from mmapload.ctvalidate import validate_in_process
+    folder = archs.build("llama", tmp_path / "src")
+    dst = convert(folder, tmp_path / "out", granularity="channel")
+    good = json.loads((dst / "config.json").read_text())["quantization_config"]
+    done = subprocess.run([sys.executable, "-c", VALIDATE, json.dumps(good)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["good"] is None and validate_in_process(good) is None
+    assert got["bad"] and "format" in got["bad"] and validate_in_process(good | {"format": 3})
+    assert got["imported"] is False
+    from mmapload import CheckpointError, LoadOptions
+    from mmapload.checkpoint import open_checkpoint
+    from mmapload.converter import check_written
+    from mmapload.policy import policy_for
+    policy = policy_for(open_checkpoint(folder), LoadOptions(granularity="channel"))
+    with pytest.raises(CheckpointError, match="compressed-tensors rejects the quantization_config"):
+        check_written(dst, "compressed-tensors", LoadOptions(granularity="channel"), good | {"format": 3}, policy)

@@ -27,6 +27,7 @@ each run (echo 3 > /proc/sys/vm/drop_caches where permitted, else posix_fadvise 
     python tools/bench.py --sizes 1GiB,4GiB --strategies naive,mmapload
     python tools/bench.py --quick                   # ~64 MiB, a few strategies, well under a minute
     python tools/bench.py --tp 2,4 --sizes 1GiB     # tensor parallel: N gloo ranks, per-rank numbers
+    python tools/bench.py --convert --granularity channel --llmc-python VENV/bin/python   # vs model_free_ptq
 
 --tp N (tools/bench_tp.py): for each strategy N fresh ranks (gloo on 127.0.0.1) each load their
 slice: "safe_open" (every rank get_tensor's every tensor and narrows it, as engines do) against
@@ -576,6 +577,10 @@ def main(argv=None) -> int:
                     "(tools/bench_tp.py); default size 1GiB (--quick 64MiB), threads cores // N per rank")
     ap.add_argument("--row-weight", metavar="RxC", help="with --tp: a checkpoint of one row-parallel bf16 "
                     "weight [R, C] instead of the llama one (e.g. 16384x8192: 2 KiB of each row per rank at TP=8)")
+    ap.add_argument("--convert", action="store_true", help="mmapload.convert against llm-compressor's "
+                    "model_free_ptq (tools/bench_convert.py); --granularity channel or block")
+    ap.add_argument("--llmc-python", metavar="PATH", help="with --convert: the python of a venv with "
+                    "llmcompressor 0.14 (default: this one)")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.threads is not None and args.threads < 1:
@@ -595,6 +600,13 @@ def main(argv=None) -> int:
         args.sizes = args.sizes or [QUICK_SIZE if args.quick else GiB]
         args.ring_bytes = args.ring_bytes or (QUICK_RING if args.quick else 256 * MiB)
         return bench_tp.run_tp(args, SimpleNamespace(**globals()))   # this file's helpers
+    if args.convert:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_convert
+        if args.device != "cpu":
+            ap.error("--convert runs on the CPU")
+        args.sizes = args.sizes or [QUICK_SIZE if args.quick else 4 * GiB]
+        return bench_convert.run_convert(args, SimpleNamespace(**globals()))
     args.sizes = args.sizes or [QUICK_SIZE if args.quick else 8 * GiB if args.device.startswith("cuda") else 4 * GiB]
     rows_wanted = args.strategies or (QUICK_ROWS if args.quick else ALL_ROWS)
     if args.ring_bytes is None:
