@@ -61,7 +61,7 @@ from ._math import ceil_div, round_up
 from .fp8 import Granularity, default_scratch_elems
 from .config import RING_BYTES, LoadConfig, LoadOptions, config_from, public_verb
 from .plan import plan_load
-from .policy import policy_for
+from .decide import policy_for
 from .transfer import parse_device
 
 __all__ = ["Projection", "TensorGroup", "estimate", "HOST_MARGIN", "DEVICE_MARGIN", "CUDA_CONTEXT"]

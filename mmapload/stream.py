@@ -19,7 +19,8 @@ from .errors import DeviceError, MmapLoadError, OptionsError
 from .config import RING_BYTES, LoadConfig, config_from, public_verb
 from .pipeline import Pipeline as _Pipeline
 from .prequantized import fp8_pairs, paired, unscaled_fp8
-from .policy import LINEAR, Policy, first_difference, policy_for, policy_soon
+from .decide import first_difference, policy_for, policy_soon
+from .policy import LINEAR, Policy
 from .result import OutFor, QuantizedModel, flat as _flatten
 from .transfer import resolve_device
 

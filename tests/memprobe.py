@@ -39,7 +39,7 @@ def naive(ckpt: Path):
     from mmapload.fp8 import quantize
     from mmapload.config import LoadOptions
     from mmapload.checkpoint import open_checkpoint
-    from mmapload.policy import policy_for
+    from mmapload.decide import policy_for
     c = open_checkpoint(ckpt)
     specs, policy = {s.name: s for s in c.tensors}, policy_for(c, LoadOptions())
     keep, loaded = {}, []

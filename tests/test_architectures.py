@@ -16,7 +16,7 @@ from mmapload import MmapLoadWarning, QuantizedTensor, convert, iter_quantized  
 from mmapload.checkpoint import open_checkpoint  # noqa: E402
 from mmapload.nn import FP8Linear, load_into  # noqa: E402
 from mmapload.config import LoadOptions  # noqa: E402
-from mmapload.policy import policy_for  # noqa: E402
+from mmapload.decide import policy_for  # noqa: E402
 from mmapload.estimate import estimate  # noqa: E402
 
 BLOCK = (32, 32)   # the tiny models' sides (64, 128) are whole blocks; Mamba's x_proj / dt_proj are not
@@ -166,7 +166,7 @@ def test_the_model_is_built_in_a_child_process_unless_transformers_is_loaded(bui
     import sys
     folder, _ = built("t5")
     code = ("import json, sys; from mmapload.checkpoint import open_checkpoint; from mmapload.config import "
-            "LoadOptions; from mmapload.policy import policy_for; c = open_checkpoint(sys.argv[1]); "
+            "LoadOptions; from mmapload.decide import policy_for; c = open_checkpoint(sys.argv[1]); "
             "p = policy_for(c, LoadOptions()); print(json.dumps({'loaded': 'transformers' in sys.modules, "
             "'source': p.source, 'rules': {s.name: p.decide(s).rule for s in c.tensors}}))")
     out = json.loads(subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,

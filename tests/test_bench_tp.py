@@ -12,7 +12,7 @@ import pytest
 
 from mmapload.checkpoint import open_checkpoint
 from mmapload.config import LoadOptions
-from mmapload.policy import policy_for
+from mmapload.decide import policy_for
 from mmapload.tp_layout import heads_of, rank_slices
 from mmapload.tp_ranges import byte_ranges
 

@@ -20,7 +20,7 @@ from mmapload import converter as export
 from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import scale_shape
 from mmapload.config import LoadOptions
-from mmapload.policy import policy_for
+from mmapload.decide import policy_for
 from mmapload.synth import make_llama_checkpoint
 from mmapload.writer import SafetensorsWriter
 

@@ -18,7 +18,7 @@ from mmapload.checkpoint import INDEX_NAME, open_checkpoint, read_header
 from mmapload.fp8 import dequantize, scale_shape
 from mmapload.config import LoadOptions
 from mmapload.formats import convert_policy, ignored_modules, output_layout, quantization_config
-from mmapload.policy import policy_for
+from mmapload.decide import policy_for
 from mmapload.synth import make_llama_checkpoint
 
 BLOCK = (32, 64)

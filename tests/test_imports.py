@@ -25,6 +25,7 @@ ORDER = [
     {"skeleton", "foreign"},                      # a model's structure as data; configs, foreign methods
     {"tp"},                                       # TP slices of one tensor (pure arithmetic)
     {"config", "policy"},                         # the load config; which tensors become FP8
+    {"decide"},                                   # which policy decides: a model's, or the name rule
     {"tp_ranges"},                                # a TP slice's file bytes and scale-grid slice
     {"tp_layout"},                                # a load's TP view: each tensor's slice, its bands
     {"pieces"},                                   # one tensor cut into slot-sized pieces
@@ -33,7 +34,8 @@ ORDER = [
                                                   # the reader thread's reads and pre-passes
     {"pipeline"},                                 # one load: reader side + consumer side
     {"stream", "formats"},                        # wiring; converted checkpoints' layout
-    {"writer", "outdir"},                         # streaming safetensors writer; convert's output folder
+    {"writer", "outdir", "ctvalidate"},           # streaming safetensors writer; convert's output folder;
+                                                  # compressed-tensors' validator in a child process
     {"converter"},                                # convert: FP8 checkpoint on disk
     {"hf"},                                       # transformers names and code, for load_into
     {"nn"},                                       # FP8Linear, load_into (torch modules)

@@ -10,7 +10,7 @@ import pytest
 from mmapload import stream_quantize
 from mmapload.errors import DeviceError, OptionsError
 from mmapload.config import LoadOptions
-from mmapload.policy import policy_for
+from mmapload.decide import policy_for
 from mmapload.estimate import CUDA_CONTEXT, DEVICE_MARGIN, HOST_MARGIN, estimate
 from mmapload.synth import make_llama_checkpoint
 

@@ -44,7 +44,7 @@ def ckpt(tmp_path_factory):
 def _plan(path, ring, granularity):
     from mmapload.checkpoint import open_checkpoint
     from mmapload.config import LoadOptions
-    from mmapload.policy import policy_for
+    from mmapload.decide import policy_for
     from mmapload.plan import plan_batches
     o = LoadOptions(ring_bytes=ring, granularity=granularity)
     c = open_checkpoint(path)

@@ -14,7 +14,7 @@ from mmapload.cli import main
 from mmapload.converter import check_written
 from mmapload.fp8 import quantize
 from mmapload.config import LoadOptions
-from mmapload.policy import policy_for
+from mmapload.decide import policy_for
 
 
 def _llama_like(folder, config=None, extra=None):

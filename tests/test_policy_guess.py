@@ -121,7 +121,7 @@ def test_convert_validates_its_config_in_a_child_process(tmp_path):
     from mmapload import CheckpointError, LoadOptions
     from mmapload.checkpoint import open_checkpoint
     from mmapload.converter import check_written
-    from mmapload.policy import policy_for
+    from mmapload.decide import policy_for
     policy = policy_for(open_checkpoint(folder), LoadOptions(granularity="channel"))
     with pytest.raises(CheckpointError, match="compressed-tensors rejects the quantization_config"):
         check_written(dst, "compressed-tensors", LoadOptions(granularity="channel"), good | {"format": 3}, policy)

@@ -83,7 +83,7 @@ def test_both_hold_and_prepass_happen_for_every_granularity(ckpt, granularity, n
     in their slots) and some span more than the ring has slots (pre-passed by the reader)."""
     from mmapload.checkpoint import open_checkpoint
     from mmapload.config import LoadOptions
-    from mmapload.policy import policy_for
+    from mmapload.decide import policy_for
     from mmapload.plan import plan_batches, scale_groups, split_groups
     path, tensors = ckpt
     o = LoadOptions(ring_bytes=TINY, granularity=granularity)
@@ -104,7 +104,7 @@ def test_copying_mover_holds_shared_granules_in_its_buffer(ckpt, monkeypatch, gr
     buffer at per-group offsets), emulated on the CPU."""
     from mmapload.checkpoint import open_checkpoint
     from mmapload.config import LoadOptions
-    from mmapload.policy import policy_for
+    from mmapload.decide import policy_for
     from mmapload.plan import plan_batches, scale_groups, split_groups
     path, tensors = ckpt
     o = LoadOptions(ring_bytes=TINY, granularity=granularity)

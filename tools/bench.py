@@ -70,7 +70,7 @@ from mmapload.fp8 import Quantizer
 from mmapload.bench.loaders import (ALL_STRATEGIES, PEER_PACKAGES, STRATEGIES, StrategyError,
                               StrategyUnavailable, drop_cache, run_in_fresh_process)
 from mmapload.config import IO_MODES, LoadOptions
-from mmapload.policy import policy_for
+from mmapload.decide import policy_for
 from mmapload.bench.sampler import page_cache_bytes
 from mmapload.synth import llama_layout, make_llama_checkpoint
 

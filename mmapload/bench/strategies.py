@@ -41,7 +41,7 @@ _POLICIES: dict = {}
 
 def _policy(ckpt, opts):
     """mmapload's policy for this checkpoint, built once: every loader quantizes the same tensors."""
-    from ..policy import policy_for
+    from ..decide import policy_for
     key = (ckpt.root, opts)
     if key not in _POLICIES:
         _POLICIES[key] = policy_for(ckpt, opts)

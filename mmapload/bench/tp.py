@@ -134,7 +134,7 @@ def _by_mmapload(ckpt, opts, rank, world):
 def _by_safe_open(ckpt, opts, rank, world):
     from safetensors import safe_open
     from ..fp8 import quantize
-    from ..policy import policy_for
+    from ..decide import policy_for
     from ..tp_layout import heads_of, rank_slices
     from ..tp_ranges import take
     from .sampler import mark
@@ -198,7 +198,7 @@ def _measure(cfg: dict, rank: int, world: int) -> int:
     opts = LoadOptions(ring_bytes=cfg["ring_bytes"], granularity=cfg["granularity"], fp8_dtype=cfg["fp8"],
                        io=cfg["io"], read_threads=cfg.get("read_threads"), policy=cfg.get("policy", "auto"),
                        tp_size=world, tp_timeout=cfg["tp_timeout"])
-    from ..policy import policy_for
+    from ..decide import policy_for
     policy_for(ckpt, opts)          # the model skeleton of config.json, memoized: not a load's work
     gc.collect()
     base = read_mem()
