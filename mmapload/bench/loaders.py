@@ -140,6 +140,11 @@ def _measure(cfg: dict) -> int:
                        fp8_dtype=cfg["fp8"], skip=tuple(cfg["skip"]), io=cfg["io"],
                        progress=cfg["progress"], read_threads=cfg.get("read_threads"),
                        policy=cfg.get("policy", "auto"))
+    # Which tensors are quantized is decided before the clock starts, for every strategy alike:
+    # the model of config.json is built once (a child process, seconds of imports) and remembered
+    # in this process, so no loader's time includes it (stream_quantize then has nothing to guess).
+    from ..decide import policy_for
+    policy_for(ckpt, opts)
     if dev.type == "cuda":   # the CUDA context belongs to the baseline, not to the load
         torch.zeros(1, device=dev)
         torch.cuda.synchronize(dev)
