@@ -241,7 +241,8 @@ def _warn(ckpt, policy: Policy, opts: LoadOptions, format: str) -> None:
 def engine_plan(src, device, opts: LoadOptions, fmt: str = "compressed-tensors"):
     """What an engine loading ``src`` as ``convert(src, ..., format=fmt)`` wrote it gets, without
     the files: the pipeline (convert's policy; nothing read yet) and the ``quantization_config``
-    describing its stream. ``convert`` writes exactly this; the vLLM plugin hands it to vLLM.
+    describing its stream. ``convert`` writes exactly this (computed the same way, once the model's
+    policy is settled: see ``stream.prepare_soon``); the vLLM plugin hands it to vLLM.
     Raises what ``prepare`` and ``check_format`` raise."""
     check_format(fmt, opts)
     pipe = prepare(src, device, opts, narrow=lambda p: convert_policy(p, opts))

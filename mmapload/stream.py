@@ -187,6 +187,8 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
 
     What is quantized is the policy's (policy.py): the weights of the nn.Linear modules and
     fused MoE experts of the model config.json describes (built on meta), else a name rule.
+    Where that model is built in a child process (transformers not imported here: seconds), the
+    load starts on the name rule meanwhile and is done again only if the model decides otherwise.
     Host memory stays near ``ring_bytes`` plus (on the CPU) what is kept.
 
     Args:

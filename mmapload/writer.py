@@ -17,7 +17,6 @@ missing (not Linux, a seccomp profile), each window is ``fdatasync``-ed in turn,
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import itertools
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from ._libc import function
 from .dtypes import dtype_name, nbytes_of, torch_dtype_of, torch_shape
 
 __all__ = ["SafetensorsWriter"]
@@ -33,11 +33,7 @@ __all__ = ["SafetensorsWriter"]
 _SEQ = itertools.count()   # temporary names unique within this process
 # sync_file_range(2) flags (linux/fs.h); through ctypes, which releases the GIL while the disk works
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
-try:
-    _sfr = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
-    _sfr.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-except (OSError, AttributeError):
-    _sfr = None
+_sfr = function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
 
 
 def _header_dtype(dtype: str | torch.dtype) -> str:

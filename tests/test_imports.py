@@ -6,7 +6,7 @@ from pathlib import Path
 import mmapload
 
 ORDER = [
-    {"errors", "_procmem", "_progress", "phases", "_math"},   # leaf utilities; phase marks
+    {"errors", "_procmem", "_progress", "phases", "_math", "_libc"},   # leaf utilities; phase marks; libc
     {"_files"},                                   # opening shard files (regular, identity)
     {"dtypes"},                                   # every safetensors dtype: bits, torch dtype
     {"header"},                                   # one file's header: parsed, validated -> Shard

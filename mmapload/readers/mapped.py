@@ -17,7 +17,6 @@ memory limit would otherwise count against us.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._libc import function
 from ..errors import FileChangedError
 from .base import IOV_MAX, ShardReader, _ceil, _floor
 
@@ -47,17 +47,9 @@ class _Iovec(ctypes.Structure):
 # process_vm_readv on our own map copies like memcpy, but through the kernel: a page the file
 # lost since it was mapped (truncated under us) makes it stop short or fail with EFAULT,
 # where a memcpy would die of SIGBUS.
-_madvise = _pvr = None
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _madvise = _libc.madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    _pvr = _libc.process_vm_readv
-    _pvr.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
-                     ctypes.c_ulong, ctypes.c_ulong)
-    _pvr.restype = ctypes.c_ssize_t
-except (OSError, AttributeError):
-    pass
+_madvise = function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
+_pvr = function("process_vm_readv", (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
+                                     ctypes.c_ulong, ctypes.c_ulong), ctypes.c_ssize_t)
 
 
 
