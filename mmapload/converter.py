@@ -169,7 +169,8 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     check_format(format, opts)   # before the reader starts
     narrow = lambda p: convert_policy(p, opts)  # noqa: E731
     pipe, guess = prepare_soon(src, device, opts, narrow=narrow)
-    validator = Validator() if format == "compressed-tensors" else None   # imports while we read
+    validator = (Validator(pipe.ckpt.total_bytes)   # imports while we read (a big conversion)
+                 if format == "compressed-tensors" else None)
     try:
         try:
             return _convert(pipe, guess, dst, src, opts, format, overwrite, validator)

@@ -2,9 +2,11 @@
 
 ``convert`` checks the config it writes with ``QuantizationConfig.model_validate`` (the library's
 own rules beat a copy of them). Importing compressed-tensors imports transformers: 4-6 s and
-~150 MiB of RSS on a 2-core host. So, unless this process has it imported already, a child
-process imports it as soon as the conversion starts (while the shards are read) and validates
-the config sent to it at the end: the import costs no wall time and no RSS here.
+~150 MiB of RSS on a 2-core host. So, for a conversion big enough to hide it (``BACKGROUND_BYTES``),
+unless this process has it imported already, a child process imports it as soon as the
+conversion starts (while the shards are read) and validates the config sent to it at the end:
+the import costs no wall time and no RSS here. A small conversion validates in this process
+(the import is paid once, and later conversions in the process reuse it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import json
 import subprocess
 import sys
 
-__all__ = ["Validator", "validate_in_process"]
+__all__ = ["Validator", "validate_in_process", "BACKGROUND_BYTES"]
+
+# Checkpoints from this size on are read for longer than the import takes (~6 s at ~0.4 GB/s here),
+# so the child's import is hidden; below it, a child per conversion would cost more CPU than it hides.
+BACKGROUND_BYTES = 1 << 30
 
 _TIMEOUT = 300   # seconds for the child's import and the validation
 _CHILD = """
@@ -36,13 +42,15 @@ else:
 
 
 class Validator:
-    """``Validator()`` starts the import (a child process, or nothing when compressed-tensors is
-    imported here already or not installed); ``check(qconfig)`` returns None when compressed-tensors
-    accepts it (or is not installed), else its error in words; ``close()`` stops an unused child."""
+    """``Validator(nbytes)`` starts the import for a conversion of ``nbytes`` (a child process when
+    ``nbytes >= BACKGROUND_BYTES``; nothing when compressed-tensors is imported here already or not
+    installed); ``check(qconfig)`` returns None when compressed-tensors accepts it (or is not
+    installed), else its error in words; ``close()`` stops an unused child."""
 
-    def __init__(self):
+    def __init__(self, nbytes: int):
         self._proc = None
-        if "compressed_tensors" in sys.modules or importlib.util.find_spec("compressed_tensors") is None:
+        if (nbytes < BACKGROUND_BYTES or "compressed_tensors" in sys.modules
+                or importlib.util.find_spec("compressed_tensors") is None):
             return
         try:
             self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,

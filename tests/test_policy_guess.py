@@ -94,10 +94,15 @@ def test_an_error_of_the_guess_alone_is_not_raised(tmp_path):
 VALIDATE = """
 import json, sys
 from mmapload.ctvalidate import Validator
-v = Validator()
+from mmapload.ctvalidate import BACKGROUND_BYTES
+v = Validator(BACKGROUND_BYTES)
 good = json.loads(sys.argv[1])
-print(json.dumps({"good": v.check(good), "bad": Validator().check(good | {"format": 3}),
-                  "imported": "compressed_tensors" in sys.modules or "transformers" in sys.modules}))
+children = [v._proc is not None]
+bad = Validator(BACKGROUND_BYTES)
+children.append(bad._proc is not None)
+print(json.dumps({"good": v.check(good), "bad": bad.check(good | {"format": 3}), "children": children,
+                  "imported": "compressed_tensors" in sys.modules or "transformers" in sys.modules,
+                  "small": Validator(BACKGROUND_BYTES - 1)._proc is None}))
 """
 
 
@@ -117,7 +122,8 @@ def test_convert_validates_its_config_in_a_child_process(tmp_path):
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["good"] is None and validate_in_process(good) is None
     assert got["bad"] and "format" in got["bad"] and validate_in_process(good | {"format": 3})
-    assert got["imported"] is False
+    assert got["imported"] is False and got["children"] == [True, True]
+    assert got["small"] is True   # a small conversion validates in its own process (the import, once)
     from mmapload import CheckpointError, LoadOptions
     from mmapload.checkpoint import open_checkpoint
     from mmapload.converter import check_written
