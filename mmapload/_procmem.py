@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["MemReading", "read_mem", "fstype"]
+__all__ = ["MemReading", "read_mem", "fstype", "headroom"]
 
 _STATUS = "/proc/self/status"
 _KEYS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
@@ -54,3 +54,39 @@ def fstype(path) -> str:
     except OSError:
         pass
     return kind
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes this process's memory cgroup may still grow by (limit - usage), None without a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":                      # v2: one unified hierarchy
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            names = ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):   # v1: the memory controller's own hierarchy
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit, usage = ((base / n).read_text().strip() for n in names)
+        except OSError:
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:   # v1 "no limit" is ~2**63
+            continue
+        room = max(0, int(limit) - int(usage))
+        best = room if best is None else min(best, room)
+    return best
+
+
+def headroom() -> int:
+    """Bytes this process can still use without pressure: the host's MemAvailable, or less where
+    a memory cgroup (a container's limit) leaves less. psutil's figure off Linux."""
+    room = psutil.virtual_memory().available
+    cg = _cgroup_headroom()
+    return room if cg is None else min(room, cg)

@@ -33,11 +33,11 @@ from .formats import KEPT_BY_CONVERT, Entry, check_format, convert_policy, ignor
     quantization_config, scale_suffix, shard_metadata, single_file
 from .fp8 import Granularity
 from .config import RING_BYTES, LoadOptions, config_from, public_verb
-from .ctvalidate import Validator, validate_in_process
+from .ctvalidate import BACKGROUND_BYTES, Validator, validate_in_process
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import CONV1D, LINEAR, Policy, matches_module
 from .result import QuantizedTensor
-from .stream import GuessedWrong, prepare, prepare_soon, results, stands, watched
+from .stream import GuessedWrong, prepare, prepare_soon, results, room_beside, stands, watched
 from .writer import SafetensorsWriter
 
 __all__ = ["convert", "engine_plan", "SYNC_BYTES", "PARTIAL_MARK"]
@@ -169,7 +169,8 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     check_format(format, opts)   # before the reader starts
     narrow = lambda p: convert_policy(p, opts)  # noqa: E731
     pipe, guess = prepare_soon(src, device, opts, narrow=narrow)
-    validator = (Validator(pipe.ckpt.total_bytes)   # imports while we read (a big conversion)
+    validator = (Validator(background=pipe.ckpt.total_bytes >= BACKGROUND_BYTES   # imports while we read
+                           and room_beside(pipe.ckpt, pipe.device, opts))
                  if format == "compressed-tensors" else None)
     try:
         try:

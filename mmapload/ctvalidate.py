@@ -42,14 +42,15 @@ else:
 
 
 class Validator:
-    """``Validator(nbytes)`` starts the import for a conversion of ``nbytes`` (a child process when
-    ``nbytes >= BACKGROUND_BYTES``; nothing when compressed-tensors is imported here already or not
-    installed); ``check(qconfig)`` returns None when compressed-tensors accepts it (or is not
-    installed), else its error in words; ``close()`` stops an unused child."""
+    """``Validator(background=True)`` starts the import in a child process (nothing when
+    compressed-tensors is imported here already or not installed; the caller decides whether the
+    conversion is big enough, ``BACKGROUND_BYTES``, and memory allows a child beside it);
+    ``check(qconfig)`` returns None when compressed-tensors accepts it (or is not installed), else
+    its error in words; ``close()`` stops an unused child."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, background: bool):
         self._proc = None
-        if (nbytes < BACKGROUND_BYTES or "compressed_tensors" in sys.modules
+        if (not background or "compressed_tensors" in sys.modules
                 or importlib.util.find_spec("compressed_tensors") is None):
             return
         try:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ._procmem import headroom
 from .result import Loaded
 from .checkpoint import open_checkpoint
 from .errors import DeviceError, MmapLoadError, OptionsError
@@ -82,7 +83,10 @@ def prepare_soon(path, device, config: LoadConfig, *, narrow: Callable[[Policy],
         return prepare(path, device, config, narrow=narrow), None
     dev, ckpt = _open(path, device, config)
     fix = narrow or (lambda p: p)
-    policy, later = policy_soon(ckpt, config)
+    if room_beside(ckpt, dev, config):
+        policy, later = policy_soon(ckpt, config)
+    else:   # the child runs first, alone: its memory never adds to the load's
+        policy, later = policy_for(ckpt, config), None
     try:
         pipe = _Pipeline(ckpt, dev, config, fix(policy))
     except MmapLoadError:
@@ -94,6 +98,18 @@ def prepare_soon(path, device, config: LoadConfig, *, narrow: Callable[[Policy],
             later.cancel()
         raise
     return pipe, (None if later is None else Guess(pipe, later, fix))
+
+
+CHILD_ROOM = 1 << 30   # what helper processes (each imports torch + transformers: ~0.3-0.4 GiB) may take
+
+
+def room_beside(ckpt, dev: torch.device, config: LoadConfig) -> bool:
+    """Whether helper child processes (the model of config.json, convert's validator) may run
+    beside this load: the memory left (``_procmem.headroom``: the host's, or a container's limit's)
+    holds the ring, the loaded model when it stays in host RAM (a CPU load), and ``CHILD_ROOM``.
+    Else they run before or after it, alone, and a memory-limited container's peak stays the load's."""
+    need = config.ring_bytes + (ckpt.total_bytes if dev.type == "cpu" else 0) + CHILD_ROOM
+    return headroom() >= need
 
 
 def stands(guess: Guess | None) -> bool:

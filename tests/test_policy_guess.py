@@ -94,15 +94,14 @@ def test_an_error_of_the_guess_alone_is_not_raised(tmp_path):
 VALIDATE = """
 import json, sys
 from mmapload.ctvalidate import Validator
-from mmapload.ctvalidate import BACKGROUND_BYTES
-v = Validator(BACKGROUND_BYTES)
+v = Validator(background=True)
 good = json.loads(sys.argv[1])
 children = [v._proc is not None]
-bad = Validator(BACKGROUND_BYTES)
+bad = Validator(background=True)
 children.append(bad._proc is not None)
 print(json.dumps({"good": v.check(good), "bad": bad.check(good | {"format": 3}), "children": children,
                   "imported": "compressed_tensors" in sys.modules or "transformers" in sys.modules,
-                  "small": Validator(BACKGROUND_BYTES - 1)._proc is None}))
+                  "small": Validator(background=False)._proc is None}))
 """
 
 
@@ -123,7 +122,7 @@ def test_convert_validates_its_config_in_a_child_process(tmp_path):
     assert got["good"] is None and validate_in_process(good) is None
     assert got["bad"] and "format" in got["bad"] and validate_in_process(good | {"format": 3})
     assert got["imported"] is False and got["children"] == [True, True]
-    assert got["small"] is True   # a small conversion validates in its own process (the import, once)
+    assert got["small"] is True   # not in the background: validated in this process
     from mmapload import CheckpointError, LoadOptions
     from mmapload.checkpoint import open_checkpoint
     from mmapload.converter import check_written
@@ -131,3 +130,18 @@ def test_convert_validates_its_config_in_a_child_process(tmp_path):
     policy = policy_for(open_checkpoint(folder), LoadOptions(granularity="channel"))
     with pytest.raises(CheckpointError, match="compressed-tensors rejects the quantization_config"):
         check_written(dst, "compressed-tensors", LoadOptions(granularity="channel"), good | {"format": 3}, policy)
+
+
+def test_helpers_run_beside_a_load_only_where_memory_allows(tmp_path, monkeypatch):
+    """In a memory-limited container the helper processes (the model of config.json, the
+    validator) would add to the load's peak: they run beside it only when the headroom holds the
+    ring, a CPU load's model and CHILD_ROOM (tests/test_capped.py: convert under 700 MiB)."""
+    from mmapload import LoadOptions, stream
+    from mmapload.checkpoint import open_checkpoint
+    folder = archs.build("llama", tmp_path / "src")
+    ckpt, opts = open_checkpoint(folder), LoadOptions(ring_bytes=1 << 20)
+    need = (1 << 20) + ckpt.total_bytes + stream.CHILD_ROOM
+    for room, cpu, cuda in ((need, True, True), (need - 1, False, True), (need - ckpt.total_bytes - 1, False, False)):
+        monkeypatch.setattr(stream, "headroom", lambda room=room: room)
+        assert stream.room_beside(ckpt, torch.device("cpu"), opts) is cpu
+        assert stream.room_beside(ckpt, torch.device("meta"), opts) is cuda   # results not in host RAM
