@@ -69,23 +69,23 @@ def quantize_tp(path, a: argparse.Namespace, load_kwargs: dict, error_text) -> i
         device = f"cuda:{os.environ['LOCAL_RANK']}"   # one GPU per local rank
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
-    # torchrun stops the other ranks (SIGTERM) as soon as one has failed, which may be before a
-    # slower rank is past the join: the handler is in place before it, so every rank that has
-    # joined says one line, whenever the SIGTERM comes.
-    prev = signal.signal(signal.SIGTERM, _stop)
     code, msg = 0, None
     try:
-        try:
-            if backend == "nccl":
-                torch.cuda.set_device(torch.device(device))
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.tp_timeout))
-            # every rank has joined before any may leave: a rank that failed fast (bad options, a
-            # tp_size that does not cut a tensor) and exited would break a slower one's joining
-            dist.barrier()
-        except (RuntimeError, ValueError) as e:   # DistStoreError (a timeout, no rendezvous), a bad device
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            code, msg = 2, (f"could not join the torch.distributed group (backend {backend}, "
-                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {first}")
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.tp_timeout))
+        # every rank has joined before any may leave: a rank that failed fast (bad options, a
+        # tp_size that does not cut a tensor) and exited would break a slower one's joining
+        dist.barrier()
+    except (RuntimeError, ValueError) as e:   # DistStoreError (a timeout, no rendezvous), a bad device
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        code, msg = 2, (f"could not join the torch.distributed group (backend {backend}, "
+                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {first}")
+    # torchrun stops the other ranks (SIGTERM) once one has failed: from here on a rank says so in
+    # one line. (Not during the join: a Python handler cannot run while the rendezvous blocks in
+    # C++, so a SIGTERM there would wait for the join's timeout instead of ending the rank.)
+    prev = signal.signal(signal.SIGTERM, _stop)
+    try:
         if msg is None:
             try:
                 model = stream_quantize(path, device, tp_size=world, tp_rank=rank, tp_plan=a.tp_plan,

@@ -175,12 +175,13 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
     try:
         try:
             return _convert(pipe, guess, dst, src, opts, format, overwrite, validator)
-        except (GuessedWrong, MmapLoadError) as e:
-            if isinstance(e, MmapLoadError) and stands(guess):
+        except GuessedWrong:
+            pass
+        except MmapLoadError:
+            if stands(guess):
                 raise
-            # the model's policy decides otherwise than the name rule: again, on the model's
-            return _convert(prepare(src, device, opts, narrow=narrow), None, dst, src, opts, format, overwrite,
-                            validator)
+        # the model's policy decides otherwise than the name rule: again, on the model's
+        return _convert(guess.again(), None, dst, src, opts, format, overwrite, validator)
     finally:
         if guess is not None:
             guess.cancel()

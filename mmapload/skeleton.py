@@ -18,6 +18,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,27 +102,39 @@ class Pending:
     def __init__(self, key: str, value: tuple[Skeleton | None, str] | None = None,
                  proc: subprocess.Popen | None = None):
         self._key, self._value, self._proc = key, value, proc
+        self._out: list[str] = []
+        self._drain = None
+        if proc is not None:   # the reply can exceed a pipe's 64 KiB (T5-base: 72 KB): read it as it comes
+            self._drain = threading.Thread(target=lambda: self._out.append(proc.stdout.read()), daemon=True,
+                                           name="mmapload-skeleton-reply")
+            self._drain.start()
 
     def ready(self) -> bool:
-        return self._value is not None or self._proc.poll() is not None
+        return self._value is not None or not self._drain.is_alive()
 
     def result(self) -> tuple[Skeleton | None, str]:
         if self._value is None:
             try:
-                out, _ = self._proc.communicate(timeout=_CHILD_TIMEOUT)
-                reply = json.loads(out)
+                self._drain.join(_CHILD_TIMEOUT)
+                if self._drain.is_alive():
+                    raise subprocess.TimeoutExpired("the model's child process", _CHILD_TIMEOUT)
+                self._proc.wait()
+                reply = json.loads(self._out[0])
                 self._value = ((Skeleton.from_json(reply["skeleton"]), reply["why"]) if reply["skeleton"]
                                else (None, reply["why"]))
-            except (OSError, subprocess.SubprocessError, ValueError) as e:
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
                 self.cancel()
                 self._value = None, f"name rule (building the model in a child process failed: {type(e).__name__}: {e})"
+            except BaseException:   # Ctrl-C, a TP rank's SIGTERM: the child goes too
+                self.cancel()
+                raise
             _MEMO[self._key] = self._value
         return self._value
 
     def cancel(self) -> None:
         if self._value is None and self._proc.poll() is None:
             self._proc.kill()
-            self._proc.communicate()
+            self._proc.wait()
 
 
 def _child(key: str, root: Path, archs: list[str]) -> Pending:

@@ -71,6 +71,10 @@ class Guess:
         """Stop the child (the load failed or was abandoned)."""
         self._later.cancel()
 
+    def again(self) -> _Pipeline:
+        """The load planned anew on the settled model's policy (after ``settle`` said False)."""
+        return _Pipeline(self.pipe.ckpt, self.pipe.device, self.pipe.opts, self.policy)
+
 
 def prepare_soon(path, device, config: LoadConfig, *, narrow: Callable[[Policy], Policy] | None = None
                  ) -> tuple[_Pipeline, Guess | None]:
@@ -238,12 +242,16 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
     config = config_from(locals())
     pipe, guess = prepare_soon(path, device, config)
     try:
+        tensors = None
         try:
             tensors = _collect(pipe, guess)
-        except (GuessedWrong, MmapLoadError) as e:
-            if isinstance(e, MmapLoadError) and stands(guess):
+        except GuessedWrong:
+            pass
+        except MmapLoadError:
+            if stands(guess):
                 raise
-            pipe = prepare(path, device, config)   # the model's policy (remembered by now): load again
+        if tensors is None:   # the model's policy decides otherwise: load again on it (outside the
+            pipe = guess.again()   # except: the first load's tensors went with its traceback)
             tensors = _collect(pipe, None)
     finally:
         if guess is not None:

@@ -26,6 +26,18 @@ def counting(self):
     verdicts.append([settle(self), "transformers" in sys.modules])
     return verdicts[-1][0]
 stream.Guess.settle = counting
+import gc, weakref
+refs, alive, collect, results = [], [], stream._collect, stream.results
+def recording(pipe, *a, **k):           # weak references to every tensor a load yields
+    for name, t in results(pipe, *a, **k):
+        refs.append(weakref.ref(t))
+        yield name, t
+def collecting(pipe, guess):            # how many of the first load's tensors live when the second starts
+    if refs:
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+    return collect(pipe, guess)
+stream.results, stream._collect = recording, collecting
 from mmapload import convert, stream_quantize
 mode, folder, out = sys.argv[1:]
 if mode == "convert":
@@ -34,7 +46,7 @@ if mode == "convert":
 else:
     m = stream_quantize(folder, granularity="channel")
     print(json.dumps({
-        "verdicts": verdicts, "policy": m.report.policy,
+        "verdicts": verdicts, "policy": m.report.policy, "alive_at_reload": alive,
         "tensors": {n: [t.data.view(torch.uint8).flatten().tolist()[:4096], t.scale.flatten().tolist()[:64]]
                     if isinstance(t, QuantizedTensor) else ["kept", t.float().flatten().tolist()[:64]]
                     for n, t in m.items()}}))
@@ -58,6 +70,7 @@ def test_a_load_on_the_guess_is_the_models_load(kind, stands, tmp_path):
     folder = archs.build(kind, tmp_path / "src")
     got = _in_fresh_process("stream", folder)
     assert got["verdicts"] == [[stands, False]], got["verdicts"]   # one guess; a wrong one: loaded again
+    assert got["alive_at_reload"] == ([] if stands else [0])        # the wrong load is gone before the next
     # here transformers is imported: the model is built in this process, no guess
     want = stream_quantize(folder, granularity="channel")
     assert got["policy"] == want.report.policy == archs.model_class(kind).__name__
