@@ -18,7 +18,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-import threading
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,34 +100,29 @@ class Pending:
     ``cancel()`` stops the child (a load that failed meanwhile)."""
 
     def __init__(self, key: str, value: tuple[Skeleton | None, str] | None = None,
-                 proc: subprocess.Popen | None = None):
-        self._key, self._value, self._proc = key, value, proc
-        self._out: list[str] = []
-        self._drain = None
-        if proc is not None:   # the reply can exceed a pipe's 64 KiB (T5-base: 72 KB): read it as it comes
-            self._drain = threading.Thread(target=lambda: self._out.append(proc.stdout.read()), daemon=True,
-                                           name="mmapload-skeleton-reply")
-            self._drain.start()
+                 proc: subprocess.Popen | None = None, reply=None):
+        self._key, self._value, self._proc, self._reply = key, value, proc, reply
 
     def ready(self) -> bool:
-        return self._value is not None or not self._drain.is_alive()
+        return self._value is not None or self._proc.poll() is not None
 
     def result(self) -> tuple[Skeleton | None, str]:
         if self._value is None:
             try:
-                self._drain.join(_CHILD_TIMEOUT)
-                if self._drain.is_alive():
-                    raise subprocess.TimeoutExpired("the model's child process", _CHILD_TIMEOUT)
-                self._proc.wait()
-                reply = json.loads(self._out[0])
+                self._proc.wait(_CHILD_TIMEOUT)
+                self._reply.seek(0)
+                reply = json.loads(self._reply.read())
                 self._value = ((Skeleton.from_json(reply["skeleton"]), reply["why"]) if reply["skeleton"]
                                else (None, reply["why"]))
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
                 self.cancel()
                 self._value = None, f"name rule (building the model in a child process failed: {type(e).__name__}: {e})"
             except BaseException:   # Ctrl-C, a TP rank's SIGTERM: the child goes too
                 self.cancel()
                 raise
+            finally:
+                if self._value is not None:
+                    self._reply.close()
             _MEMO[self._key] = self._value
         return self._value
 
@@ -141,14 +136,17 @@ def _child(key: str, root: Path, archs: list[str]) -> Pending:
     pkg = str(Path(__file__).resolve().parent.parent)
     code = f"import sys; sys.path.insert(0, {pkg!r}); from mmapload.skeleton import _child_main; _child_main()"
     try:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        # the reply goes to a file, not a pipe: it can exceed a pipe's 64 KiB (T5-base: 72 KB), and a
+        # child blocked writing would never look finished to ready()
+        reply = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=reply,
                                 stderr=subprocess.DEVNULL, text=True)
         with proc.stdin:   # a few hundred bytes: the pipe takes them without the child reading yet
             proc.stdin.write(json.dumps({"root": str(root), "archs": archs}))
         proc.stdin = None   # closed: communicate() must not flush it
     except OSError as e:
         return Pending(key, (None, f"name rule (building the model in a child process failed: {type(e).__name__}: {e})"))
-    return Pending(key, proc=proc)
+    return Pending(key, proc=proc, reply=reply)
 
 
 def start(root: Path, cfg: dict) -> Pending:

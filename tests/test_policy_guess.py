@@ -158,3 +158,31 @@ def test_helpers_run_beside_a_load_only_where_memory_allows(tmp_path, monkeypatc
         monkeypatch.setattr(stream, "headroom", lambda room=room: room)
         assert stream.room_beside(ckpt, torch.device("cpu"), opts) is cpu
         assert stream.room_beside(ckpt, torch.device("meta"), opts) is cuda   # results not in host RAM
+
+
+BIG_REPLY = """
+import json, sys, time
+from mmapload.skeleton import start
+root = sys.argv[1]
+pending = start(__import__("pathlib").Path(root), json.load(open(root + "/config.json")))
+t0 = time.monotonic()
+while not pending.ready() and time.monotonic() - t0 < 240:
+    time.sleep(0.2)
+ready = pending.ready()
+skeleton, why = pending.result()
+print(json.dumps({"ready": ready, "params": len(skeleton.params) if skeleton else 0, "size": len(skeleton.as_json())}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_big_model_description_does_not_block_the_child(tmp_path):
+    """T5-base's description is 72 KB, more than a pipe holds: the child must still finish on its
+    own (ready() turns True while the load runs), not wait for the parent to read."""
+    transformers.T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["T5ForConditionalGeneration"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-c", BIG_REPLY, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["size"] > 65536 and got["params"] > 100 and got["ready"] is True, got
