@@ -42,8 +42,8 @@ class Prepared:
                                                                     # amax of the group a piece opens
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # the output a kept piece was
                                                                     # read into (plan.into_outputs)
-    views: dict[int, torch.Tensor] = field(default_factory=dict)    # io="view": a quantized piece's
-                                                                    # bytes in the map (uint8, no copy)
+    views: dict[int, torch.Tensor] = field(default_factory=dict)    # io="view": a piece's bytes in
+                                                                    # the map (uint8, no copy)
 
 
 class Filler:
@@ -55,7 +55,7 @@ class Filler:
                  views: bool = False):
         self.shards, self.slot_bytes, self.device, self.pool = shards, plan.slot_bytes, device, pool
         self.out_for = out_for   # the caller's tensors that kept tensors are read into, where it has them
-        # io="view": quantized pieces are handed on as views of the map (populated here, never copied);
+        # io="view": pieces are handed on as views of the map (populated here, never copied);
         # their pages are released when their slot comes back, i.e. once the consumer is done with them
         self.views = views
         self._viewed: dict[int, list[Callable[[], None]]] = {}   # slot address -> its batch's releases
@@ -160,16 +160,17 @@ class Filler:
                     shard.release(lo, hi)
         shard.release_behind(run[-1].release_to)
 
-    def _view_run(self, shard: ShardReader, run, start: int, outputs: dict, slot_np: np.ndarray,
-                  views: dict) -> None:
+    def _view_run(self, shard: ShardReader, run, start: int, slot_np: np.ndarray, views: dict) -> None:
         """io="view": fault the run in with one call (a file truncated before is FileChangedError, after
-        it a SIGBUS: the mode's caveat), hand its quantized pieces on as views, copy the kept ones."""
-        shard.populate(run[0].lo, run[-1].hi)
+        it a SIGBUS: the mode's caveat) and hand its pieces on as views of the map. The consumer reads
+        them where they lie: it quantizes them, or copies a kept one into its output with torch's
+        threads (a copy here, on this one thread, left the consumer waiting for a whole embedding)."""
+        shard.populate(run[0].lo, run[-1].hi, uncached_only=True)
         for i, p in enumerate(run, start):
-            if p.quantize and p.lo % p.spec.itemsize == 0:   # a misaligned one (odd header) is copied
+            if not p.quantize or p.lo % p.spec.itemsize == 0:   # a misaligned weight (odd header) is copied
                 views[i] = shard.tensor(p.lo, p.hi)
             else:
-                self._copy(shard, p.lo, [self._dest(p, slot_np, outputs.get(i))])
+                self._copy(shard, p.lo, [self._dest(p, slot_np, None)])
 
     def __call__(self, batch: Batch, slot: torch.Tensor) -> Prepared:
         slot_np = slot.numpy()
@@ -181,7 +182,7 @@ class Filler:
         amax = {i: self.group_amax(self.prepass[p.group], slot_np)
                 for i, p in enumerate(pieces) if p.group_first and p.group in self.prepass}
         outputs = {}
-        if self.into_outputs:
+        if self.into_outputs and not self.views:   # io="view": the consumer copies them off the map
             outputs = {i: self._output(p) for i, p in enumerate(pieces) if not p.quantize}
         if self.exact:
             self._prefetch_next()
@@ -191,7 +192,7 @@ class Filler:
             if not self.exact:
                 self._prefetch(shard, run[-1].release_to)
             if self.views and not any(p.stride for p in run):
-                self._view_run(shard, run, start, outputs, slot_np, views)
+                self._view_run(shard, run, start, slot_np, views)
                 self.sample()
                 self._viewed.setdefault(slot.data_ptr(), []).append(partial(self._release_run, shard, run))
                 continue

@@ -170,7 +170,7 @@ def test_schemes_carry_their_parameters():
 def test_read_threads_automatic_and_explicit():   # moved from test_stream.py
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     auto = LoadConfig()
-    assert auto.read_threads_for(cpu, 64) == 1                     # the quantizer needs the cores
+    assert [auto.read_threads_for(cpu, n) for n in (None, 1, 2, 64)] == [1, 1, 2, 2]   # the quantizer needs the cores
     assert [auto.read_threads_for(cuda, n) for n in (None, 1, 2, 6, 16, 128)] == [1, 1, 1, 3, 4, 4]
     assert LoadConfig(read_threads=6).read_threads_for(cpu, 2) == 6
 

@@ -19,6 +19,7 @@ import torch
 
 from .._files import identity
 from ..errors import FileChangedError
+from .cached import Cached
 
 __all__ = ["ShardReader", "PAGE", "IOV_MAX"]
 
@@ -64,6 +65,8 @@ class ShardReader:
         self._released = 0          # bytes [0, _released) already given back
         self._fd = -1
         self._open()
+        # what the page cache held before we read: drop_page_cache drops only what this load read in
+        self.cached = Cached.of(self._fd, self.size)
 
     def _open(self) -> None:
         """(Re)open ``path`` and check it is the validated file."""
@@ -140,10 +143,12 @@ class ShardReader:
         self._fadvise(lo, min(hi, self.size), os.POSIX_FADV_WILLNEED)
 
     def release(self, lo: int, hi: int, *, drop_cache: bool | None = None) -> None:
-        """Drop the whole pages inside [lo, hi) from the page cache (if asked)."""
+        """Drop the whole pages inside [lo, hi) that this load read in from the page cache (if
+        asked); pages cached before the shard was opened stay (``cached``)."""
         lo, hi = _ceil(lo), _floor(hi)
         if hi > lo and (self.drop_page_cache if drop_cache is None else drop_cache):
-            self._fadvise(lo, hi, os.POSIX_FADV_DONTNEED)
+            for a, b in self.cached.read_in(lo, hi):
+                self._fadvise(a, b, os.POSIX_FADV_DONTNEED)
 
     def forget(self, lo: int, hi: int) -> None:
         """Drop every page touching [lo, hi) from this process's RSS only (a map's pages; other

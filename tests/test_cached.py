@@ -1,0 +1,110 @@
+"""drop_page_cache drops what a load read in, and only that: pages cached before it stay."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mmapload
+from mmapload._procmem import fstype
+from mmapload.bench.sampler import page_cache_bytes
+from mmapload.readers import cached
+from mmapload.readers.cached import PAGE, Cached
+
+MiB = 1 << 20
+
+
+def _brute(pages, lo, hi):
+    """The uncached runs of [lo, hi), page by page."""
+    out, start = [], None
+    for p in range(lo // PAGE, -(-hi // PAGE)):
+        if not pages[p] and start is None:
+            start = p
+        if pages[p] and start is not None:
+            out.append((start * PAGE, p * PAGE))
+            start = None
+    if start is not None:
+        out.append((start * PAGE, min(hi, -(-hi // PAGE) * PAGE)))
+    return [(max(lo, a), min(hi, b)) for a, b in out]
+
+
+def test_read_in_is_the_uncached_runs():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        pages = rng.random(n) < rng.random()
+        lo = int(rng.integers(0, n)) * PAGE
+        hi = int(rng.integers(lo // PAGE + 1, n + 1)) * PAGE
+        assert Cached(pages).read_in(lo, hi) == _brute(pages, lo, hi), (pages, lo, hi)
+    assert Cached(True).read_in(0, 8 * PAGE) == []
+    assert Cached(False).read_in(PAGE, 8 * PAGE) == [(PAGE, 8 * PAGE)]
+    assert Cached(np.ones(4, bool)).read_in(4 * PAGE, 4 * PAGE) == []
+
+
+def _evict(path, lo=0):
+    """Drop the file's pages from ``lo`` on out of the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, lo, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def half_warm(tmp_path):
+    """A 32 MiB checkpoint whose first half is in the page cache and second half is not."""
+    if not hasattr(os, "posix_fadvise") or fstype(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("needs a filesystem whose clean pages posix_fadvise(DONTNEED) can drop")
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_file({f"layers.{i}.weight": torch.randn(1024, 1024, generator=g).bfloat16() for i in range(16)}, path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.read()
+    _evict(path, size // 2 // PAGE * PAGE)
+    warm = page_cache_bytes([path])
+    if warm < size // 2 - MiB or warm > size // 2 + 4 * MiB:   # read-ahead may cache a little more
+        pytest.skip(f"could not make half of the file cached here ({warm} of {size} bytes)")
+    return path, warm
+
+
+@pytest.mark.parametrize("io", ["mmap", "view", "pread"])
+def test_a_load_leaves_the_page_cache_as_it_found_it(half_warm, io):
+    path, warm = half_warm
+    model = mmapload.stream_quantize(path, ring_bytes=4 * MiB, io=io)
+    assert len(model) == 16
+    after = page_cache_bytes([path])
+    # the cached half stayed (dropping it was the old behaviour: a warm load left the file cold),
+    # the half this load read in went again
+    assert warm - 2 * MiB <= after <= warm + 2 * MiB, (warm, after)
+
+
+def test_without_drop_page_cache_the_read_half_stays(half_warm):
+    path, warm = half_warm
+    mmapload.stream_quantize(path, ring_bytes=4 * MiB, io="pread", drop_page_cache=False)
+    assert page_cache_bytes([path]) >= path.stat().st_size - 2 * MiB
+
+
+def test_where_the_kernel_cannot_say_everything_read_is_dropped(half_warm, monkeypatch):
+    path, warm = half_warm
+    monkeypatch.setattr(cached, "_count", lambda fd: None)
+    monkeypatch.setattr(cached, "_per_page", lambda fd, size: None)
+    mmapload.stream_quantize(path, ring_bytes=4 * MiB, io="pread")
+    assert page_cache_bytes([path]) <= 2 * MiB
+
+
+def test_a_partly_cached_file_is_asked_page_by_page(half_warm):
+    path, warm = half_warm
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        c = Cached.of(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+    size = path.stat().st_size
+    assert not c.all
+    gone = c.read_in(0, size - size % PAGE)
+    assert sum(b - a for a, b in gone) == pytest.approx(size - warm, abs=2 * MiB)
+    assert gone[-1][1] == size - size % PAGE and gone[0][0] >= size // 2 - MiB
