@@ -47,7 +47,7 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
                    "the model of config.json (auto: when transformers can build it) or by names alone")
     p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
     p.add_argument("--read-threads", type=int, default=None,
-                   help="threads copying into the ring (default: 1 on cpu, up to 4 with cuda)")
+                   help="threads copying into the ring (default: 2 on cpu (1 on one core), up to 4 with cuda)")
     if progress:
         p.add_argument("--progress", action="store_true", help="show a progress line on stderr")
 

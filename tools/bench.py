@@ -558,7 +558,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads in every process (default: torch's own)")
     ap.add_argument("--read-threads", type=int, help="mmapload's threads copying into the ring "
-                    "(default: automatic, 1 on cpu, up to 4 with cuda)")
+                    "(default: automatic, 2 on cpu, up to 4 with cuda)")
     ap.add_argument("--ring-bytes", type=parse_size, help="mmapload ring, and the capped peers' limit (256MiB)")
     ap.add_argument("--granularity", choices=["tensor", "channel", "block"], default="tensor")
     ap.add_argument("--fp8", choices=sorted(FP8_BY_NAME), default="e4m3")
