@@ -161,8 +161,9 @@ class Filler:
         shard.release_behind(run[-1].release_to)
 
     def _view_run(self, shard: ShardReader, run, start: int, slot_np: np.ndarray, views: dict) -> None:
-        """io="view": fault the run in with one call (a file truncated before is FileChangedError, after
-        it a SIGBUS: the mode's caveat) and hand its pieces on as views of the map. The consumer reads
+        """io="view": fault in, with one call, what of the run the page cache lacked (the file's size is
+        checked first: truncated before, a FileChangedError; after, a SIGBUS: the mode's caveat) and
+        hand its pieces on as views of the map. The consumer reads
         them where they lie: it quantizes them, or copies a kept one into its output with torch's
         threads (a copy here, on this one thread, left the consumer waiting for a whole embedding)."""
         shard.populate(run[0].lo, run[-1].hi, uncached_only=True)

@@ -65,8 +65,11 @@ class ShardReader:
         self._released = 0          # bytes [0, _released) already given back
         self._fd = -1
         self._open()
-        # what the page cache held before we read: drop_page_cache drops only what this load read in
-        self.cached = Cached.of(self._fd, self.size)
+        try:   # what the page cache held before we read: drop_page_cache drops only what this load read in
+            self.cached = Cached.of(self._fd, self.size)
+        except BaseException:
+            ShardReader.close(self)
+            raise
 
     def _open(self) -> None:
         """(Re)open ``path`` and check it is the validated file."""
