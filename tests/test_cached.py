@@ -90,7 +90,7 @@ def test_without_drop_page_cache_the_read_half_stays(half_warm):
 
 def test_where_the_kernel_cannot_say_everything_read_is_dropped(half_warm, monkeypatch):
     path, warm = half_warm
-    monkeypatch.setattr(cached, "_count", lambda fd: None)
+    monkeypatch.setattr(cached, "count_cached", lambda fd: None)
     monkeypatch.setattr(cached, "_per_page", lambda fd, size: None)
     mmapload.stream_quantize(path, ring_bytes=4 * MiB, io="pread")
     assert page_cache_bytes([path]) <= 2 * MiB

@@ -15,6 +15,7 @@ import pytest
 from mmapload._procmem import fstype
 from mmapload.errors import DeviceError, OptionsError
 from mmapload.bench.sampler import METRICS, MemorySampler, mark, page_cache_bytes
+from mmapload.bench import sampler as sampler_mod
 
 MiB = 2**20
 RING = 16 * MiB
@@ -275,3 +276,28 @@ def test_profile_rejects_unknown_strategies(small_checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         main(["profile", str(small_checkpoint), "--strategies", "mmapload,turbo"])
     assert e.value.code == 2 and "turbo" in capsys.readouterr().err
+
+
+def test_the_page_cache_probe_takes_at_most_a_fiftieth_of_a_core(tmp_path, monkeypatch):
+    # a probe costs in proportion to the cached pages (mincore every 0.1 s over a warm 4 GiB
+    # checkpoint kept a core busy and slowed every loader the bench watched): by default the
+    # sampler waits 50x as long as the last probe took before the next
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"\0" * MiB)
+    probes = []
+
+    def slow(self):
+        probes.append(time.perf_counter())
+        time.sleep(0.02)
+        return 0
+
+    monkeypatch.setattr(sampler_mod._CacheProbe, "resident", slow)
+    with MemorySampler(interval=0.001, files=[f]) as s:
+        time.sleep(2.5)
+    gaps = [b - a for a, b in zip(probes, probes[1:-1])]   # the last one is stop()'s
+    assert len(probes) >= 3 and min(gaps) >= 1.0, gaps     # 50 x 0.02 s
+    assert len(s.samples) > 100                            # memory still sampled every interval
+    probes.clear()
+    with MemorySampler(interval=0.001, files=[f], cache_interval=0.0):
+        time.sleep(0.5)
+    assert len(probes) >= 10                               # a fixed interval is kept as asked

@@ -19,7 +19,7 @@ import numpy as np
 
 from .._libc import function
 
-__all__ = ["Cached", "PAGE"]
+__all__ = ["Cached", "PAGE", "count_cached"]
 
 PAGE = mmap.PAGESIZE
 _SYS_CACHESTAT = 451   # the same number on every architecture (syscalls added since 5.x share one table)
@@ -39,8 +39,8 @@ _syscall = function("syscall", (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ct
 _mincore = function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p))
 
 
-def _count(fd: int) -> int | None:
-    """Cached pages of the whole file (cachestat), None where the kernel lacks it."""
+def count_cached(fd: int) -> int | None:
+    """Pages of the whole file in the page cache now (cachestat), None where the kernel lacks it."""
     if _syscall is None:
         return None
     st = _Stat()
@@ -77,7 +77,7 @@ class Cached:
     @classmethod
     def of(cls, fd: int, size: int) -> "Cached":
         n_pages = -(-size // PAGE)
-        n = _count(fd)
+        n = count_cached(fd)
         if n is not None and n >= n_pages:
             return cls(True)
         if n == 0 or n_pages == 0:
