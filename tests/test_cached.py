@@ -90,8 +90,8 @@ def test_without_drop_page_cache_the_read_half_stays(half_warm):
 
 def test_where_the_kernel_cannot_say_everything_read_is_dropped(half_warm, monkeypatch):
     path, warm = half_warm
-    monkeypatch.setattr(cached, "count_cached", lambda fd: None)
-    monkeypatch.setattr(cached, "_per_page", lambda fd, size: None)
+    monkeypatch.setattr(cached, "count_cached", lambda fd, lo=0, length=0: None)
+    monkeypatch.setattr(cached, "_per_page", lambda fd, size, counted=False: None)
     mmapload.stream_quantize(path, ring_bytes=4 * MiB, io="pread")
     assert page_cache_bytes([path]) <= 2 * MiB
 
@@ -108,3 +108,32 @@ def test_a_partly_cached_file_is_asked_page_by_page(half_warm):
     gone = c.read_in(0, size - size % PAGE)
     assert sum(b - a for a, b in gone) == pytest.approx(size - warm, abs=2 * MiB)
     assert gone[-1][1] == size - size % PAGE and gone[0][0] >= size // 2 - MiB
+
+
+def test_a_partly_cached_file_is_counted_per_window_then_asked_page_by_page(half_warm, monkeypatch):
+    # 1 MiB windows: the cached half's windows are counted whole, the rest asked with mincore
+    path, warm = half_warm
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole = Cached.of(fd, size)
+        monkeypatch.setattr(cached, "_WINDOW_PAGES", MiB // PAGE)
+        asked = []
+        real = cached._mincore
+        monkeypatch.setattr(cached, "_mincore", lambda a, n, v: asked.append(n) or real(a, n, v))
+        windowed = Cached.of(fd, size)
+        counts = cached.count_cached(fd) is not None
+    finally:
+        os.close(fd)
+    if not counts:
+        pytest.skip("no cachestat here: every window is asked with mincore")
+    end = size - size % PAGE
+    assert windowed.read_in(0, end) == whole.read_in(0, end)
+    assert len(asked) <= 2 and sum(asked) <= 2 * MiB     # only the window(s) at the boundary
+
+
+def test_without_cachestat_mincore_alone_tells_the_cached_half(half_warm, monkeypatch):
+    path, warm = half_warm
+    monkeypatch.setattr(cached, "count_cached", lambda fd, lo=0, length=0: None)
+    mmapload.stream_quantize(path, ring_bytes=4 * MiB, io="view")
+    assert warm - 2 * MiB <= page_cache_bytes([path]) <= warm + 2 * MiB

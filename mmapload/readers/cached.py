@@ -4,9 +4,9 @@
 grow it by the model; pages that were cached before the load stay, so a warm checkpoint stays warm
 (dropping them cost the next load a disk read and this one the eviction: 0.5-0.7 s of a 4 GiB warm
 CPU load here). ``Cached.of(fd, size)`` asks once, when the shard is opened: ``cachestat(2)`` (Linux
-6.5) counts the cached pages of the whole file in one call (7 ms for 2 GB here); only a file that is
-partly cached is asked page by page, with ``mincore(2)`` on a map that touches nothing (45 ms for
-2 GB). Where neither answers (another OS; a file we may not write, for which mincore reports only
+6.5) counts the cached pages of the whole file in one call (7 ms for 2 GB here); a file that is partly
+cached is counted again per 64 MiB window, and only a window that is partly cached is asked page by
+page, with ``mincore(2)`` on a map that touches nothing (mincore alone: 45 ms for 2 GB). Where neither answers (another OS; a file we may not write, for which mincore reports only
 our own mappings), nothing counts as cached: everything read is dropped, as without the snapshot.
 """
 
@@ -23,6 +23,7 @@ __all__ = ["Cached", "PAGE", "count_cached"]
 
 PAGE = mmap.PAGESIZE
 _SYS_CACHESTAT = 451   # the same number on every architecture (syscalls added since 5.x share one table)
+_WINDOW_PAGES = 1 << 14   # 64 MiB of 4 KiB pages per count of a partly cached file
 
 
 class _Range(ctypes.Structure):
@@ -39,32 +40,48 @@ _syscall = function("syscall", (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ct
 _mincore = function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p))
 
 
-def count_cached(fd: int) -> int | None:
-    """Pages of the whole file in the page cache now (cachestat), None where the kernel lacks it."""
+def count_cached(fd: int, lo: int = 0, length: int = 0) -> int | None:
+    """Pages of file bytes [lo, lo + length) (length 0: to the end) in the page cache now
+    (cachestat), None where the kernel lacks it."""
     if _syscall is None:
         return None
     st = _Stat()
-    if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(st), 0) != 0:
+    if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(lo, length)), ctypes.byref(st), 0) != 0:
         return None
     return int(st.nr_cache)
 
 
-def _per_page(fd: int, size: int) -> np.ndarray | None:
-    """One bool per page: in the page cache now (mincore on a fresh read-only map)."""
+def _per_page(fd: int, size: int, counted: bool = False) -> np.ndarray | None:
+    """One bool per page: in the page cache now. ``counted``: cachestat answers, so windows it
+    finds wholly cached or wholly uncached are not asked page by page."""
     if _mincore is None or size == 0:
         return None
     try:
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
+    n_pages = -(-size // PAGE)
+    pages = np.zeros(n_pages, dtype=bool)
+    vec = np.zeros(min(n_pages, _WINDOW_PAGES), dtype=np.uint8)
+    arr = np.frombuffer(mm, dtype=np.uint8)   # only for the map's address; never read
     try:
-        arr = np.frombuffer(mm, dtype=np.uint8)
-        vec = np.zeros(-(-size // PAGE), dtype=np.uint8)
-        ok = _mincore(arr.ctypes.data, size, vec.ctypes.data) == 0
-        del arr
+        addr = arr.ctypes.data
+        for p0 in range(0, n_pages, _WINDOW_PAGES):
+            n = min(_WINDOW_PAGES, n_pages - p0)
+            length = min(n * PAGE, size - p0 * PAGE)
+            have = count_cached(fd, p0 * PAGE, length) if counted else None
+            if have == 0:
+                continue
+            if have is not None and have >= n:
+                pages[p0:p0 + n] = True
+            elif _mincore(addr + p0 * PAGE, length, vec.ctypes.data) == 0:
+                pages[p0:p0 + n] = vec[:n] & 1
+            else:
+                return None
     finally:
+        del arr   # the buffer export first: a map with a live export cannot close
         mm.close()
-    return (vec & 1).astype(bool) if ok else None
+    return pages
 
 
 class Cached:
@@ -82,7 +99,7 @@ class Cached:
             return cls(True)
         if n == 0 or n_pages == 0:
             return cls(False)
-        pages = _per_page(fd, size)
+        pages = _per_page(fd, size, counted=n is not None)
         return cls(False if pages is None else pages)
 
     @property
