@@ -66,8 +66,8 @@ class LoadConfig:
             what was loaded as ``.partial``; False frees it.
         io ("mmap" | "pread" | "direct", default "mmap"): how shards are read; anything else
             (a typo included) is an OptionsError, never a fallback.
-        read_threads (int 1..64 or None, default None): threads copying into the ring; None: 1 on
-            the CPU, up to 4 with CUDA (``read_threads_for``).
+        read_threads (int 1..64 or None, default None): threads copying into the ring; None: 2 on
+            the CPU (1 on one core, for "view" and "direct"), up to 4 with CUDA (``read_threads_for``).
         tp_size (int >= 1, default 1): tensor parallelism: this process loads only its share of
             every sharded tensor (tp.py: column-parallel by output rows, row-parallel by input
             columns, as vLLM lays them out). > 1 needs ``process_group`` or an initialized
@@ -194,15 +194,16 @@ class LoadConfig:
                                "stream_quantize / iter_quantized(tp_size=...), or pass tp_size=1")
 
     def read_threads_for(self, device: torch.device, cpus: int | None) -> int:
-        """Threads copying into ring slots. Automatic: on the CPU 2 (1 on one core): the quantizer
-        needs the cores, but one copy thread left it waiting on whole kept tensors (a warm 4 GiB
-        io="mmap" load on 2 cores: 3.59 s with 1, 3.10 s with 2; cold io="direct" alike); with
+        """Threads copying into ring slots. Automatic: on the CPU 2 (1 on one core, and for
+        io="view" and "direct", which copy nothing / read with one): the quantizer needs the cores,
+        but one copy thread left it waiting on whole kept tensors (a warm 4 GiB io="mmap" load on
+        2 cores: 3.59 s with 1, 3.10 s with 2); with
         CUDA, where the host only copies, up to 4 (half the CPUs): one thread's memcpy from the
         page cache falls short of a PCIe 4/5 link."""
         if self.read_threads is not None:
             return self.read_threads
         if device.type == "cpu":
-            return min(2, cpus or 1)
+            return 1 if self.io in ("view", "direct") else min(2, cpus or 1)
         return max(1, min(4, (cpus or 1) // 2))
 
 

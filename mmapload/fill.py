@@ -153,6 +153,13 @@ class Filler:
             for release in self._viewed.pop(key, ()):
                 release()
 
+    def drop_ahead(self) -> None:
+        """After the reader thread was joined: what was read ahead of a load that stopped early
+        leaves the page cache too (TP: no; the other ranks may still read those pages)."""
+        if not self.exact:
+            for shard, upto in self.prefetched.items():
+                shard.drop_unreleased(upto)
+
     def _release_run(self, shard: ShardReader, run: tuple[Piece, ...] | list[Piece]) -> None:
         for p in run:
             if p.release_to < p.hi:

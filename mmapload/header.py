@@ -23,6 +23,7 @@ from typing import NamedTuple, NoReturn
 import torch
 
 from mmapload._files import identity, open_regular, real_path, shown, stat_shard
+from mmapload._pagecache import Cached
 from mmapload.dtypes import BITS, DTYPES, nbytes_of, torch_dtype_of, torch_shape
 from mmapload.errors import FileChangedError, HeaderError
 
@@ -86,7 +87,9 @@ class Shard:
     """One validated ``.safetensors`` file; ``tensors`` are in file order.
 
     ``path``: the name the user sees (as given, or folder / index name); ``real``: the file it
-    resolves to, which is what is read; ``ident``: ``identity()`` of that file when validated."""
+    resolves to, which is what is read; ``ident``: ``identity()`` of that file when validated;
+    ``cached``: which of its pages the page cache held before its header was read (a load drops
+    from the page cache only what it read in, header pages included)."""
 
     path: pathlib.Path
     data_start: int
@@ -95,6 +98,7 @@ class Shard:
     metadata: dict[str, str] = field(default_factory=dict, hash=False)
     real: pathlib.Path | None = None
     ident: tuple[int, int, int, int] | None = None
+    cached: Cached | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def shown(self) -> str:
@@ -259,6 +263,7 @@ def read_header(path: str | os.PathLike) -> Shard:
     with open(open_regular(real, where), "rb") as f:
         st = os.fstat(f.fileno())
         file_size = st.st_size
+        cached = Cached.of(f.fileno(), file_size)   # before the header read brings pages in
         if file_size < 8:
             raise HeaderError(f"{where}: file is {file_size} bytes, too short for the 8-byte header length "
                               f"of a safetensors file; {_FIX}")
@@ -284,4 +289,4 @@ def read_header(path: str | os.PathLike) -> Shard:
     specs = sorted((_entry(path, name, entry, data_start) for name, entry in header.items()),
                    key=lambda s: (s.start, s.end, s.name))
     _check_layout(path, specs, data_start, file_size)
-    return Shard(path, data_start, file_size, tuple(specs), metadata, real, identity(st))
+    return Shard(path, data_start, file_size, tuple(specs), metadata, real, identity(st), cached)

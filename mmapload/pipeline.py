@@ -87,6 +87,7 @@ class _ReaderSide:
         the shards."""
         if self.filler is not None:
             self.filler.release_views()
+            self.filler.drop_ahead()
         self.pool.close()
         for shard in self.shards.values():
             shard.close()
@@ -169,7 +170,7 @@ class Pipeline:
                 if self.group is not None:
                     self.group.finish()
                 return
-            self.report.read_threads = reader.pool.n
+            self.report.read_threads = reader.pool.n if any(s.concurrent_copies for s in reader.shards.values()) else 1
             try:
                 ring = Ring(plan.n_slots, plan.slot_bytes, pin=dev.type == "cuda")
             except RuntimeError as e:   # torch could not allocate it (host memory, or pinned memory)

@@ -1,6 +1,10 @@
 """drop_page_cache drops what a load read in, and only that: pages cached before it stay."""
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +14,8 @@ from safetensors.torch import save_file
 import mmapload
 from mmapload._procmem import fstype
 from mmapload.bench.sampler import page_cache_bytes
-from mmapload.readers import cached
-from mmapload.readers.cached import PAGE, Cached
+from mmapload import _pagecache as cached
+from mmapload._pagecache import PAGE, Cached
 
 MiB = 1 << 20
 
@@ -104,7 +108,7 @@ def test_a_partly_cached_file_is_asked_page_by_page(half_warm):
     finally:
         os.close(fd)
     size = path.stat().st_size
-    assert not c.all
+    assert c.read_in(0, PAGE) == []                        # the first page (the header) was cached
     gone = c.read_in(0, size - size % PAGE)
     assert sum(b - a for a, b in gone) == pytest.approx(size - warm, abs=2 * MiB)
     assert gone[-1][1] == size - size % PAGE and gone[0][0] >= size // 2 - MiB
@@ -137,3 +141,71 @@ def test_without_cachestat_mincore_alone_tells_the_cached_half(half_warm, monkey
     monkeypatch.setattr(cached, "count_cached", lambda fd, lo=0, length=0: None)
     mmapload.stream_quantize(path, ring_bytes=4 * MiB, io="view")
     assert warm - 2 * MiB <= page_cache_bytes([path]) <= warm + 2 * MiB
+
+
+def _cold_checkpoint(tmp_path, tensors):
+    if not hasattr(os, "posix_fadvise") or fstype(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("needs a filesystem whose clean pages posix_fadvise(DONTNEED) can drop")
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    _evict(path)
+    if page_cache_bytes([path]) > 0:
+        pytest.skip("could not drop the file from the page cache here")
+    return path
+
+
+@pytest.mark.parametrize("io", ["mmap", "pread", "view"])
+def test_the_header_pages_a_load_read_in_go_too(tmp_path, io):
+    # the header is read (with the kernel's read-ahead past it) when the checkpoint is opened, before
+    # the readers: the snapshot is taken before that read (Shard.cached), so those pages count as read in
+    g = torch.Generator().manual_seed(0)
+    path = _cold_checkpoint(tmp_path, {f"model.layers.{i}.mlp.experts.{j}.up_proj.weight":
+                                       torch.randn(64, 256, generator=g).bfloat16() for i in range(4) for j in range(256)})
+    mmapload.stream_quantize(path, ring_bytes=8 * MiB, io=io, policy="names")
+    assert page_cache_bytes([path]) == 0
+
+
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_a_load_stopped_early_drops_what_it_read_ahead(tmp_path, io):
+    # iter_quantized closed early (also: a guess found wrong, an error): its read-ahead leaves too, so
+    # the next load does not take those pages for "cached before" and keep them
+    g = torch.Generator().manual_seed(0)
+    path = _cold_checkpoint(tmp_path, {f"model.layers.{i}.mlp.up_proj.weight":
+                                       torch.randn(1024, 1024, generator=g).bfloat16() for i in range(24)})
+    it = mmapload.iter_quantized(path, ring_bytes=8 * MiB, io=io)
+    for _, _ in zip(range(3), it):
+        pass
+    it.close()
+    assert page_cache_bytes([path]) <= MiB
+    mmapload.stream_quantize(path, ring_bytes=8 * MiB, io=io)
+    assert page_cache_bytes([path]) <= MiB
+
+
+_NOT_OURS = """
+import os, sys, mmapload
+from mmapload._pagecache import Cached, count_cached
+fd = os.open(sys.argv[1], os.O_RDONLY)
+assert count_cached(fd) is None, "cachestat answered for a file we may not write"
+assert Cached.of(fd, os.path.getsize(sys.argv[1])).read_in(0, 4 * 4096) == [(0, 4 * 4096)]
+os.close(fd)
+mmapload.stream_quantize(sys.argv[1], ring_bytes=4 << 20, io=sys.argv[2], policy="names")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root (to chown) and setpriv (to drop the capabilities)")
+@pytest.mark.parametrize("io", ["mmap", "pread", "view"])
+def test_a_file_we_may_not_write_is_taken_for_uncached(tmp_path, io):
+    # the kernel will not tell (cachestat: EPERM; mincore: "all resident"): nothing counts as cached,
+    # so a cold load of another user's read-only checkpoint does not leave it in the page cache
+    g = torch.Generator().manual_seed(0)
+    path = _cold_checkpoint(tmp_path, {f"model.layers.{i}.mlp.up_proj.weight":
+                                       torch.randn(1024, 1024, generator=g).bfloat16() for i in range(8)})
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o444)
+    tmp_path.chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", _NOT_OURS,
+                        str(path), io], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert page_cache_bytes([path]) <= 2 * MiB

@@ -7,11 +7,11 @@ import mmapload
 
 ORDER = [
     {"errors", "_procmem", "_progress", "phases", "_math", "_libc"},   # leaf utilities; phase marks; libc
+    {"_pagecache"},                               # what the page cache held before a load read
     {"_files"},                                   # opening shard files (regular, identity)
     {"dtypes"},                                   # every safetensors dtype: bits, torch dtype
     {"header"},                                   # one file's header: parsed, validated -> Shard
     {"checkpoint"},                               # a checkpoint's files (folder, index) -> Checkpoint
-    {"readers.cached"},                           # what the page cache held before a load read
     {"readers.base"},                             # the reader interface every io mode implements
     {"readers.mapped", "readers.pread"},          # io="mmap" / io="pread"
     {"readers.direct"},                           # io="direct" (pread with a bounce buffer)

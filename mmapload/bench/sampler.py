@@ -31,7 +31,7 @@ import numpy as np
 from .. import phases
 from .._math import ceil_div
 from .._procmem import read_mem
-from ..readers.cached import count_cached
+from .._pagecache import count_cached, trusted
 from ..transfer import resolve_device
 from ..errors import OptionsError
 
@@ -90,7 +90,9 @@ class _CacheProbe:
             self.close()
             raise
 
-    def resident(self) -> int:
+    def resident(self) -> int | None:
+        """Bytes of the files in the page cache; None where the kernel will not tell (a file we
+        neither own nor may write: its mincore answers "all resident")."""
         total, page = 0, mmap.PAGESIZE
         for addr, size, path, fd in self._maps:
             if not size:
@@ -99,6 +101,8 @@ class _CacheProbe:
             if n is not None:
                 total += min(n * page, size)
                 continue
+            if not trusted(fd):
+                return None
             pages = ceil_div(size, page)
             count = 0
             for p0 in range(0, pages, _WINDOW_PAGES):
@@ -118,8 +122,9 @@ class _CacheProbe:
         self._maps = []
 
 
-def page_cache_bytes(files: Iterable[str | os.PathLike]) -> int:
-    """Bytes of ``files`` resident in the page cache right now (mincore; Unix only)."""
+def page_cache_bytes(files: Iterable[str | os.PathLike]) -> int | None:
+    """Bytes of ``files`` resident in the page cache right now (cachestat, or mincore; Unix only);
+    None where the kernel will not tell (``_CacheProbe.resident``)."""
     probe = _CacheProbe(_expand(files))
     try:
         return probe.resident()

@@ -20,7 +20,7 @@ __all__ = ["open_reader", "ShardReader", "MappedShard", "PreadShard", "DirectSha
 def open_reader(io: str, shard, *, drop_page_cache: bool, max_read: int) -> ShardReader:
     """The reader of ``shard`` (a checkpoint.Shard) for ``io``: its resolved file, checked to be
     the file validated (``Shard.ident``), named in messages as the user names it."""
-    kw = dict(drop_page_cache=drop_page_cache, ident=shard.ident, name=shard.shown)
+    kw = dict(drop_page_cache=drop_page_cache, ident=shard.ident, name=shard.shown, cached=shard.cached)
     path = shard.real or shard.path
     if io in ("mmap", "view"):   # "view": the same map, quantized straight from it on the CPU (fill.py)
         return MappedShard(path, shard.file_size, **kw)

@@ -19,7 +19,7 @@ import torch
 
 from .._files import identity
 from ..errors import FileChangedError
-from .cached import Cached
+from .._pagecache import Cached
 
 __all__ = ["ShardReader", "PAGE", "IOV_MAX"]
 
@@ -56,7 +56,7 @@ class ShardReader:
     concurrent_copies = True    # copy_ranges of disjoint ranges may run on several threads
 
     def __init__(self, path: Path, expected_size: int, *, drop_page_cache: bool = True,
-                 ident: tuple | None = None, name: str | None = None):
+                 ident: tuple | None = None, name: str | None = None, cached: Cached | None = None):
         self.path = Path(path)
         self.name = name or str(self.path)
         self.size = expected_size
@@ -65,11 +65,15 @@ class ShardReader:
         self._released = 0          # bytes [0, _released) already given back
         self._fd = -1
         self._open()
-        try:   # what the page cache held before we read: drop_page_cache drops only what this load read in
-            self.cached = Cached.of(self._fd, self.size)
-        except BaseException:
-            ShardReader.close(self)
-            raise
+        # what the page cache held before this load read (``Shard.cached``: before its header was read;
+        # else now): drop_page_cache drops only what the load read in
+        self.cached = cached
+        if cached is None:
+            try:
+                self.cached = Cached.of(self._fd, self.size)
+            except BaseException:
+                ShardReader.close(self)
+                raise
 
     def _open(self) -> None:
         """(Re)open ``path`` and check it is the validated file."""
@@ -156,6 +160,13 @@ class ShardReader:
     def forget(self, lo: int, hi: int) -> None:
         """Drop every page touching [lo, hi) from this process's RSS only (a map's pages; other
         processes and the page cache keep theirs): TP ranks share pages at their cuts."""
+    def drop_unreleased(self, upto: int) -> None:
+        """A load that stopped early (closed, an error, a guess found wrong): drop from the page
+        cache what it read ahead up to ``upto`` and never released, where it read it in."""
+        if upto > self._released:
+            ShardReader.release(self, self._released, upto if upto < self.size else _ceil(self.size))
+            self._released = min(upto, self.size)
+
     def release_behind(self, upto: int) -> None:
         """Release everything before ``upto`` not released yet (sequential reader)."""
         if upto > self._released:

@@ -1,4 +1,5 @@
-"""Which of a shard's pages the page cache held before this load read them.
+"""Which of a shard's pages the page cache held before this load read them (header.py asks when it
+opens a shard for its header, before reading anything; the readers use that answer).
 
 ``drop_page_cache`` drops from the page cache what a load read in, so that a cold load does not
 grow it by the model; pages that were cached before the load stay, so a warm checkpoint stays warm
@@ -6,20 +7,22 @@ grow it by the model; pages that were cached before the load stay, so a warm che
 CPU load here). ``Cached.of(fd, size)`` asks once, when the shard is opened: ``cachestat(2)`` (Linux
 6.5) counts the cached pages of the whole file in one call (7 ms for 2 GB here); a file that is partly
 cached is counted again per 64 MiB window, and only a window that is partly cached is asked page by
-page, with ``mincore(2)`` on a map that touches nothing (mincore alone: 45 ms for 2 GB). Where neither answers (another OS; a file we may not write, for which mincore reports only
-our own mappings), nothing counts as cached: everything read is dropped, as without the snapshot.
+page, with ``mincore(2)`` on a map that touches nothing (mincore alone: 45 ms for 2 GB). Neither tells of a file we neither own nor may write (the kernel's can_do_mincore:
+cachestat fails with EPERM and mincore answers "all resident"), nor on another OS: then nothing counts
+as cached, and everything read is dropped, as without the snapshot.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 
 import numpy as np
 
-from .._libc import function
+from ._libc import function
 
-__all__ = ["Cached", "PAGE", "count_cached"]
+__all__ = ["Cached", "PAGE", "count_cached", "trusted"]
 
 PAGE = mmap.PAGESIZE
 _SYS_CACHESTAT = 451   # the same number on every architecture (syscalls added since 5.x share one table)
@@ -49,6 +52,17 @@ def count_cached(fd: int, lo: int = 0, length: int = 0) -> int | None:
     if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(lo, length)), ctypes.byref(st), 0) != 0:
         return None
     return int(st.nr_cache)
+
+
+def trusted(fd: int) -> bool:
+    """Whether the kernel tells us the page-cache state of this file: we own it or may write it
+    (as its can_do_mincore / can_do_cachestat decide; a read-only mount is not writable)."""
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            return True
+        return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+    except OSError:
+        return False
 
 
 def _per_page(fd: int, size: int, counted: bool = False) -> np.ndarray | None:
@@ -97,14 +111,10 @@ class Cached:
         n = count_cached(fd)
         if n is not None and n >= n_pages:
             return cls(True)
-        if n == 0 or n_pages == 0:
+        if n == 0 or n_pages == 0 or (n is None and not trusted(fd)):
             return cls(False)
         pages = _per_page(fd, size, counted=n is not None)
         return cls(False if pages is None else pages)
-
-    @property
-    def all(self) -> bool:
-        return self._pages is True
 
     def read_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """The page-aligned ranges inside [lo, hi) (page-aligned bounds) that were not cached."""
