@@ -22,7 +22,7 @@ import numpy as np
 
 from ._libc import function
 
-__all__ = ["Cached", "PAGE", "count_cached", "trusted"]
+__all__ = ["Cached", "PAGE", "count_cached", "cached_bytes", "trusted"]
 
 PAGE = mmap.PAGESIZE
 _SYS_CACHESTAT = 451   # the same number on every architecture (syscalls added since 5.x share one table)
@@ -63,6 +63,16 @@ def trusted(fd: int) -> bool:
         return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=os.access in os.supports_effective_ids)
     except OSError:
         return False
+
+
+def cached_bytes(fd: int, size: int) -> int | None:
+    """Bytes of the file (``size`` bytes) in the page cache now; None where the kernel will not
+    tell (``trusted``) or cannot (another OS)."""
+    n = count_cached(fd)
+    if n is not None or size == 0:
+        return min((n or 0) * PAGE, size)
+    pages = _per_page(fd, size) if trusted(fd) else None
+    return None if pages is None else min(int(pages.sum()) * PAGE, size)
 
 
 def _per_page(fd: int, size: int, counted: bool = False) -> np.ndarray | None:

@@ -7,7 +7,7 @@ device memory, and the phase the loader is in.
 
 A daemon thread samples every ``interval`` seconds, plus at start, stop and each phase change.
 The page cache is ``cachestat`` of each file (Linux 6.5), else ``mincore`` over a never-touched
-read-only map of it (nothing added to RSS), 256 MiB per call. Both cost in proportion to the cached
+read-only map of it (nothing added to RSS): ``_pagecache.cached_bytes``. Both cost in proportion to the cached
 pages (here cachestat 3.5 ms, mincore 22 ms per cached GiB: mincore every 0.1 s over a warm 4 GiB
 checkpoint kept one of two cores busy and slowed every loader it watched 2-3x), so by default it is
 sampled at most every 0.1 s and at most 2 % of a core, and carried in between. ``mark(phase)`` records a marker in every
@@ -16,9 +16,7 @@ running sampler (thread-safe; one tuple check when none runs; a repeated phase i
 
 from __future__ import annotations
 
-import ctypes
 import math
-import mmap
 import os
 import threading
 import time
@@ -26,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 
 from .. import phases
-from .._math import ceil_div
 from .._procmem import read_mem
-from .._pagecache import count_cached, trusted
+from .._pagecache import cached_bytes
 from ..transfer import resolve_device
 from ..errors import OptionsError
 
@@ -41,7 +37,6 @@ METRICS = ("rss", "anon", "file", "page_cache", "dev_alloc", "dev_reserved")
 LABELS = {"rss": "host RSS", "anon": "anonymous RSS", "file": "file-backed RSS",
           "page_cache": "checkpoint in page cache", "dev_alloc": "device allocated",
           "dev_reserved": "device reserved"}
-_WINDOW_PAGES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -62,30 +57,20 @@ mark = phases.mark   # records a phase in every running sampler (the core marks 
 
 
 class _CacheProbe:
-    """Bytes of some files resident in the page cache: ``mincore`` on read-only maps."""
+    """Bytes of some files resident in the page cache (``_pagecache.cached_bytes``); each file
+    stays open, never mapped or read, while the probe lives."""
 
     def __init__(self, paths: list[Path]):
-        self._libc = libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self._maps: list[tuple[int, int, Path, int]] = []   # address, size, path, fd
-        self._vec = (ctypes.c_ubyte * _WINDOW_PAGES)()
-        self._np = np.frombuffer(self._vec, dtype=np.uint8)
+        self._files: list[tuple[int, int]] = []   # fd, size
         try:
             for path in paths:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 try:
                     size = os.fstat(fd).st_size
-                    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) if size else None
-                    if size and addr in (None, ctypes.c_void_p(-1).value):
-                        raise OSError(ctypes.get_errno(), f"mmap of {path} for mincore failed")
                 except BaseException:
                     os.close(fd)
                     raise
-                self._maps.append((addr, size, path, fd))
+                self._files.append((fd, size))
         except BaseException:
             self.close()
             raise
@@ -93,33 +78,18 @@ class _CacheProbe:
     def resident(self) -> int | None:
         """Bytes of the files in the page cache; None where the kernel will not tell (a file we
         neither own nor may write: its mincore answers "all resident")."""
-        total, page = 0, mmap.PAGESIZE
-        for addr, size, path, fd in self._maps:
-            if not size:
-                continue
-            n = count_cached(fd)   # one call for the whole file
-            if n is not None:
-                total += min(n * page, size)
-                continue
-            if not trusted(fd):
+        total = 0
+        for fd, size in self._files:
+            n = cached_bytes(fd, size)
+            if n is None:
                 return None
-            pages = ceil_div(size, page)
-            count = 0
-            for p0 in range(0, pages, _WINDOW_PAGES):
-                n = min(_WINDOW_PAGES, pages - p0)
-                length = min(n * page, size - p0 * page)
-                if self._libc.mincore(addr + p0 * page, length, self._vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
-                count += int(np.count_nonzero(self._np[:n] & 1))
-            total += min(count * page, size)
+            total += n
         return total
 
     def close(self) -> None:
-        for addr, size, _, fd in self._maps:
-            if size:
-                self._libc.munmap(addr, size)
+        for fd, _ in self._files:
             os.close(fd)
-        self._maps = []
+        self._files = []
 
 
 def page_cache_bytes(files: Iterable[str | os.PathLike]) -> int | None:

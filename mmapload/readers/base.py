@@ -65,15 +65,9 @@ class ShardReader:
         self._released = 0          # bytes [0, _released) already given back
         self._fd = -1
         self._open()
-        # what the page cache held before this load read (``Shard.cached``: before its header was read;
-        # else now): drop_page_cache drops only what the load read in
-        self.cached = cached
-        if cached is None:
-            try:
-                self.cached = Cached.of(self._fd, self.size)
-            except BaseException:
-                ShardReader.close(self)
-                raise
+        # what the page cache held before this load read (``Shard.cached``: before its header was
+        # read): drop_page_cache drops only what the load read in; not given, all of it
+        self.cached = cached if cached is not None else Cached(False)
 
     def _open(self) -> None:
         """(Re)open ``path`` and check it is the validated file."""
@@ -160,6 +154,7 @@ class ShardReader:
     def forget(self, lo: int, hi: int) -> None:
         """Drop every page touching [lo, hi) from this process's RSS only (a map's pages; other
         processes and the page cache keep theirs): TP ranks share pages at their cuts."""
+
     def drop_unreleased(self, upto: int) -> None:
         """A load that stopped early (closed, an error, a guess found wrong): drop from the page
         cache what it read ahead up to ``upto`` and never released, where it read it in."""
