@@ -156,9 +156,9 @@ class Filler:
     def drop_ahead(self) -> None:
         """After the reader thread was joined: what was read ahead of a load that stopped early
         leaves the page cache too (TP: no; the other ranks may still read those pages)."""
-        if not self.exact:
-            for shard, upto in self.prefetched.items():
-                shard.drop_unreleased(upto)
+        if not self.exact:   # to the file's end: the kernel's own read-ahead goes past what we advised
+            for shard in self.prefetched:
+                shard.drop_unreleased(shard.size)
 
     def _release_run(self, shard: ShardReader, run: tuple[Piece, ...] | list[Piece]) -> None:
         for p in run:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from .._files import identity
 from ..errors import FileChangedError
-from .._pagecache import Cached
+from .._pagecache import Cached, count_cached
 
 __all__ = ["ShardReader", "PAGE", "IOV_MAX"]
 
@@ -158,9 +159,16 @@ class ShardReader:
     def drop_unreleased(self, upto: int) -> None:
         """A load that stopped early (closed, an error, a guess found wrong): drop from the page
         cache what it read ahead up to ``upto`` and never released, where it read it in."""
-        if upto > self._released:
-            ShardReader.release(self, self._released, upto if upto < self.size else _ceil(self.size))
-            self._released = min(upto, self.size)
+        if upto <= self._released:
+            return
+        lo, hi = _ceil(self._released), upto if upto < self.size else _ceil(self.size)
+        for _ in range(20):   # pages still being read ahead (locked for I/O) are skipped: once done, again
+            ShardReader.release(self, lo, hi)
+            left = [count_cached(self._fd, a, b - a) for a, b in self.cached.read_in(lo, hi)]
+            if not self.drop_page_cache or None in left or not any(left):
+                break
+            time.sleep(0.01)
+        self._released = min(upto, self.size)
 
     def release_behind(self, upto: int) -> None:
         """Release everything before ``upto`` not released yet (sequential reader)."""
