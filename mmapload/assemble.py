@@ -33,7 +33,7 @@ import torch
 from .checkpoint import TensorSpec
 from .dtypes import torch_shape
 from .errors import DeviceError, NonFiniteError
-from .fp8 import Granularity, Quantizer, dequantize, merge_amax, scale_from_amax
+from .fp8 import Granularity, Quantizer, dequantize, merge_amax
 from .config import LoadOptions
 from .plan import LoadPlan, Piece, matrix_dims
 from .result import Loaded, OutFor, QuantizedTensor, provided_output, tensor_nbytes
@@ -59,7 +59,8 @@ class _Building:
         self.amax: torch.Tensor | None = None
         if quantize:
             self.out = torch.empty(shape, dtype=opts.fp8_dtype, device=device)
-            self.scale = torch.empty(opts.scheme.scale_shape(shape), dtype=torch.float32, device=device)
+            self.scale = torch.empty(opts.scheme.scale_shape(shape), device=device,
+                                     dtype=opts.scale_dtype_of(spec.torch_dtype) or torch.float32)
             self.out3 = self.out.view(matrix_dims(shape))
             self.scale3 = self.scale.view(len(self.out3), *self.scale.shape[-2:]) \
                 if self.scale.dim() >= 2 else self.scale.view(1, 1, 1)
@@ -86,7 +87,8 @@ class Assembler:
         self._later: list[Callable[[], None]] = []     # TP: casts waiting for reduced amaxes
         self._pending: list[tuple[torch.Tensor, Piece]] = []   # TP: amaxes to reduce, in order
         self._hold_busy = False    # a completed held group still reads the copying mover's buffer
-        self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=device)
+        self.quantizer = Quantizer(opts.fp8_dtype, opts.granularity, opts.block_size, device=device,
+                                   scale_dtype=opts.scale_dtype)
         self._b: _Building | None = None
         self._last: Piece | None = None   # the last piece added (for an out-of-memory message)
         self._unchecked: list = []     # (device bool "amax finite", piece) not yet looked at
@@ -217,7 +219,7 @@ class Assembler:
         if not self.mover.copies:
             self.check()        # free in place; an async (CUDA) mover checks once per batch
 
-        self._scale_view(b, piece).copy_(scale_from_amax(amax, self.opts.fp8_dtype))
+        self._scale_view(b, piece).copy_(self.quantizer.scale(amax, piece.spec.torch_dtype))
 
     def check(self) -> None:
         """Raise ``NonFiniteError`` if a piece since the last check held NaN or Inf."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import MmapLoadError, TPError
-from .config import IO_MODES, POLICIES, RING_BYTES
+from .config import IO_MODES, POLICIES, RING_BYTES, SCALE_DTYPES
 from .cli_tp import add_tp_plan, quantize_tp
 from .fp8 import Granularity
 
@@ -29,12 +29,25 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _block_size(text: str) -> tuple[int, int]:
+    """'128x128', '64,128' -> (rows, cols) of positive ints."""
+    m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
+    if not m or not int(m.group(1)) or not int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"not a block size: {text!r} (two positive ints, e.g. 128x128)")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress: bool = True) -> None:
     p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N (default {device})")
     p.add_argument("--ring-bytes", type=parse_size, default=RING_BYTES,
                    help=f"ring buffer size ({RING_BYTES >> 20}MiB)")
     p.add_argument("--granularity", default="tensor", choices=[g.value for g in Granularity])
+    p.add_argument("--block-size", type=_block_size, default=(128, 128), metavar="ROWSxCOLS",
+                   help="the block of --granularity block (default 128x128)")
     p.add_argument("--fp8", default="e4m3", choices=["e4m3", "e5m2"], help="FP8 format (e4m3)")
+    p.add_argument("--scale-dtype", default="float32", choices=SCALE_DTYPES, help="scales in float32 "
+                   "(default), or in the weight's dtype as compressed-tensors / llm-compressor compute them "
+                   "(weight: bf16 scales for a bf16 model, output byte-equal to llm-compressor's)")
     p.add_argument("--skip", action="append", default=[], help="tensor name pattern kept unquantized "
                    "(glob, or a substring)")
     p.add_argument("--ignore", action="append", default=[], help="module kept unquantized: a name, "
@@ -46,6 +59,8 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
     p.add_argument("--policy", default="auto", choices=POLICIES, help="judge tensors by "
                    "the model of config.json (auto: when transformers can build it) or by names alone")
     p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
+    p.add_argument("--keep-page-cache", action="store_true", help="leave the shard pages this load "
+                   "read in the page cache (default: drop them once used; pages cached before stay)")
     p.add_argument("--read-threads", type=int, default=None,
                    help="threads copying into the ring (default: 2 on cpu (1 on one core), up to 4 with cuda)")
     if progress:
@@ -53,7 +68,8 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
 
 
 def _load_kwargs(a: argparse.Namespace) -> dict:
-    return dict(ring_bytes=a.ring_bytes, granularity=a.granularity, fp8_dtype=a.fp8,
+    return dict(ring_bytes=a.ring_bytes, granularity=a.granularity, block_size=a.block_size, fp8_dtype=a.fp8,
+                scale_dtype=a.scale_dtype, drop_page_cache=not a.keep_page_cache,
                 skip=tuple(a.skip), ignore=tuple(a.ignore), targets=a.targets, policy=a.policy,
                 fp8_weight_scale=a.fp8_weight_scale, progress=getattr(a, "progress", False), io=a.io,
                 read_threads=a.read_threads)

@@ -20,7 +20,7 @@ from .fp8 import (DEFAULT_BLOCK, Granularity, PerBlock, Scheme, as_scheme, check
 from .tp import TPPlan, tp_plan
 
 __all__ = ["LoadConfig", "LoadOptions", "config_from", "public_verb", "UnknownOptionError", "KEYWORDS", "RING_BYTES", "MAX_SLOT_BYTES",
-           "MIN_RING_BYTES", "IO_MODES", "POLICIES"]
+           "MIN_RING_BYTES", "IO_MODES", "POLICIES", "SCALE_DTYPES"]
 
 RING_BYTES = 256 << 20       # the default host ring: 256 MiB
 # Slots are at most 16 MiB: several slots in flight give read-ahead and copy/compute overlap,
@@ -30,6 +30,7 @@ MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
 IO_MODES = ("mmap", "pread", "direct", "view")
+SCALE_DTYPES = ("float32", "weight")   # see LoadConfig.scale_dtype
 POLICIES = ("auto", "model", "names")   # how policy.py decides what is quantized
 _FLAGS = ("progress", "drop_page_cache", "error_stats", "keep_partial")
 
@@ -50,6 +51,15 @@ class LoadConfig:
         block_size (two positive ints, default (128, 128)): the block of "block" (numpy ints
             accepted; no bools); also the block an FP8 source's scales are read with when the
             checkpoint declares none, whatever the granularity.
+        scale_dtype ("float32" | "weight", default "float32"): the scales' dtype and arithmetic.
+            "float32": ``scale = amax / fp8_max`` in float32 (a zero granule 1.0, else >= float32
+            tiny), ``q = fp8(clamp(float32(w) / scale))``, as vLLM's online FP8. "weight": in the
+            weight's own dtype, as compressed-tensors' ``calculate_qparams`` / ``_quantize``
+            (llm-compressor's ``model_free_ptq`` writes these): ``scale = dtype(amax / fp8_max)``
+            (a zero scale: ``torch.finfo(dtype).eps``), ``q = fp8(clamp(dtype(w / scale)))``;
+            ``convert`` then writes the same bytes as ``model_free_ptq`` (bf16 scales of a bf16
+            model). The two differ by one FP8 step in ~3% of a bf16 model's codes (the quotient
+            rounded to bf16 first). FP8 sources keep their own scales (read as float32).
         skip (str or strs, default ()): tensor-name patterns (substring or glob) kept unquantized.
         ignore (str or strs, default ()): modules kept unquantized: a name, ``re:REGEX`` or a class
             name such as ``Embedding`` (compressed-tensors style).
@@ -64,7 +74,7 @@ class LoadConfig:
         error_stats (bool, False): relative quantization error per tensor in the report.
         keep_partial (bool, False): on a device out-of-memory error the ``DeviceError`` carries
             what was loaded as ``.partial``; False frees it.
-        io ("mmap" | "pread" | "direct", default "mmap"): how shards are read; anything else
+        io ("mmap" | "pread" | "direct" | "view", default "mmap"): how shards are read; anything else
             (a typo included) is an OptionsError, never a fallback.
         read_threads (int 1..64 or None, default None): threads copying into the ring; None: 2 on
             the CPU (1 on one core, for "view" and "direct"), up to 4 with CUDA (``read_threads_for``).
@@ -90,6 +100,7 @@ class LoadConfig:
     fp8_dtype: torch.dtype
     scheme: Scheme
     source_block: tuple[int, int]
+    scale_dtype: str
     skip: tuple[str, ...]
     ignore: tuple[str, ...]
     targets: tuple[str, ...] | None
@@ -108,7 +119,7 @@ class LoadConfig:
     tp_timeout: float
 
     def __init__(self, *, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
-                 granularity="tensor", block_size=DEFAULT_BLOCK, skip=(), ignore=(), targets=None,
+                 granularity="tensor", block_size=DEFAULT_BLOCK, scale_dtype: str = "float32", skip=(), ignore=(), targets=None,
                  policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
                  drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
                  io: str = "mmap", read_threads: int | None = None, tp_size: int = 1,
@@ -131,7 +142,8 @@ class LoadConfig:
                                or not 0 < float(fs) < float("inf")):
             raise OptionsError(f"fp8_weight_scale must be None or a positive finite number, got {fs!r}")
         set_("fp8_weight_scale", fs)
-        for name, value, allowed in (("policy", policy, POLICIES), ("io", io, IO_MODES)):
+        for name, value, allowed in (("policy", policy, POLICIES), ("io", io, IO_MODES),
+                                     ("scale_dtype", scale_dtype, SCALE_DTYPES)):
             if not isinstance(value, str) or value not in allowed:
                 raise OptionsError(f"{name} must be one of {allowed}, got {value!r}")
             set_(name, value)
@@ -175,6 +187,11 @@ class LoadConfig:
     def block_size(self) -> tuple[int, int]:
         """(rows, cols): the block of a ``PerBlock`` scheme, else the ``block_size`` keyword."""
         return self.source_block
+
+    def scale_dtype_of(self, weight_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype of a weight's scale under ``scale_dtype``: None for float32 (mmapload's own
+        arithmetic), else ``weight_dtype`` (compressed-tensors'; see ``fp8.scale_from_amax``)."""
+        return None if self.scale_dtype == "float32" else weight_dtype
 
     @property
     def slot_bytes(self) -> int:

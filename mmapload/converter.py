@@ -36,6 +36,7 @@ from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .ctvalidate import BACKGROUND_BYTES, Validator, validate_in_process
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import CONV1D, LINEAR, Policy, matches_module
+from .prequantized import SCALE_DTYPES
 from .result import QuantizedTensor
 from .stream import GuessedWrong, prepare, prepare_soon, results, room_beside, stands, watched
 from .writer import SafetensorsWriter
@@ -101,7 +102,8 @@ def _write_all(stream, layout, tmp: Path, opts: LoadOptions, src: Path, fmt: str
 @public_verb
 def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "compressed-tensors",
             ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn, granularity="tensor",
-            block_size=(128, 128), skip=(), ignore=(), targets=None, policy: str = "auto",
+            block_size=(128, 128), scale_dtype: str = "float32", skip=(), ignore=(), targets=None,
+            policy: str = "auto",
             fp8_weight_scale: float | None = None, progress: bool = False, drop_page_cache: bool = True,
             error_stats: bool = False, keep_partial: bool = False, io: str = "mmap",
             read_threads: int | None = None,
@@ -141,7 +143,7 @@ def convert(src, dst, *, device="cpu", overwrite: bool = False, format: str = "c
         device (`str` or `torch.device`, default "cpu"): where the quantization runs.
         overwrite (`bool`, default False): replace an existing ``dst`` once the new one is complete.
         format (`str`, default "compressed-tensors"): "compressed-tensors" or "fp8".
-        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+        ring_bytes, fp8_dtype, granularity, block_size, scale_dtype, skip, ignore, targets, policy,
             fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
             tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
@@ -255,8 +257,8 @@ def engine_plan(src, device, opts: LoadOptions, fmt: str = "compressed-tensors")
 def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy: Policy,
                   validator: Validator | None = None) -> None:
     """Read the written headers back as an engine would apply ``qconfig`` to them: a Linear
-    weight (per ``policy``) is targeted (not in ``ignore``) exactly when it is FP8 with its float32
-    scale; an FP8 tensor with a scale is a targeted Linear weight. Other tensors are plain data.
+    weight (per ``policy``) is targeted (not in ``ignore``) exactly when it is FP8 with its scale
+    (F32, BF16 or F16); an FP8 tensor with a scale is a targeted Linear weight. Other tensors are plain data.
     A compressed-tensors ``qconfig`` must pass the library's own validator (``validator``: one
     started before, ctvalidate.py; None: in this process, when installed). ``CheckpointError``
     if not."""
@@ -267,7 +269,7 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
         module, _, attr = spec.name.rpartition(".")
         scale = ckpt.get(spec.name + suffix)
         fp8 = spec.dtype in FP8
-        scaled = fp8 and scale is not None and scale.dtype == "F32"
+        scaled = fp8 and scale is not None and scale.dtype in SCALE_DTYPES
         linear = attr == "weight" and policy.decide(spec).kind in (LINEAR, CONV1D)   # what engines target
         if not linear and not scaled:
             continue   # plain data: no config speaks of it
@@ -278,7 +280,7 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
                                   "(not a Linear weight, or ignored): an engine would not dequantize it")
         if targeted and not scaled:
             raise CheckpointError(f"{where} is a Linear weight that quantization_config targets but it is "
-                                  + ("FP8 without a float32 scale" if fp8 else f"not FP8: add {module!r} to ignore"))
+                                  + ("FP8 without a float scale" if fp8 else f"not FP8: add {module!r} to ignore"))
     if fmt == "compressed-tensors":
         why = validator.check(qconfig) if validator is not None else validate_in_process(qconfig)
         if why is not None:

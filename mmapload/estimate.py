@@ -100,7 +100,7 @@ class Projection:
     kept_by: dict[str, TensorGroup]                   # rule (policy.py) -> the tensors it kept
     policy: str                                       # the model the rules come from, or the name rule
     fp8_bytes: int                                    # FP8 data of the quantized tensors
-    scale_bytes: int                                  # their float32 scales
+    scale_bytes: int                                  # their scales (float32, or scale_dtype="weight")
     ring_bytes: int                                   # n_slots x slot_bytes
     stage_bytes: int                                  # largest batch
     hold_bytes: int                                   # CUDA hold buffer
@@ -227,7 +227,8 @@ def _group(specs: list[TensorSpec]) -> TensorGroup:
 
 @public_verb
 def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
-             granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
+             granularity="tensor", block_size=(128, 128), scale_dtype: str = "float32", skip=(), ignore=(),
+             targets=None,
              policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
              drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
              io: str = "mmap", read_threads: int | None = None,
@@ -239,7 +240,7 @@ def estimate(path, device="cpu", *, top: int = 5, ring_bytes: int = RING_BYTES, 
         path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
         device (`str`, default "cpu"): "cpu" or "cuda[:N]" (which need not exist here).
         top (`int`, default 5): how many of the largest tensors to name.
-        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+        ring_bytes, fp8_dtype, granularity, block_size, scale_dtype, skip, ignore, targets, policy,
             fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
             tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options as for ``stream_quantize`` (``mmapload.LoadConfig``). With ``tp_size``
@@ -295,6 +296,7 @@ def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
         by_rule.setdefault(policy.decide(s).rule, []).append(s)
     numel = {s.name: math.prod(shape[s.name]) for s in qspecs}
     scale_elems = {s.name: math.prod(opts.scheme.scale_shape(shape[s.name])) for s in qspecs}
+    scale_size = {s.name: (opts.scale_dtype_of(s.torch_dtype) or torch.float32).itemsize for s in qspecs}
 
     # from the plan: the largest piece and its amax grid, bands read out of file order
     piece_elems = grid_elems = band_rows = 0
@@ -314,7 +316,7 @@ def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
     slot, ring = plan.slot_bytes, plan.n_slots * plan.slot_bytes   # the ring the load allocates
     grids, err = 20 * grid_elems, (12 * piece_elems if opts.error_stats else 0)
     fp8_bytes = sum(numel.values())
-    scale_bytes = 4 * sum(scale_elems.values())
+    scale_bytes = sum(scale_size[n] * e for n, e in scale_elems.items())
     kept_bytes = sum(local_nbytes(s) for s in kspecs)
 
     io = opts.io
@@ -331,7 +333,7 @@ def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
         prepass = 0
         host = {"ring (pinned)": 1 << (ring - 1).bit_length(), f"reader ({io})": reader,
                 "quantizer scratch": _CPU_SCRATCH, "margin": HOST_MARGIN}
-        retained = (sum(round_up(numel[s.name], _CUDA_ROUND) + round_up(4 * scale_elems[s.name], _CUDA_ROUND)
+        retained = (sum(round_up(numel[s.name], _CUDA_ROUND) + round_up(scale_size[s.name] * scale_elems[s.name], _CUDA_ROUND)
                         for s in qspecs) + sum(round_up(local_nbytes(s), _CUDA_ROUND) for s in kspecs))
         device_terms = {"retained": retained, "staging": 2 * round_up(stage, _CUDA_ROUND),
                         "hold buffer": round_up(hold, _CUDA_ROUND), "quantizer scratch": _CUDA_SCRATCH,

@@ -1,7 +1,8 @@
 """What a converted checkpoint looks like: pure arithmetic on the input headers, no I/O.
 
 The output keeps the input's shard file names (``model.safetensors`` for a single-file
-input). FP8 weights keep their name; their float32 scale follows right after the weight.
+input). FP8 weights keep their name; their scale follows right after the weight (float32, or
+the weight's own dtype with ``scale_dtype="weight"``; an FP8 source's scales: float32).
 Other tensors are copied bit for bit. Each header's ``__metadata__`` is
 ``{"format": "pt", "mmapload": "<options as JSON>"}``.
 
@@ -205,7 +206,8 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy)
                 entries += pairs[spec.name]
             elif policy(spec):
                 entries.append((spec.name, dtype_name(opts.fp8_dtype), spec.shape))
-                entries.append((spec.name + suffix, "F32", _scale_out_shape(spec.shape, fmt, opts)))
+                scale_dtype = spec.dtype if opts.scale_dtype == "weight" else "F32"
+                entries.append((spec.name + suffix, scale_dtype, _scale_out_shape(spec.shape, fmt, opts)))
             else:   # its own dtype name and shape: the header entry is the source's, bytes and all
                 entries.append((spec.name, spec.dtype, spec.shape))
         for name, _, _ in entries:
@@ -223,4 +225,6 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy)
 def shard_metadata(opts: LoadOptions, fmt: str) -> dict[str, str]:
     info = {"granularity": opts.granularity.value, "fp8_dtype": str(opts.fp8_dtype).removeprefix("torch."),
             "block_size": list(opts.block_size), "scale_suffix": scale_suffix(fmt, opts)}
+    if opts.scale_dtype != "float32":   # only then: the default output's bytes stay as they were
+        info["scale_dtype"] = opts.scale_dtype
     return {"format": "pt", "mmapload": json.dumps(info, separators=(",", ":"))}

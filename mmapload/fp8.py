@@ -1,6 +1,8 @@
 """FP8 numerics, no I/O, any device. Per granule, in float32 (vLLM / compressed-tensors):
 ``scale = amax / fp8_max`` (0 -> 1.0, else >= float32 tiny), ``q = fp8(clamp(w / scale, -max,
-max))`` (true division, round to nearest even), ``dequantize = float32(q) * scale``. A weight
+max))`` (true division, round to nearest even), ``dequantize = float32(q) * scale``. With
+``scale_dtype="weight"`` the scale and the division are in the weight's dtype instead, as
+compressed-tensors computes them (``scale_from_amax``). A weight
 is ``[rows, cols]``; leading dims (MoE experts, any rank >= 3) index independent matrices, so
 scales are ``lead + (1, 1) | (rows, 1) | (ceil(rows/br), ceil(cols/bc))``; 2-D tensor: 0-d.
 A scheme (scheme.py: ``PerTensor()``, ``PerChannel()``, ``PerBlock(rows, cols)``) says how:
@@ -69,7 +71,7 @@ def granule(shape2d, granularity="tensor", block_size=DEFAULT_BLOCK) -> tuple[in
 
 
 def _as_grid(scale) -> torch.Tensor:
-    return scale.to(torch.float32).reshape(1, 1) if scale.dim() < 2 else scale.to(torch.float32)
+    return scale.reshape(1, 1) if scale.dim() < 2 else scale
 
 
 def _spans(n: int, b: int, step: int) -> list[tuple[int, int]]:
@@ -134,7 +136,16 @@ def amax_2d(x, granularity, block_size=DEFAULT_BLOCK) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scale_from_amax(amax, fp8_dtype) -> torch.Tensor:
+def scale_from_amax(amax, fp8_dtype, weight_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The scale of a granule from its amax (float32; exact |w| maxima). ``weight_dtype`` None:
+    float32 ``amax / fp8_max`` (vLLM's scaled_fp8_quant), floored at float32 tiny, 1.0 for a
+    zero granule. A dtype: compressed-tensors' ``calculate_qparams`` in that dtype, so scales
+    match llm-compressor's bit for bit: ``dtype(amax) / fp8_max`` rounded to the dtype (torch
+    divides bf16 / fp16 in float32 and rounds once), a zero (or underflowed) scale -> the
+    dtype's eps. Both: w / scale stays finite for finite w."""
+    if weight_dtype is not None:
+        s = amax.to(weight_dtype) / fp8_max(fp8_dtype)   # amax is a weight value: exact in its dtype
+        return torch.where(s == 0, torch.finfo(weight_dtype).eps, s)
     s = amax.float() / fp8_max(fp8_dtype)  # true division; NaN/Inf propagate
     # tiny floor: no zero/subnormal scales; zero granule -> 1.0 keeps w / scale finite
     return torch.where(amax == 0, torch.ones_like(s), s.clamp(min=_TINY))
@@ -152,10 +163,14 @@ def check_finite(t) -> bool:
 
 class Quantizer:
     """Reusable fast quantizer: owns a bounded float32 scratch on one device, reused
-    across calls; never allocates full-size temporaries. Not thread-safe."""
+    across calls; never allocates full-size temporaries. Not thread-safe. ``scale_dtype``:
+    "float32" or "weight" (``LoadConfig.scale_dtype``; the scales ``scale`` makes)."""
 
     def __init__(self, fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=DEFAULT_BLOCK,
-                 device="cpu", scratch_elems=None):
+                 device="cpu", scratch_elems=None, scale_dtype: str = "float32"):
+        if scale_dtype not in ("float32", "weight"):
+            raise OptionsError(f"scale_dtype must be 'float32' or 'weight', got {scale_dtype!r}")
+        self.scale_dtype = scale_dtype
         self.fp8_dtype = check_fp8_dtype(fp8_dtype)
         self.scheme = as_scheme(granularity, block_size)
         self.granularity = self.scheme.granularity
@@ -174,6 +189,10 @@ class Quantizer:
             raise OptionsError(f"expected a 2-D float16/bfloat16/float32/float64 chunk on {self.device}, "
                                f"got {x.dtype} {list(x.shape)} on {x.device}")
         return _BITS[x.dtype]
+
+    def scale(self, amax, weight_dtype: torch.dtype) -> torch.Tensor:
+        """``scale_from_amax`` under this quantizer's ``scale_dtype`` for a ``weight_dtype`` weight."""
+        return scale_from_amax(amax, self.fp8_dtype, weight_dtype if self.scale_dtype == "weight" else None)
 
     @torch.no_grad()
     def amax_2d(self, x) -> torch.Tensor:
@@ -197,8 +216,11 @@ class Quantizer:
                                f"{list(x.shape)} chunk ({self.granularity.value})")
         scale = _as_grid(scale)
         br, bc = self.scheme.granule(*x.shape)
-        for r0, r1, c0, c1 in _pieces(*x.shape, br, bc, self._buf.numel()) if x.numel() else ():
-            t = self._buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        # the quotient is computed and rounded in the scale's dtype: float32, or the weight's own
+        # (compressed-tensors divides a bf16 weight by a bf16 scale: a bf16 quotient)
+        buf = self._buf if scale.dtype == torch.float32 else _scratch_as(self._buf, scale.dtype)
+        for r0, r1, c0, c1 in _pieces(*x.shape, br, bc, buf.numel()) if x.numel() else ():
+            t = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             t.copy_(x[r0:r1, c0:c1])  # widening copy: exact (rounds only from float64)
             _apply_grid(t, scale, br, bc, torch.Tensor.div_, r0, c0)
             t.clamp_(-self._max, self._max)  # saturate: outliers under a pre-set scale -> +-max
@@ -215,11 +237,17 @@ class Quantizer:
         if not check_finite(amax):  # one sync for all experts
             raise NonFiniteError(f"tensor {name or '<unnamed>'!r} ({w.dtype}, shape {list(w.shape)}) "
                                  f"holds NaN or +-Inf; cannot compute an fp8 scale (fix or skip it)")
-        scale = scale_from_amax(amax, self.fp8_dtype)
+        scale = self.scale(amax, w.dtype)
         q = torch.empty(w.shape, dtype=self.fp8_dtype, device=w.device)
         for idx, m in mats:
             self.quantize_2d_into(m, scale[idx], q[idx])
         return q, scale
+
+
+def _scratch_as(buf, dtype) -> torch.Tensor:
+    """The float32 scratch as ``dtype`` elements (bf16 / fp16: twice as many; float64: half)."""
+    n = buf.numel() * 4 // dtype.itemsize
+    return buf.view(torch.uint8)[: n * dtype.itemsize].view(dtype)
 
 
 def _matrices(w) -> list[tuple[tuple[int, ...], torch.Tensor]]:
@@ -241,10 +269,13 @@ def _dequantized_pieces(q, scale, scheme: Scheme):
 
 
 @torch.no_grad()
-def quantize(w, granularity="tensor", fp8_dtype=torch.float8_e4m3fn, block_size=DEFAULT_BLOCK, *, name=None):
-    """(fp8 q, float32 scale) of ``w`` (rank >= 2) under a scheme; see ``Quantizer.quantize``."""
+def quantize(w, granularity="tensor", fp8_dtype=torch.float8_e4m3fn, block_size=DEFAULT_BLOCK, *, name=None,
+             scale_dtype: str = "float32"):
+    """(fp8 q, scale) of ``w`` (rank >= 2) under a scheme; the scale is float32, or w's dtype
+    with ``scale_dtype="weight"``; see ``Quantizer.quantize``."""
     return Quantizer(fp8_dtype, granularity, block_size, w.device,
-                     min(max(w.numel(), 1), default_scratch_elems(w.device))).quantize(w, name=name)
+                     min(max(w.numel(), 1), default_scratch_elems(w.device)),
+                     scale_dtype).quantize(w, name=name)
 
 
 @torch.no_grad()

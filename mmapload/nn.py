@@ -177,7 +177,8 @@ def _swap_linear(root: nn.Module, mname: str, q: QuantizedTensor, use_scaled_mm,
 @public_verb
 def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | None = None,
               ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn, granularity="tensor",
-              block_size=(128, 128), skip=(), ignore=(), targets=None, policy: str = "auto",
+              block_size=(128, 128), scale_dtype: str = "float32", skip=(), ignore=(), targets=None,
+              policy: str = "auto",
               fp8_weight_scale: float | None = None, progress: bool = False, drop_page_cache: bool = True,
               error_stats: bool = False, keep_partial: bool = False, io: str = "mmap",
               read_threads: int | None = None,
@@ -207,7 +208,7 @@ def load_into(module: nn.Module, path, device="cpu", *, use_scaled_mm: bool | No
         path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
         device (`str` or `torch.device`, default "cpu"): where the tensors land.
         use_scaled_mm (`bool` or None, default None): ``FP8Linear``'s matmul (None: where supported).
-        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+        ring_bytes, fp8_dtype, granularity, block_size, scale_dtype, skip, ignore, targets, policy,
             fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
             tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``.

@@ -20,7 +20,8 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTensor:
-    """An FP8 weight: ``data`` (same shape as the source) and its float32 ``scale``.
+    """An FP8 weight: ``data`` (same shape as the source) and its ``scale`` (float32; the source
+    weight's dtype when loaded with ``scale_dtype="weight"``).
 
     ``dequantize()`` gives ``data * scale`` broadcast per granule. ``rel_error`` is
     ``||w - dequantize()|| / ||w||`` when the load was asked for error statistics.

@@ -139,7 +139,8 @@ def results(pipe: _Pipeline, flat_: bool = False, out_for: OutFor | None = None)
 
 @public_verb
 def iter_quantized(path, device="cpu", *, flat: bool = False, ring_bytes: int = RING_BYTES,
-                   fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=(128, 128), skip=(),
+                   fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=(128, 128),
+                   scale_dtype: str = "float32", skip=(),
                    ignore=(), targets=None, policy: str = "auto", fp8_weight_scale: float | None = None,
                    progress: bool = False, drop_page_cache: bool = True, error_stats: bool = False,
                    keep_partial: bool = False, io: str = "mmap",
@@ -166,8 +167,9 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, ring_bytes: int = 
         path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
         device (`str` or `torch.device`, default "cpu"): where tensors land ("cpu", "cuda[:N]").
         flat (`bool`, default False): yield plain tensors for engines' weight loaders instead:
-            ``("x.weight", fp8)`` followed by ``("x.weight_scale", float32 scale)``.
-        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+            ``("x.weight", fp8)`` followed by ``("x.weight_scale", scale)`` (float32, or the weight's
+            dtype with ``scale_dtype="weight"``).
+        ring_bytes, fp8_dtype, granularity, block_size, scale_dtype, skip, ignore, targets, policy,
             fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
             tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
@@ -197,7 +199,8 @@ def iter_quantized(path, device="cpu", *, flat: bool = False, ring_bytes: int = 
 
 @public_verb
 def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dtype=torch.float8_e4m3fn,
-                    granularity="tensor", block_size=(128, 128), skip=(), ignore=(), targets=None,
+                    granularity="tensor", block_size=(128, 128), scale_dtype: str = "float32", skip=(),
+                    ignore=(), targets=None,
                     policy: str = "auto", fp8_weight_scale: float | None = None, progress: bool = False,
                     drop_page_cache: bool = True, error_stats: bool = False, keep_partial: bool = False,
                     io: str = "mmap", read_threads: int | None = None,
@@ -214,14 +217,15 @@ def stream_quantize(path, device="cpu", *, ring_bytes: int = RING_BYTES, fp8_dty
     Args:
         path (`str` or `os.PathLike`): a ``.safetensors`` file, a sharded index, or a folder.
         device (`str` or `torch.device`, default "cpu"): where tensors land ("cpu", "cuda[:N]").
-        ring_bytes, fp8_dtype, granularity, block_size, skip, ignore, targets, policy,
+        ring_bytes, fp8_dtype, granularity, block_size, scale_dtype, skip, ignore, targets, policy,
             fp8_weight_scale, progress, drop_page_cache, error_stats, keep_partial, io, read_threads,
             tp_size, tp_rank, process_group, tp_plan, tp_timeout:
             the load options, each documented (units, default, errors) on ``mmapload.LoadConfig``;
             the defaults here are its defaults.
 
     Returns:
-        `QuantizedModel`: name -> ``QuantizedTensor`` (``.data`` FP8, ``.scale`` float32) or
+        `QuantizedModel`: name -> ``QuantizedTensor`` (``.data`` FP8, ``.scale`` float32 or, with
+        ``scale_dtype="weight"``, the weight's dtype) or
         ``torch.Tensor``, with ``.report`` (``LoadReport``).
 
     Raises:

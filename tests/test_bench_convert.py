@@ -45,6 +45,7 @@ def test_compare_tells_one_step_from_more(tmp_path):
     same = bench_convert.compare(src, ours, ours)
     assert same["same_names"] and same["weights"] > 0 and same["codes_differ"] == 0
     assert same["theirs_scale_is_bf16_of_ours"] == same["scales"] and same["rel_rms_ours"] == same["rel_rms_theirs"]
+    assert same["byte_equal_weights"] == same["weights"]
     assert 0 < same["rel_rms_ours"] < 0.05
     # theirs: one weight's codes moved by one step here and by three there, its scales in bf16
     theirs = tmp_path / "theirs"
@@ -62,3 +63,4 @@ def test_compare_tells_one_step_from_more(tmp_path):
     assert diff["codes_differ"] == 2 and diff["codes_off_by_more_than_one"] == 1
     assert diff["scale_dtypes"] == ["float32 vs bfloat16", "float32 vs float32"]
     assert 0 < diff["theirs_scale_is_bf16_of_ours"] <= diff["scales"]
+    assert diff["byte_equal_weights"] == diff["weights"] - 1   # the one changed weight

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmapload.cli import main, parse_size
 
@@ -41,3 +42,25 @@ def test_convert_command_writes_a_loadable_fp8_checkpoint(tmp_path):
     q = tensors["model.layers.0.mlp.up_proj.weight"]
     assert q.dtype.itemsize == 1 and tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (q.shape[0], 1)
     assert (dst / "config.json").exists() and (dst / "model.safetensors.index.json").exists()
+
+
+def test_convert_command_takes_block_size_scale_dtype_and_keep_page_cache(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mmapload.synth import make_llama_checkpoint
+    src = make_llama_checkpoint(tmp_path / "src", 1 << 20, shards=1)
+    dst = tmp_path / "fp8"
+    assert main(["convert", str(src), str(dst), "--granularity", "block", "--block-size", "32x64",
+                 "--scale-dtype", "weight", "--keep-page-cache", "--policy", "names"]) == 0
+    tensors = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    q, s = tensors["model.layers.0.mlp.up_proj.weight"], tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    assert s.dtype == torch.bfloat16 and s.shape == (-(-q.shape[0] // 32), -(-q.shape[1] // 64))
+    for bad in ("0x64", "32", "axb", "-1,4"):
+        with pytest.raises(SystemExit):
+            main(["convert", str(src), str(tmp_path / "x"), f"--block-size={bad}"])
+        assert "not a block size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", str(src), str(tmp_path / "x"), "--scale-dtype", "bf16"])
+    assert not (tmp_path / "x").exists()

@@ -34,6 +34,7 @@ BAD = [  # (option, bad value): wrong type, out of range, typos
     *[("granularity", v) for v in ("row", "", None, 3, "tensors", F.Granularity)],
     *[("block_size", v) for v in ((0, 128), (128,), (128, 128, 1), (1.5, 2), (True, 4), (4, False), "ab",
                                   None, 128, (-1, 4), (np.int64(0), 4), (np.float32(4), 4))],
+    *[("scale_dtype", v) for v in ("bf16", "Weight", torch.bfloat16, torch.float32, None, "")],
     *[(name, v) for name in ("skip", "ignore") for v in ([""], 3, [None], ["re:("], [b"x"])],
     *[("targets", v) for v in ([""], 5, ["re:["])],
     *[("policy", v) for v in ("guess", "Auto", None, 1)],

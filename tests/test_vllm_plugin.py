@@ -164,6 +164,20 @@ def test_fp8_logprobs_stay_within_fp8_noise_of_bf16_and_shuffled_scales_do_not(m
     assert bad_err.mean() > 0.3 and bad_err.mean() > 5 * fp8_err.mean(), (bad_err.mean(), fp8_err.mean())
 
 
+def test_bf16_scales_as_llm_compressor_writes_them_serve_like_the_converted_checkpoint(models):
+    """scale_dtype="weight" (compressed-tensors' numerics, bf16 scales): the plugin and the
+    converted checkpoint give vLLM the same model, within FP8 noise of bf16."""
+    from mmapload import convert
+    out = convert(models["bf16"], models["root"] / "tiny-fp8-channel-bf16-scales", granularity="channel",
+                  scale_dtype="weight")
+    converted = _ok(run_vllm(models["root"], out))
+    plugin = _ok(run_vllm(models["root"], models["bf16"], "mmapload", {"scale_dtype": "weight"}))
+    assert plugin["results"] == converted["results"]
+    bf16 = _prompt_token_logprobs(_ok(run_vllm(models["root"], models["bf16"])))
+    err = (_prompt_token_logprobs(plugin) - bf16).abs()
+    assert err.mean() < 0.15 and err.max() < 0.6, (err.mean(), err.max())
+
+
 def test_model_loader_extra_config_reaches_the_loader(models):
     extra = {"ring_bytes": 1 << 20, "io": "pread", "read_threads": 1}
     small = _ok(run_vllm(models["root"], models["bf16"], "mmapload", extra))

@@ -579,6 +579,8 @@ def main(argv=None) -> int:
                     "weight [R, C] instead of the llama one (e.g. 16384x8192: 2 KiB of each row per rank at TP=8)")
     ap.add_argument("--convert", action="store_true", help="mmapload.convert against llm-compressor's "
                     "model_free_ptq (tools/bench_convert.py); --granularity channel or block")
+    ap.add_argument("--scale-dtype", default="float32", choices=["float32", "weight"], help="with --convert: "
+                    "mmapload's scale_dtype (weight: compressed-tensors' numerics, byte-equal output)")
     ap.add_argument("--llmc-python", metavar="PATH", help="with --convert: the python of a venv with "
                     "llmcompressor 0.14 (default: this one)")
     args = ap.parse_args(argv)

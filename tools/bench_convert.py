@@ -47,7 +47,7 @@ _RESULT = "BENCH_CONVERT "
 
 CHILD = r'''
 import json, os, sys, threading, time
-tool, src, dst, granularity = sys.argv[1:5]
+tool, src, dst, granularity, scale_dtype = sys.argv[1:6]
 t0 = time.perf_counter()
 if tool == "mmapload":
     from mmapload import convert
@@ -79,7 +79,7 @@ th = threading.Thread(target=sample, daemon=True)
 th.start()
 c0, t1 = os.times(), time.perf_counter()
 if tool == "mmapload":
-    convert(src, dst, granularity=granularity)
+    convert(src, dst, granularity=granularity, scale_dtype=scale_dtype)
 else:
     model_free_ptq(src, dst, scheme={"channel": "FP8_DYNAMIC", "block": "FP8_BLOCK"}[granularity],
                    ignore=["lm_head", "re:.*embed_tokens$"], max_workers=1, device="cpu")
@@ -119,10 +119,11 @@ def _can_run(python: str, module: str) -> str | None:
     return (done.stderr.strip().splitlines() or ["import failed"])[-1][:200]
 
 
-def run_once(tool: str, python: str, src: Path, dst: Path, granularity: str, timeout: float, busy) -> dict:
+def run_once(tool: str, python: str, src: Path, dst: Path, granularity: str, timeout: float, busy,
+             scale_dtype: str = "float32") -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     b0 = busy()
-    done = subprocess.run([python, "-c", CHILD, tool, str(src), str(dst), granularity], capture_output=True,
+    done = subprocess.run([python, "-c", CHILD, tool, str(src), str(dst), granularity, scale_dtype], capture_output=True,
                           text=True, timeout=timeout)
     b1 = busy()
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(_RESULT)]
@@ -172,7 +173,7 @@ def compare(src: Path, ours: Path, theirs: Path) -> dict:
     res = {"same_names": set(oi) == set(ti), "only_ours": sorted(set(oi) - set(ti))[:5],
            "only_theirs": sorted(set(ti) - set(oi))[:5], "weights": 0, "elements": 0, "codes_differ": 0,
            "codes_off_by_more_than_one": 0, "kept_differ": [], "scale_dtypes": set(), "scales": 0,
-           "theirs_scale_is_bf16_of_ours": 0, "max_scale_rel_diff": 0.0,
+           "theirs_scale_is_bf16_of_ours": 0, "max_scale_rel_diff": 0.0, "byte_equal_weights": 0,
            "err2_ours": 0.0, "err2_theirs": 0.0, "ref2": 0.0}
     for name in sorted(set(oi) & set(ti)):
         if name.endswith("_scale"):
@@ -189,6 +190,8 @@ def compare(src: Path, ours: Path, theirs: Path) -> dict:
         d = (_fp8_magnitude(a) - _fp8_magnitude(b)).abs()
         res["codes_differ"] += int((d != 0).sum())
         res["codes_off_by_more_than_one"] += int((d > 1).sum())
+        res["byte_equal_weights"] += int(sa.dtype == sb.dtype and sa.shape == sb.shape and torch.equal(sa, sb)
+                                         and torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
         res["scales"] += sa.numel()
         res["theirs_scale_is_bf16_of_ours"] += int((sa.to(sb.dtype) == sb).sum())
         res["max_scale_rel_diff"] = max(res["max_scale_rel_diff"],
@@ -263,7 +266,7 @@ def run_convert(args, b) -> int:
                     try:
                         row["runs"].append(run_once(row["tool"], _python_for(row["tool"], args), src,
                                                     root / f"out-{row['tool']}", args.granularity, args.timeout,
-                                                    b._busy_seconds))
+                                                    b._busy_seconds, args.scale_dtype))
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         row.update(status="failed", reason=str(e)[:600])
             for row in rows:
@@ -273,6 +276,7 @@ def run_convert(args, b) -> int:
                     failed.append(row["tool"])
             print(f"### convert, {b.size_name(size)} checkpoint ({sum(map(os.path.getsize, paths)):,} bytes, "
                   f"{len(paths)} shards{', reused' if reused else ''}), granularity {args.granularity}, "
+                  f"mmapload scale_dtype {args.scale_dtype}, "
                   f"{'cold' if cold else 'warm'} page cache, median of {args.repeat}\n")
             print(table(rows) + "\n")
             result = {"size": size, "rows": rows}
@@ -286,10 +290,12 @@ def run_convert(args, b) -> int:
                       f"{cmp['theirs_scale_is_bf16_of_ours']:,} of {cmp['scales']:,} of theirs are ours rounded "
                       f"to their dtype (largest relative difference {cmp['max_scale_rel_diff']:.2%}); kept tensors "
                       f"that differ: {len(cmp['kept_differ'])}; relative RMS error against the bf16 source: "
-                      f"mmapload {cmp['rel_rms_ours']:.6f}, llmcompressor {cmp['rel_rms_theirs']:.6f}\n")
+                      f"mmapload {cmp['rel_rms_ours']:.6f}, llmcompressor {cmp['rel_rms_theirs']:.6f}; "
+                      f"byte-equal FP8 weights (codes and scales): {cmp['byte_equal_weights']} of {cmp['weights']}\n")
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps({"convert": result, "granularity": args.granularity,
+                                        "scale_dtype": args.scale_dtype,
                                         "cache": "cold" if cold else "warm", "time": time.time()}) + "\n")
             for row in rows:
                 shutil.rmtree(root / f"out-{row['tool']}", ignore_errors=True)

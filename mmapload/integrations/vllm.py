@@ -12,8 +12,9 @@ The loader streams the checkpoint through mmapload's bounded ring and quantizes 
 FP8. Before vLLM builds the model it sets the compressed-tensors ``quantization_config`` that
 ``mmapload convert`` would write (``converter.engine_plan``), so vLLM creates FP8 layers
 (``CompressedTensorsW8A8Fp8``) and receives ``x.weight`` (float8_e4m3fn) then ``x.weight_scale``
-(float32: ``[1]`` tensor, ``[out, 1]`` channel, the block grid): the weights ``convert`` + vLLM's
-default loader give, bit for bit, without the bf16 model in host memory or an FP8 copy on disk.
+(float32, or bf16 with ``scale_dtype="weight"``: ``[1]`` tensor, ``[out, 1]`` channel, the block grid):
+the weights ``convert`` + vLLM's default loader give, bit for bit, without the bf16 model in host
+memory or an FP8 copy on disk.
 
 ``--model-loader-extra-config`` takes the ``LoadConfig`` keywords in ``EXTRA_KEYS`` (granularity
 defaults to "channel", the one FP8 scheme vLLM-CPU runs without AMX). Under tensor parallelism every
@@ -41,7 +42,7 @@ __all__ = ["register", "loader_options", "check_supported", "EXTRA_KEYS", "TESTE
 
 FORMAT = "compressed-tensors"   # the quantization_config the loader hands vLLM
 # --model-loader-extra-config: the LoadConfig keywords a user sets; the rest are the plugin's
-EXTRA_KEYS = ("granularity", "block_size", "ring_bytes", "io", "read_threads", "drop_page_cache",
+EXTRA_KEYS = ("granularity", "block_size", "scale_dtype", "ring_bytes", "io", "read_threads", "drop_page_cache",
               "skip", "ignore", "targets", "policy", "progress", "fp8_weight_scale")
 _OWNED = {
     "fp8_dtype": "compressed-tensors stores FP8 as float8_e4m3fn only",
