@@ -65,7 +65,8 @@ def make_checkpoint(folder, shapes=SHAPES, seed=0):
 
 
 CASES = [dict(granularity=g, fp8_dtype=d, io=io) for g, d, io in itertools.product(
-    ("tensor", "channel", "block"), ("e4m3", "e5m2"), ("mmap", "pread", "direct"))]
+    ("tensor", "channel", "block"), ("e4m3", "e5m2"), ("mmap", "pread", "direct"))] + [
+    dict(granularity=g, fp8_dtype="e4m3", io="mmap", scale_dtype="weight") for g in ("tensor", "channel", "block")]
 OPTS = dict(policy="names", skip=SKIP, tp_plan=TP_PLAN, ring_bytes=RING, block_size=(16, 16), tp_timeout=60)
 
 
