@@ -5,10 +5,10 @@
 """
 
 from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, FileChangedError, HeaderError,
-                     MmapLoadError, MmapLoadWarning, NonFiniteError, OptionsError, ShardIndexError)
+                     MmapLoadError, MmapLoadWarning, NonFiniteError, OptionsError, ShardIndexError, TPError)
 from .policy import QuantizedSourceError
 from .fp8 import Granularity, PerBlock, PerChannel, PerTensor, Scheme
-from .config import LoadConfig, LoadOptions
+from .config import LoadConfig, LoadOptions, UnknownOptionError
 from .result import LoadReport, QuantizedModel, QuantizedTensor
 from .stream import iter_quantized, stream_quantize
 from .converter import convert
@@ -18,6 +18,7 @@ __all__ = [
     "QuantizedModel", "QuantizedTensor", "LoadReport", "LoadConfig", "LoadOptions",
     "Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock",
     "MmapLoadError", "CheckpointError", "CheckpointNotFoundError", "HeaderError", "ShardIndexError", "OptionsError",
-    "NonFiniteError", "DeviceError", "FileChangedError", "QuantizedSourceError", "MmapLoadWarning",
+    "NonFiniteError", "DeviceError", "FileChangedError", "QuantizedSourceError", "TPError", "UnknownOptionError",
+    "MmapLoadWarning",
 ]
 __version__ = "0.1.0"

@@ -7,13 +7,17 @@ import errno
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from .errors import MmapLoadError, TPError
+from .errors import MmapLoadError, MmapLoadWarning, TPError
 from .config import IO_MODES, POLICIES, RING_BYTES, SCALE_DTYPES
+from .cli_profile import add_profile, run_profile
 from .cli_tp import add_tp_plan, quantize_tp
 from .fp8 import Granularity
 
@@ -37,28 +41,33 @@ def _block_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress: bool = True) -> None:
+def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress: bool = True,
+                      e5m2: bool = True) -> None:
     p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N (default {device})")
     p.add_argument("--ring-bytes", type=parse_size, default=RING_BYTES,
                    help=f"ring buffer size ({RING_BYTES >> 20}MiB)")
-    p.add_argument("--granularity", default="tensor", choices=[g.value for g in Granularity])
+    p.add_argument("--granularity", default="tensor", choices=[g.value for g in Granularity],
+                   help="one scale per tensor (default), per output channel (row) or per block")
     p.add_argument("--block-size", type=_block_size, default=(128, 128), metavar="ROWSxCOLS",
                    help="the block of --granularity block (default 128x128)")
-    p.add_argument("--fp8", default="e4m3", choices=["e4m3", "e5m2"], help="FP8 format (e4m3)")
+    p.add_argument("--fp8", default="e4m3", choices=["e4m3", "e5m2"] if e5m2 else ["e4m3"],
+                   help="FP8 format (e4m3)" if e5m2 else "FP8 format: e4m3, the one both checkpoint formats store")
     p.add_argument("--scale-dtype", default="float32", choices=SCALE_DTYPES, help="scales in float32 "
                    "(default), or in the weight's dtype as compressed-tensors / llm-compressor compute them "
                    "(weight: bf16 scales for a bf16 model, output byte-equal to llm-compressor's)")
     p.add_argument("--skip", action="append", default=[], help="tensor name pattern kept unquantized "
-                   "(glob, or a substring)")
+                   "(glob, or a substring; repeat the option for more)")
     p.add_argument("--ignore", action="append", default=[], help="module kept unquantized: a name, "
-                   "'re:REGEX' or a class name such as Embedding (compressed-tensors style)")
+                   "'re:REGEX' or a class name such as Embedding (compressed-tensors style; repeatable)")
     p.add_argument("--targets", action="append", default=None, help="quantize only these modules "
-                   "(same patterns as --ignore); default: the policy's rule")
+                   "(same patterns as --ignore; repeatable); default: the policy's rule")
     p.add_argument("--fp8-weight-scale", type=float, default=None, metavar="S", help="the scale of FP8 "
                    "Linear weights the checkpoint stores without one (convert refuses them otherwise)")
     p.add_argument("--policy", default="auto", choices=POLICIES, help="judge tensors by "
                    "the model of config.json (auto: when transformers can build it) or by names alone")
-    p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (mmap)")
+    p.add_argument("--io", default="mmap", choices=IO_MODES, help="how shards are read (default mmap); "
+                   "view quantizes straight from the mapped file and dies with SIGBUS if a shard is "
+                   "truncated while it loads (mmap, pread, direct raise an error instead)")
     p.add_argument("--keep-page-cache", action="store_true", help="leave the shard pages this load "
                    "read in the page cache (default: drop them once used; pages cached before stay)")
     p.add_argument("--read-threads", type=int, default=None,
@@ -107,10 +116,26 @@ def _error_text(e: MmapLoadError) -> str:
     return text
 
 
+def _demo_room(where: Path, size: int) -> None:
+    """OptionsError unless ``where`` is new or empty and its disk has room for ``size`` bytes."""
+    from .errors import OptionsError
+    if where.exists() and (not where.is_dir() or any(where.iterdir())):
+        raise OptionsError(f"{where} exists and is not an empty folder; demo --keep writes a new checkpoint "
+                           "(config.json, shards, index) there: give a new or empty folder")
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < size + (64 << 20):
+        raise OptionsError(f"{probe}: {free:,} bytes free, the demo checkpoint needs about {size:,}: "
+                           "pass a smaller --size or --keep a folder on a bigger disk")
+
+
 def _demo(a: argparse.Namespace) -> int:
     from .synth import make_llama_checkpoint
     with tempfile.TemporaryDirectory(prefix="mmapload-demo-") as tmp:
         where = Path(a.keep) if a.keep else Path(tmp)
+        _demo_room(where, a.size)
         print(f"generating a llama-shaped bf16 checkpoint of about {a.size / 2**30:.2f} GiB in {where} ...",
               flush=True)
         t0 = time.perf_counter()
@@ -138,89 +163,49 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-# -- profile: each loader in a fresh process, sampled by mmapload.bench.sampler ----------------------
-from .bench import ALL_STRATEGIES, STRATEGIES  # noqa: E402 - names only; the harness loads lazily
+_DESCRIPTION = ("Stream safetensors checkpoints to FP8 with bounded host memory: demo, quantize (load and "
+                "report), inspect (project memory from the headers), profile (memory timelines against "
+                "other loaders), convert (write an FP8 checkpoint). `mmapload COMMAND --help` for each.")
 
 
-def _strategies(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in ALL_STRATEGIES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown strategy {bad or text!r}; "
-                                         f"choose from {','.join(ALL_STRATEGIES)}")
-    return names
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: the same clean-up as Ctrl-C (threads joined, a
+    partial output removed), then exit 143."""
 
 
-def _seconds(text: str) -> float:
-    v = float(text)
-    if not 1e-4 <= v <= 60:
-        raise argparse.ArgumentTypeError(f"{text} is not an interval in seconds (1e-4 to 60)")
-    return v
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
-def _profile(a: argparse.Namespace) -> int:
-    from .checkpoint import open_checkpoint
-    from .bench.loaders import drop_cache, run_in_fresh_process
-    from .bench.sampler import Sample
-    from .bench.timeline import plot, write_csv
-    if a.cold and not hasattr(os, "posix_fadvise"):
-        print("mmapload: error: --cold needs posix_fadvise (Linux)", file=sys.stderr)
-        return 2
-    ckpt = open_checkpoint(a.checkpoint)   # validate before spawning anything
-    shards = [str(s.path) for s in ckpt.shards]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(checkpoint=str(ckpt.root), device=a.device, ring_bytes=a.ring_bytes, fp8=a.fp8,
-               granularity=a.granularity, skip=a.skip, io=a.io, interval=a.interval, progress=a.progress,
-               threads=a.threads, read_threads=a.read_threads)
-    runs, results = {}, {}
-    for name in a.strategies:
-        if a.cold:
-            drop_cache(shards)
-        print(f"profiling {name} in a fresh process ...", flush=True)
-        try:
-            res = run_in_fresh_process({**cfg, "strategy": name})
-        except RuntimeError as e:
-            print(f"mmapload: error: {e}", file=sys.stderr)
-            return 2
-        runs[name] = [Sample(*row) for row in res.pop("samples")]
-        results[name] = {**res, "samples": len(runs[name])}
-    summary = {"checkpoint": str(ckpt.root), "checkpoint_bytes": ckpt.total_bytes, "device": a.device,
-               "ring_bytes": a.ring_bytes, "granularity": a.granularity, "fp8": a.fp8, "io": a.io,
-               "cache": "cold" if a.cold else "warm", "interval": a.interval, "threads": a.threads,
-               "strategies": results}
-    write_csv(out / "timeline.csv", runs)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n" + _table(results))
-    wrote = ["timeline.csv", "summary.json"]
-    try:
-        plot(out / "memory.png", runs, dpi=a.dpi, title=(
-            f"{Path(ckpt.root).name}: {ckpt.total_bytes / 2**30:.2f} GiB, device {a.device}, ring "
-            f"{a.ring_bytes / 2**20:.0f} MiB, {'cold' if a.cold else 'warm'} page cache"
-            + (f", {a.threads} torch thread{'s' * (a.threads > 1)}" if a.threads else "")))
-        wrote.append("memory.png")
-    except ImportError:
-        print("memory.png not drawn: matplotlib is missing (pip install mmapload[plot])")
-    print(f"wrote {', '.join(wrote)} to {out}")
-    return 0
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our warnings as one line, ``mmapload: warning: ...``; others as Python prints them."""
+    if issubclass(category, MmapLoadWarning):
+        print(f"mmapload: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
 
 
-def _table(results: dict) -> str:
-    mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
-    cols = ["strategy", "seconds", "base RSS", "peak RSS", "peak-base", "peak anon", "peak file",
-            "page cache", "dev alloc", "dev reserved", "retained"]
-    rows = [[n, f"{r['seconds']:.2f}", mib(r["baseline_rss"]), mib(r["peak_rss"]),
-             mib(r["peak_rss"] - r["baseline_rss"]), mib(r["peak_anon"]), mib(r["peak_file"]),
-             mib(r["peak_page_cache"]), mib(r["peak_dev_alloc"]), mib(r["peak_dev_reserved"]),
-             mib(r["retained_bytes"])] for n, r in results.items()]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
-                                for i, (v, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cols), *(line(r) for r in rows), "(MiB; seconds of the load alone)"])
+_python_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmapload", description=__doc__)
+    """The command line; returns the exit status (0 ok, 2 error, 130 Ctrl-C, 143 SIGTERM)."""
+    handlers = []
+    try:   # SIGTERM (kill, a job scheduler, docker stop) cleans up as Ctrl-C does
+        handlers.append(signal.signal(signal.SIGTERM, _on_sigterm))
+    except ValueError:   # not the main thread: leave signals alone
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _main(argv)
+    finally:
+        if handlers:
+            signal.signal(signal.SIGTERM, handlers[0])
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="mmapload", description=_DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate a checkpoint, stream it, print the memory report")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="checkpoint size (1GiB)")
@@ -232,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", action="store_true", help="tensor parallel, one rank per process: run under "
                    "torchrun --nproc-per-node N -m mmapload quantize CKPT --tp; each rank loads and "
                    "reports its part (gloo on cpu, nccl on cuda)")
-    p.add_argument("--tp-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
+    p.add_argument("--tp-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="with --tp: how long joining the group and each collective may wait (300)")
     add_tp_plan(p)
     p = sub.add_parser("inspect", help="totals and projected memory of a load, from the headers only")
@@ -246,21 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp-rank", type=int, default=None, metavar="R", help="which rank (default 0; every "
                    "rank has the same sizes)")
     add_tp_plan(p)
-    p = sub.add_parser("profile", help="host RSS, page cache and device memory of each loader over "
-                       "a load, side by side (fresh process per loader)")
-    p.add_argument("checkpoint")
-    _add_load_options(p)
-    p.add_argument("--strategies", type=_strategies, default=list(STRATEGIES),
-                   help=f"comma-separated, from {','.join(ALL_STRATEGIES)} (default "
-                        f"{','.join(STRATEGIES)}; the peers need pip install mmapload[bench])")
-    p.add_argument("--out", metavar="DIR", default="mmapload-profile",
-                   help="where timeline.csv, summary.json and memory.png go (./mmapload-profile)")
-    p.add_argument("--cold", action="store_true", help="drop the checkpoint from the page cache "
-                   "before each loader (default: warm, the cache as the previous loader left it)")
-    p.add_argument("--interval", type=_seconds, default=0.01, help="seconds between samples (0.01)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads in every loader's process "
-                   "(default: torch's own choice)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of memory.png (100)")
+    add_profile(sub, parse_size)
     p = sub.add_parser("convert", help="write an FP8 copy of a checkpoint, streamed (host memory ~ the "
                        "ring + the largest tensor)")
     p.add_argument("src", help="a .safetensors file or a checkpoint folder")
@@ -268,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace dst (only once the new output is complete)")
     p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp8"],
                    help="checkpoint layout: compressed-tensors (default) or vLLM / DeepSeek 'fp8'")
-    _add_load_options(p)
+    _add_load_options(p, e5m2=False)
     a = parser.parse_args(argv)
+    if a.command == "quantize" and not a.tp and (a.tp_timeout is not None or a.tp_plan is not None):
+        parser.error("--tp-timeout and --tp-plan apply to a tensor-parallel load: add --tp (under torchrun)")
+    if a.command == "quantize" and a.tp_timeout is None:
+        a.tp_timeout = 300.0
     try:
         if a.command == "demo":
             return _demo(a)
@@ -278,14 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "inspect":
             return _inspect(a)
         if a.command == "profile":
-            return _profile(a)
+            return run_profile(a)
         return _quantize(a.checkpoint, a)
     except MmapLoadError as e:
         print(f"mmapload: error: {_error_text(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # the reader of our output went away (`| head`): nothing to say to it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
     except OSError as e:   # missing file, permission denied, read-only or full disk, ...
         print(f"mmapload: error: {_os_error(e)}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("mmapload: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mmapload: interrupted", file=sys.stderr)
         return 130

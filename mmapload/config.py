@@ -155,7 +155,8 @@ class LoadConfig:
             set_(name, value)
         set_("tp_size", _int("tp_size", tp_size, 1, None, "an int >= 1 (1: no tensor parallelism)"))
         set_("tp_rank", None if tp_rank is None else _int(
-            "tp_rank", tp_rank, 0, self.tp_size - 1, f"None (the group's rank) or an int in [0, {self.tp_size})"))
+            "tp_rank", tp_rank, 0, self.tp_size - 1, f"None (the group's rank) or an int in [0, {self.tp_size})"
+            + ("; a rank other than 0 needs tp_size > 1 (--tp-size N on the command line)" if self.tp_size == 1 else "")))
         if process_group is not None and not _is_group(process_group):
             raise OptionsError(f"process_group must be a torch.distributed ProcessGroup or None, got {process_group!r}")
         set_("process_group", process_group)

@@ -36,7 +36,7 @@ from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .ctvalidate import BACKGROUND_BYTES, Validator, validate_in_process
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import CONV1D, LINEAR, Policy, matches_module
-from .prequantized import SCALE_DTYPES
+from .prequantized import SCALE_DTYPES, fp8_pairs
 from .result import QuantizedTensor
 from .stream import GuessedWrong, prepare, prepare_soon, results, room_beside, stands, watched
 from .writer import SafetensorsWriter
@@ -52,12 +52,28 @@ def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
     if s == d or d in s.parents or s in d.parents:
         raise OptionsError(f"destination {dst} is, contains or lies inside the source {src}; "
                            "write the converted checkpoint somewhere else")
-    if overwrite or not (dst.exists() or dst.is_symlink()):
+    if not (dst.exists() or dst.is_symlink()):
         return
+    if not dst.is_symlink() and not (dst.is_dir() or dst.is_file()):
+        raise OptionsError(f"destination {dst} is not a folder or a file (a device, FIFO or socket); "
+                           "choose a folder path for the converted checkpoint")
     if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
         return   # an empty directory is replaced by the rename
+    if overwrite:
+        if dst.is_symlink() or _holds_checkpoint(dst):
+            return   # a link is replaced itself, never what it points to
+        raise OptionsError(f"destination {dst} exists and holds no checkpoint (no *.safetensors, "
+                           f"{INDEX_NAME} or config.json at its top); overwrite=True replaces only a "
+                           "checkpoint, so as not to delete other data: remove it yourself, or choose another path")
     raise OptionsError(f"destination {dst} already exists and is not an empty directory; pass "
                        "overwrite=True (mmapload convert --overwrite) to replace it, or choose another path")
+
+
+def _holds_checkpoint(path: Path) -> bool:
+    """A safetensors file, or a folder with a shard, an index or config.json at its top."""
+    if path.is_file():
+        return path.name.endswith(".safetensors")
+    return any(p.name.endswith(".safetensors") or p.name in (INDEX_NAME, "config.json") for p in path.iterdir())
 
 
 def _check_piece(expected: Entry, name: str, t: torch.Tensor, src: Path) -> None:
@@ -231,6 +247,10 @@ def _convert(pipe, guess, dst: Path, src: Path, opts: LoadOptions, format: str, 
 def _warn(ckpt, policy: Policy, opts: LoadOptions, format: str) -> None:
     """What the user should know about the output: tensors kept that stream_quantize quantizes,
     per-expert block scales transformers cannot read."""
+    if not any(policy(s) for s in ckpt.tensors) and not fp8_pairs(ckpt, policy.config, opts.block_size):
+        warn(f"{ckpt.root}: no tensor is quantized ({policy.source}): the output holds no FP8 weight; "
+             "check skip / ignore / targets, or whether the model's layers are ones no FP8 format describes "
+             "(e.g. GPT-2's Conv1D)")
     kept = [(s.name, d.rule) for s in ckpt.tensors if KEPT_BY_CONVERT in (d := policy.decide(s)).rule]
     if kept:
         warn(f"{ckpt.root}: {len(kept)} tensor(s) that stream_quantize quantizes are written in high "

@@ -49,6 +49,12 @@ def policy_soon(ckpt: Checkpoint, opts, module: torch.nn.Module | None = None
     if opts.policy == "names":
         return _warn_unmatched(Policy(None, "name rule (policy='names')", **kw), ckpt), None
     if cfg is None:
+        beside = ckpt.root.parent / "config.json"
+        if not ckpt.root.is_dir() and beside.is_file():   # a file given, its model's config.json next to it
+            warn(f"{ckpt.root}: a file is loaded alone, without the config.json beside it: its tensors are "
+                 "judged by their names, and convert writes no config.json or quantization_config; pass "
+                 f"the folder {ckpt.root.parent} to load the model")
+            return _settle(ckpt, opts, kw, None, "name rule (a file alone: its folder's config.json unread)"), None
         return _settle(ckpt, opts, kw, None, "name rule (no config.json)"), None
     pending = start(ckpt.root, cfg)
     if pending.ready() or opts.policy == "model":   # "model" never loads on the name rule

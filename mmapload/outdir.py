@@ -82,9 +82,16 @@ def _inside(root: Path, p: Path) -> bool:
     return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
+# weights in other formats (PyTorch pickles, TensorFlow, Flax, GGUF, ONNX) and their indexes: the
+# source's high-precision model again, which the FP8 output must not carry
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".bin.index.json",
+                  ".pt.index.json", ".pth.index.json", ".h5.index.json", ".msgpack.index.json")
+
+
 def copy_extras(root: Path, out: Path, qconfig: dict, config: dict | None = None) -> None:
     """config.json, tokenizer and generation files: every regular, non-hidden top-level file
-    of the source folder except shards and the index, copied as they are, except that
+    of the source folder except shards, the index and weights in other formats
+    (``pytorch_model.bin``, ``*.pt``, ``tf_model.h5``, ... and their indexes), copied as they are, except that
     config.json gets ``quantization_config`` (any earlier one replaced). ``config``: config.json
     as already parsed (``foreign.read_config``), so it is not read again; None: read here. A
     symlink that leads out of the source folder is not copied (a ``MmapLoadWarning`` names it
@@ -92,7 +99,7 @@ def copy_extras(root: Path, out: Path, qconfig: dict, config: dict | None = None
     root = root.resolve()
     for p in sorted(root.iterdir()):
         if (p.name.startswith(".") or p.name.endswith(".safetensors") or p.name == INDEX_NAME
-                or not p.is_file()):
+                or p.name.endswith(_OTHER_WEIGHTS) or not p.is_file()):
             continue
         if p.is_symlink() and not _inside(root, p):
             warn(f"{p}: not copied: it is a symlink to {p.resolve()}, outside the source folder "

@@ -143,8 +143,10 @@ class Pipeline:
         self.ckpt, self.device, self.opts, self.policy = ckpt, device, opts, policy
         self.group = TPGroup.resolve(opts, device)   # None without tensor parallelism
         self.plan = plan_load(ckpt, policy, opts, device, self.group.rank if self.group else 0)
-        self.report = LoadReport(path=str(ckpt.root), device=str(device), ring_bytes=opts.ring_bytes,
-                                 slot_bytes=opts.slot_bytes, policy=policy.source,
+        # the ring the load allocates: never more slots than it has batches (plus one), whatever was asked
+        self.report = LoadReport(path=str(ckpt.root), device=str(device),
+                                 ring_bytes=self.plan.n_slots * self.plan.slot_bytes,
+                                 slot_bytes=self.plan.slot_bytes, policy=policy.source,
                                  tp_rank=self.plan.tp_rank, tp_size=self.plan.tp_size)
         self.times = StageTimes()
 

@@ -88,7 +88,7 @@ class LoadReport:
     bytes_read: int = 0             # checkpoint bytes streamed through the ring
     retained_bytes: int = 0         # bytes kept on the device (FP8 + scales + kept tensors)
     seconds: float = 0.0
-    ring_bytes: int = 0
+    ring_bytes: int = 0             # the ring allocated: n slots x slot_bytes (<= the ring_bytes asked)
     slot_bytes: int = 0
     pinned: bool = False
     read_threads: int = 1           # threads copying into ring slots

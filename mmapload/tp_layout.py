@@ -101,8 +101,8 @@ def rank_slices(tensors: Iterator[TensorSpec], quantize: Callable[[TensorSpec], 
         if heads is None and tp_size > 1 and _leaf(spec.name) in _ATTENTION and plan.style(spec.name) is None:
             raise TPError(f"{where(spec.name, spec.shape)}: no head geometry (config.json's num_attention_heads / "
                           "num_key_value_heads / head_dim): an even cut may split heads, or fail to replicate kv "
-                          "heads when there are fewer than ranks; put the model's config.json next to the "
-                          "checkpoint, or say how to cut it (tp_plan: 'column' for even parts, or 'replicate')")
+                          "heads when there are fewer than ranks; load the model's folder (with its config.json; "
+                          "a file is loaded alone), or say how to cut it (tp_plan: 'column' for even parts, or 'replicate')")
         h = _heads_for(spec, heads)
         try:
             sl = shard_of(spec.name, spec.shape, tp_rank, tp_size, plan=plan, heads=h, block=block, in_out=in_out)

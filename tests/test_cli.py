@@ -64,3 +64,28 @@ def test_convert_command_takes_block_size_scale_dtype_and_keep_page_cache(tmp_pa
     with pytest.raises(SystemExit):
         main(["convert", str(src), str(tmp_path / "x"), "--scale-dtype", "bf16"])
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_keep_refuses_a_folder_with_files_and_a_disk_without_room(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 4096}')
+    assert main(["demo", "--size", "1MiB", "--keep", str(model)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in model.iterdir()] == ["config.json"]
+    assert (model / "config.json").read_text() == '{"hidden_size": 4096}'
+    assert main(["demo", "--size", "1000000TiB", "--keep", str(tmp_path / "new")]) == 2
+    assert "bytes free" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_tp_only_options_without_tp_are_refused(tmp_path, capsys):
+    for extra in (["--tp-timeout", "5"], ["--tp-plan", '{"a": "row"}']):
+        with pytest.raises(SystemExit):
+            main(["quantize", str(tmp_path / "x.safetensors"), *extra])
+        assert "add --tp" in capsys.readouterr().err
+
+
+def test_convert_offers_only_the_fp8_format_the_checkpoints_store(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--fp8", "e5m2"])
+    assert "invalid choice: 'e5m2'" in capsys.readouterr().err

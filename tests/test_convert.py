@@ -180,6 +180,23 @@ def test_destination_rules(small, tmp_path):
         with pytest.raises(mmapload.OptionsError, match="source"):
             export.convert(small, bad, overwrite=True)
     assert (small / SHARDS[0]).exists() and _no_partials(tmp_path) == []
+    # overwrite replaces a checkpoint, a .safetensors file or a link; never other data or a device
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "sub" / "thesis.tex").write_text("years of work")
+    with pytest.raises(mmapload.OptionsError, match="holds no checkpoint"):
+        export.convert(small, notes, overwrite=True)
+    with pytest.raises(mmapload.OptionsError, match="holds no checkpoint"):
+        export.convert(small, f, overwrite=True)
+    assert (notes / "sub" / "thesis.tex").read_text() == "years of work" and f.read_text() == "x"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(mmapload.OptionsError, match="not a folder or a file"):
+        export.convert(small, fifo, overwrite=True)
+    assert fifo.is_fifo() and _no_partials(tmp_path) == []
+    one = tmp_path / "one.safetensors"
+    one.write_bytes((small / SHARDS[0]).read_bytes())
+    assert export.convert(small, one, overwrite=True).is_dir()
 
 
 def test_bad_options_raise_before_anything_is_written(small, tmp_path):
@@ -225,15 +242,17 @@ def test_failure_mid_stream_removes_partial_and_keeps_old_dst(small, tmp_path, n
     old = tmp_path / "old"
     old.mkdir()
     (old / "keep.txt").write_text("previous output")
+    (old / "config.json").write_text("{}")     # a checkpoint: what overwrite may replace
     with pytest.raises(mmapload.NonFiniteError):
         export.convert(src, old, overwrite=True)
-    assert [p.name for p in old.iterdir()] == ["keep.txt"] and _no_partials(tmp_path) == []
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "keep.txt"] and _no_partials(tmp_path) == []
 
 
 def test_failed_final_rename_puts_the_old_dst_back(small, tmp_path, monkeypatch):
     old = tmp_path / "out"
     old.mkdir()
     (old / "keep.txt").write_text("previous output")
+    (old / "model.safetensors.index.json").write_text("{}")
     real = os.rename
 
     def rename(a, b):
@@ -245,7 +264,7 @@ def test_failed_final_rename_puts_the_old_dst_back(small, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space"):
         export.convert(small, old, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in old.iterdir()) == ["keep.txt", "model.safetensors.index.json"]
 
 
 def test_keyboard_interrupt_mid_write_removes_partial(small, tmp_path, monkeypatch, no_thread_leak):
@@ -342,3 +361,21 @@ def test_sigkill_mid_conversion_leaves_nothing_complete_looking(medium, tmp_path
     export.convert(medium, dst, ring_bytes=16 << 20, granularity="block")
     assert sorted(p.name for p in dst.iterdir()) == sorted(SHARDS + [INDEX_NAME, "config.json"])
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_weights_in_other_formats_are_not_copied_and_a_lone_file_says_what_it_misses(small, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in small.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    extras = ["pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "consolidated.00.pth",
+              "tokenizer.json"]
+    for name in extras:
+        (src / name).write_bytes(b"high precision weights again")
+    dst = export.convert(src, tmp_path / "out")
+    copied = {p.name for p in dst.iterdir()}
+    assert "tokenizer.json" in copied and not copied & set(extras[:-1]), copied
+    # a shard given alone: the config.json beside it is not read, and a warning says so
+    with pytest.warns(mmapload.MmapLoadWarning, match="without the config.json beside it"):
+        model = mmapload.stream_quantize(src / SHARDS[0])
+    assert "a file alone" in model.report.policy

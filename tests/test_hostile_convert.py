@@ -70,6 +70,36 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(src, tmp_path, monkeypatch, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]   # the partial folder is gone
 
 
+def test_cli_sigterm_cleans_up_as_ctrl_c_and_exits_143(src, tmp_path, monkeypatch, capsys, no_thread_leak):
+    import signal
+
+    def terminate(*a, **k):   # a SIGTERM arrives while the output is being finished
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(export, "copy_extras", terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["convert", str(src), str(tmp_path / "out")]) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SIGTERM" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]   # the partial folder is gone
+    assert signal.getsignal(signal.SIGTERM) is before              # the caller's handler is back
+
+
+def test_cli_warnings_are_one_line_and_a_closed_pipe_is_quiet(tmp_path):
+    d = tmp_path / "gpt"
+    d.mkdir()
+    save_file({"h.0.attn.c_attn.weight": torch.randn(8, 24), "h.0.ln_1.weight": torch.ones(8)},
+              d / "model.safetensors")
+    out = subprocess.run([sys.executable, "-m", "mmapload", "convert", str(d), str(tmp_path / "out"),
+                          "--skip", "c_attn"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    warned = [ln for ln in out.stderr.splitlines() if "warning" in ln]
+    assert warned and all(ln.startswith("mmapload: warning: ") for ln in warned), out.stderr
+    assert "no tensor is quantized" in out.stderr and "sys.exit" not in out.stderr
+    head = subprocess.run(f"{sys.executable} -m mmapload inspect {d} --device cpu --top 50 | head -1",
+                          shell=True, capture_output=True, text=True, timeout=300)
+    assert "Broken pipe" not in head.stderr and "Traceback" not in head.stderr, head.stderr
+
+
 # -- 2. convert ---------------------------------------------------------------------------------
 
 def test_a_252_character_shard_name_converts(tmp_path, no_thread_leak):

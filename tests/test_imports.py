@@ -48,7 +48,8 @@ ORDER = [
     {"bench.strategies"},                         # the loaders compared by profile / bench ...
     {"bench.loaders"},                            # ... each run and measured in a fresh process
     {"bench.tp"},                                 # tensor-parallel worlds of them, rank by rank
-    {"cli_tp"},                                   # the command line's TP: torchrun's world, --tp-plan
+    {"cli_tp", "cli_profile"},                    # the command line's TP (torchrun's world, --tp-plan),
+                                                  # and its profile command (the bench harness)
     {"cli"},                                      # command line
     {"__main__", "__init__"},                     # entry points
 ]
@@ -130,7 +131,7 @@ def test_direction_check_catches_a_backward_import(tmp_path):
 
 
 def test_the_core_never_imports_the_bench_harness():
-    core = [p for p in _modules() if not _module(p).startswith("bench") and _module(p) not in ("cli", "cli_tp")]
+    core = [p for p in _modules() if not _module(p).startswith("bench") and _module(p) not in ("cli", "cli_tp", "cli_profile")]
     users = [_module(p) for p in core if any(d == "bench" or d.startswith("bench.") for d in _imports(p))]
     assert users == [], users
 
@@ -151,5 +152,5 @@ def test_library_reads_no_environment_or_argv():
         text = path.read_text()
         if _module(path) not in ("bench.loaders", "bench.strategies", "cli", "cli_tp"):
             assert "os.environ" not in text and "os.getenv" not in text, path.name
-        if _module(path) not in ("cli", "cli_tp", "__main__"):
+        if _module(path) not in ("cli", "cli_tp", "cli_profile", "__main__"):
             assert "sys.argv" not in text and "argparse" not in text, path.name

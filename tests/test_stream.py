@@ -121,6 +121,9 @@ def test_tensor_4x_larger_than_ring(tmp_path, quantized, no_thread_leak):
     model = stream_quantize(tmp_path / "m.safetensors", ring_bytes=ring)
     _check(dict(model), tensors)
     assert model.report.ring_bytes == ring and model.report.slot_bytes * 4 <= ring
+    # a ring far bigger than the checkpoint: the report says what was allocated, not what was asked
+    model = stream_quantize(tmp_path / "m.safetensors", ring_bytes=1 << 40)
+    assert model.report.ring_bytes < 64 << 20 and model.report.ring_bytes % model.report.slot_bytes == 0
 
 
 def test_skip_patterns_keep_tensors(tmp_path):
