@@ -367,7 +367,8 @@ def test_weights_in_other_formats_are_not_copied_and_a_lone_file_says_what_it_mi
     src = tmp_path / "src"
     src.mkdir()
     for p in small.iterdir():
-        (src / p.name).write_bytes(p.read_bytes())
+        if p.is_file():
+            (src / p.name).write_bytes(p.read_bytes())
     extras = ["pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "consolidated.00.pth",
               "tokenizer.json"]
     for name in extras:
