@@ -27,22 +27,29 @@ def ref_granule(shape2d, g, bs):
     return {"tensor": (rows, cols), "channel": (1, cols), "block": tuple(bs)}[g]
 
 
-def ref_quantize_2d(w, g, dt, bs=(128, 128)):
-    """Per-granule loop straight from the formulas."""
+def ref_quantize_2d(w, g, dt, bs=(128, 128), weight_dtype=False):
+    """Per-granule loop straight from the formulas. ``weight_dtype``: compressed-tensors'
+    calculate_qparams + _quantize instead, in w's dtype: scale = dtype(amax) / fp8_max (0 ->
+    finfo(dtype).eps); q = fp8(clamp(dtype(w / scale)))."""
     fmax = {E4: 448.0, E5: 57344.0}[dt]
     rows, cols = w.shape
     br, bc = ref_granule(w.shape, g, bs)
     nbr, nbc = -(-rows // br), -(-cols // bc)
-    scale = torch.empty(nbr, nbc, dtype=torch.float32)
+    scale = torch.empty(nbr, nbc, dtype=w.dtype if weight_dtype else torch.float32)
     q = torch.empty(rows, cols, dtype=dt)
     for i in range(nbr):
         for j in range(nbc):
             sl = (slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc))
             blk = w[sl]
-            amax = blk.abs().max().to(torch.float32)  # abs/max exact in the source dtype
-            s = torch.tensor(1.0) if amax == 0 else torch.maximum(amax / fmax, torch.tensor(TINY))
+            if weight_dtype:
+                s = blk.abs().max() / torch.tensor(fmax, dtype=w.dtype)
+                s = torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype) if s == 0 else s
+                q[sl] = torch.clamp(blk / s, -fmax, fmax).to(dt)
+            else:
+                amax = blk.abs().max().to(torch.float32)  # abs/max exact in the source dtype
+                s = torch.tensor(1.0) if amax == 0 else torch.maximum(amax / fmax, torch.tensor(TINY))
+                q[sl] = torch.clamp(blk.to(torch.float32) / s, -fmax, fmax).to(dt)
             scale[i, j] = s
-            q[sl] = torch.clamp(blk.to(torch.float32) / s, -fmax, fmax).to(dt)
     return q, (scale.reshape(()) if g == "tensor" else scale)
 
 
@@ -382,25 +389,6 @@ def test_empty_tensors(g):
 
 
 # ---------------------------------------------------------------- scale_dtype="weight": compressed-tensors' numerics
-def ct_reference_2d(w, g, dt, bs):
-    """compressed-tensors' calculate_qparams + _quantize written out per granule, in w's dtype:
-    scale = dtype(amax) / fp8_max (0 -> finfo(dtype).eps); q = fp8(clamp(dtype(w / scale)))."""
-    fmax = {E4: 448.0, E5: 57344.0}[dt]
-    rows, cols = w.shape
-    br, bc = ref_granule(w.shape, g, bs)
-    nbr, nbc = -(-rows // br), -(-cols // bc)
-    scale = torch.empty(nbr, nbc, dtype=w.dtype)
-    q = torch.empty(rows, cols, dtype=dt)
-    for i in range(nbr):
-        for j in range(nbc):
-            sl = (slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc))
-            s = w[sl].abs().max() / torch.tensor(fmax, dtype=w.dtype)
-            s = torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype) if s == 0 else s
-            scale[i, j] = s
-            q[sl] = torch.clamp(w[sl] / s, -fmax, fmax).to(dt)
-    return q, (scale.reshape(()) if g == "tensor" else scale)
-
-
 def awkward(shape, dtype, seed=0):
     """Rows over many decades (the smallest underflow in float16), a zero row, -0.0 entries."""
     w = randw(shape, torch.float32, seed) * torch.logspace(-30, 0, shape[-2]).unsqueeze(-1)
@@ -416,7 +404,7 @@ def awkward(shape, dtype, seed=0):
 def test_weight_scale_dtype_matches_the_compressed_tensors_formulas(src, g, bs, scratch):
     w = awkward((70, 45), src, seed=3)
     q, s = F.Quantizer(E4, g, bs, scratch_elems=scratch, scale_dtype="weight").quantize(w)
-    qr, sr = ct_reference_2d(w, g, E4, bs)
+    qr, sr = ref_quantize_2d(w, g, E4, bs, weight_dtype=True)
     assert s.dtype == src and s.shape == sr.shape
     assert torch.equal(s, sr) and torch.equal(bits(q), bits(qr))
     assert torch.equal(bits(q), bits(F.quantize(w, g, E4, bs, scale_dtype="weight")[0]))
