@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import MmapLoadError, MmapLoadWarning, TPError
+from .errors import MmapLoadError, MmapLoadWarning
 from .config import IO_MODES, POLICIES, RING_BYTES, SCALE_DTYPES
 from .cli_profile import add_profile, run_profile
 from .cli_tp import add_tp_plan, quantize_tp
@@ -108,12 +108,21 @@ def _line(e: MmapLoadError | OSError) -> str:
     return _error_text(e) if isinstance(e, MmapLoadError) else _os_error(e)
 
 
+# the library's keywords that errors name as a fix (``skip=[...]``), and the option that sets each here
+_FLAG_OF = {"ring_bytes": "--ring-bytes", "fp8_dtype": "--fp8", "granularity": "--granularity",
+            "block_size": "--block-size", "scale_dtype": "--scale-dtype", "skip": "--skip", "ignore": "--ignore",
+            "targets": "--targets", "policy": "--policy", "fp8_weight_scale": "--fp8-weight-scale",
+            "drop_page_cache": "--keep-page-cache", "io": "--io", "read_threads": "--read-threads",
+            "tp_plan": "--tp-plan JSON", "tp_timeout": "--tp-timeout", "tp_size": "--tp-size / torchrun",
+            "device": "--device", "overwrite": "--overwrite"}
+
+
 def _error_text(e: MmapLoadError) -> str:
-    """An error's one line; a TPError's fix ``tp_plan={...}`` also said as the CLI's option."""
+    """An error's one line; the library keywords its fix names (``skip=[...]``) also said as
+    the command line's options."""
     text = str(e)
-    if isinstance(e, TPError) and "tp_plan=" in text:
-        text += " (on the command line: --tp-plan JSON)"
-    return text
+    flags = [f for k, f in _FLAG_OF.items() if re.search(rf"(?<![\w.]){k}=", text)]
+    return text + (f" (on the command line: {', '.join(flags)})" if flags else "")
 
 
 def _demo_room(where: Path, size: int) -> None:

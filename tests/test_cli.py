@@ -89,3 +89,12 @@ def test_convert_offers_only_the_fp8_format_the_checkpoints_store(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--fp8", "e5m2"])
     assert "invalid choice: 'e5m2'" in capsys.readouterr().err
+
+
+def test_an_error_naming_library_keywords_also_names_the_options(tmp_path, capsys):
+    from safetensors.torch import save_file
+    bad = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.full((4, 4), float("nan"))}, bad)
+    assert main(["quantize", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "skip=['a.weight']" in err and err.rstrip().endswith("(on the command line: --skip)"), err
