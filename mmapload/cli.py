@@ -33,6 +33,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"not a count (0 or more): {text!r}")
+    return int(text)
+
+
 def _block_size(text: str) -> tuple[int, int]:
     """'128x128', '64,128' -> (rows, cols) of positive ints."""
     m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
@@ -233,7 +239,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("checkpoint")
     _add_load_options(p, device="cuda", progress=False)   # plans a GPU load; needs no GPU
     p.add_argument("--device-memory", type=parse_size, help="answer whether the load fits (e.g. 80GiB)")
-    p.add_argument("--top", type=int, default=5, help="how many of the largest tensors to list (5)")
+    p.add_argument("--top", type=_count, default=5, help="how many of the largest tensors to list (5)")
     p.add_argument("--json", action="store_true", help="print the projection as JSON")
     p.add_argument("--tp-size", type=int, default=1, metavar="N", help="project one rank of a "
                    "tensor-parallel load of N ranks (quantize --tp under torchrun), next to TP=1")

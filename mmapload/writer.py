@@ -124,11 +124,17 @@ class SafetensorsWriter:
             t = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             mv = memoryview(t.numpy())
             step = self.sync_bytes or n
-            for i in range(0, n, step):
-                self._f.write(mv[i:i + step])
-                self._pos += min(step, n - i)
-                if self.sync_bytes and self._pos - self._started >= self.sync_bytes:
-                    self._sync()
+            try:
+                for i in range(0, n, step):
+                    self._f.write(mv[i:i + step])
+                    self._pos += min(step, n - i)
+                    if self.sync_bytes and self._pos - self._started >= self.sync_bytes:
+                        self._sync()
+            except OSError as e:   # a full disk, a quota: say which file and what was being written
+                if e.filename is not None:
+                    raise
+                raise OSError(e.errno, f"{e.strerror} (writing tensor {name!r}, {n:,} bytes, at byte "
+                              f"{self._pos:,} of the file)", str(self.tmp)) from e
         self._next += 1
 
     def commit(self) -> Path:

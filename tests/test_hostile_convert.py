@@ -267,3 +267,25 @@ def test_lone_surrogate_names_are_refused_before_convert_writes(tmp_path, no_thr
     with pytest.raises(HeaderError, match="surrogate"):
         convert(d, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_full_disk_names_the_file_and_the_tensor_being_written(tmp_path):
+    from mmapload.writer import SafetensorsWriter
+    w = SafetensorsWriter(tmp_path / "a.safetensors", [("x", torch.float32, (4,))])
+
+    class Full:   # the file object of a full disk: write() fails without a file name
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+    w._f = Full(w._f)
+    with pytest.raises(OSError) as e:
+        w.write("x", torch.ones(4))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(w.tmp) and "'x'" in str(e.value)
+    assert "free some space" in cli._os_error(e.value) and str(w.tmp) in cli._os_error(e.value)
+    w.discard()
+    assert list(tmp_path.iterdir()) == []
