@@ -60,7 +60,7 @@ class _Building:
         if quantize:
             self.out = torch.empty(shape, dtype=opts.fp8_dtype, device=device)
             self.scale = torch.empty(opts.scheme.scale_shape(shape), device=device,
-                                     dtype=opts.scale_dtype_of(spec.torch_dtype) or torch.float32)
+                                     dtype=opts.scale_dtype_of(spec.torch_dtype))
             self.out3 = self.out.view(matrix_dims(shape))
             self.scale3 = self.scale.view(len(self.out3), *self.scale.shape[-2:]) \
                 if self.scale.dim() >= 2 else self.scale.view(1, 1, 1)

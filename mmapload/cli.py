@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import MmapLoadError, MmapLoadWarning
+from .errors import MmapLoadError, MmapLoadWarning, OptionsError
 from .config import IO_MODES, POLICIES, RING_BYTES, SCALE_DTYPES
 from .cli_profile import add_profile, run_profile
 from .cli_tp import add_tp_plan, quantize_tp
@@ -133,7 +133,6 @@ def _error_text(e: MmapLoadError) -> str:
 
 def _demo_room(where: Path, size: int) -> None:
     """OptionsError unless ``where`` is new or empty and its disk has room for ``size`` bytes."""
-    from .errors import OptionsError
     if where.exists() and (not where.is_dir() or any(where.iterdir())):
         raise OptionsError(f"{where} exists and is not an empty folder; demo --keep writes a new checkpoint "
                            "(config.json, shards, index) there: give a new or empty folder")
@@ -205,18 +204,18 @@ _python_show_warning = warnings.showwarning
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 2 error, 130 Ctrl-C, 143 SIGTERM)."""
-    handlers = []
     try:   # SIGTERM (kill, a job scheduler, docker stop) cleans up as Ctrl-C does
-        handlers.append(signal.signal(signal.SIGTERM, _on_sigterm))
+        before = signal.signal(signal.SIGTERM, _on_sigterm)
+        handled = True
     except ValueError:   # not the main thread: leave signals alone
-        pass
+        handled = False
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return _main(argv)
     finally:
-        if handlers:
-            signal.signal(signal.SIGTERM, handlers[0])
+        if handled:   # None: a handler not set from Python; the default is the closest we can put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def _main(argv: list[str] | None) -> int:

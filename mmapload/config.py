@@ -16,7 +16,8 @@ import torch
 
 from ._math import as_int
 from .errors import OptionsError
-from .fp8 import (DEFAULT_BLOCK, Granularity, PerBlock, Scheme, as_scheme, check_fp8_dtype)
+from .fp8 import (DEFAULT_BLOCK, SCALE_DTYPES, Granularity, PerBlock, Scheme, as_scheme, check_fp8_dtype,
+                  scale_dtype_of)
 from .tp import TPPlan, tp_plan
 
 __all__ = ["LoadConfig", "LoadOptions", "config_from", "public_verb", "UnknownOptionError", "KEYWORDS", "RING_BYTES", "MAX_SLOT_BYTES",
@@ -30,7 +31,6 @@ MAX_SLOT_BYTES = 16 << 20
 _SLOT_ALIGN = 4096           # page-aligned slots (O_DIRECT-ready, cache-line friendly)
 MIN_RING_BYTES = 4 * _SLOT_ALIGN
 IO_MODES = ("mmap", "pread", "direct", "view")
-SCALE_DTYPES = ("float32", "weight")   # see LoadConfig.scale_dtype
 POLICIES = ("auto", "model", "names")   # how policy.py decides what is quantized
 _FLAGS = ("progress", "drop_page_cache", "error_stats", "keep_partial")
 
@@ -189,10 +189,10 @@ class LoadConfig:
         """(rows, cols): the block of a ``PerBlock`` scheme, else the ``block_size`` keyword."""
         return self.source_block
 
-    def scale_dtype_of(self, weight_dtype: torch.dtype) -> torch.dtype | None:
-        """The dtype of a weight's scale under ``scale_dtype``: None for float32 (mmapload's own
-        arithmetic), else ``weight_dtype`` (compressed-tensors'; see ``fp8.scale_from_amax``)."""
-        return None if self.scale_dtype == "float32" else weight_dtype
+    def scale_dtype_of(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of a ``weight_dtype`` weight's scale under ``scale_dtype``: float32, or the
+        weight's own (compressed-tensors'; see ``fp8.scale_from_amax``)."""
+        return scale_dtype_of(self.scale_dtype, weight_dtype)
 
     @property
     def slot_bytes(self) -> int:

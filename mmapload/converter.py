@@ -36,7 +36,7 @@ from .config import RING_BYTES, LoadOptions, config_from, public_verb
 from .ctvalidate import BACKGROUND_BYTES, Validator, validate_in_process
 from .outdir import PARTIAL_MARK, copy_extras, fsync_path, remove_stale_partials, swap_in, work_name
 from .policy import CONV1D, LINEAR, Policy, matches_module
-from .prequantized import SCALE_DTYPES, fp8_pairs
+from .prequantized import SCALE_HEADER_DTYPES, fp8_pairs
 from .result import QuantizedTensor
 from .stream import GuessedWrong, prepare, prepare_soon, results, room_beside, stands, watched
 from .writer import SafetensorsWriter
@@ -289,7 +289,7 @@ def check_written(out: Path, fmt: str, opts: LoadOptions, qconfig: dict, policy:
         module, _, attr = spec.name.rpartition(".")
         scale = ckpt.get(spec.name + suffix)
         fp8 = spec.dtype in FP8
-        scaled = fp8 and scale is not None and scale.dtype in SCALE_DTYPES
+        scaled = fp8 and scale is not None and scale.dtype in SCALE_HEADER_DTYPES
         linear = attr == "weight" and policy.decide(spec).kind in (LINEAR, CONV1D)   # what engines target
         if not linear and not scaled:
             continue   # plain data: no config speaks of it

@@ -296,7 +296,7 @@ def _project(ckpt, policy, opts: LoadOptions, dev, top: int) -> Projection:
         by_rule.setdefault(policy.decide(s).rule, []).append(s)
     numel = {s.name: math.prod(shape[s.name]) for s in qspecs}
     scale_elems = {s.name: math.prod(opts.scheme.scale_shape(shape[s.name])) for s in qspecs}
-    scale_size = {s.name: (opts.scale_dtype_of(s.torch_dtype) or torch.float32).itemsize for s in qspecs}
+    scale_size = {s.name: opts.scale_dtype_of(s.torch_dtype).itemsize for s in qspecs}
 
     # from the plan: the largest piece and its amax grid, bands read out of file order
     piece_elems = grid_elems = band_rows = 0

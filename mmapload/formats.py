@@ -206,8 +206,8 @@ def output_layout(ckpt: Checkpoint, opts: LoadOptions, fmt: str, policy: Policy)
                 entries += pairs[spec.name]
             elif policy(spec):
                 entries.append((spec.name, dtype_name(opts.fp8_dtype), spec.shape))
-                scale_dtype = spec.dtype if opts.scale_dtype == "weight" else "F32"
-                entries.append((spec.name + suffix, scale_dtype, _scale_out_shape(spec.shape, fmt, opts)))
+                entries.append((spec.name + suffix, dtype_name(opts.scale_dtype_of(spec.torch_dtype)),
+                                _scale_out_shape(spec.shape, fmt, opts)))
             else:   # its own dtype name and shape: the header entry is the source's, bytes and all
                 entries.append((spec.name, spec.dtype, spec.shape))
         for name, _, _ in entries:

@@ -25,7 +25,7 @@ from mmapload.scheme import (DEFAULT_BLOCK, Granularity, PerBlock, PerChannel, P
 __all__ = ["Granularity", "Scheme", "PerTensor", "PerChannel", "PerBlock", "as_scheme", "DEFAULT_BLOCK",
            "FP8_DTYPES", "fp8_max", "parse_granularity", "check_fp8_dtype", "scale_shape", "granule",
            "amax_2d", "scale_from_amax", "merge_amax", "check_finite", "Quantizer", "quantize",
-           "dequantize", "relative_error", "default_scratch_elems"]
+           "dequantize", "relative_error", "default_scratch_elems", "SCALE_DTYPES", "scale_dtype_of"]
 
 
 # The two FP8 formats mmapload computes and writes, from the dtype table (dtypes.FP8): e4m3fn first
@@ -38,6 +38,8 @@ _FP8_NAMES = {"float8_e4m3fn": FP8_DTYPES[0], "e4m3fn": FP8_DTYPES[0], "e4m3": F
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
 _TINY = torch.finfo(torch.float32).tiny
+# LoadConfig.scale_dtype: float32 scales (vLLM), or the weight's dtype (compressed-tensors)
+SCALE_DTYPES = ("float32", "weight")
 
 
 def default_scratch_elems(device) -> int:
@@ -168,8 +170,8 @@ class Quantizer:
 
     def __init__(self, fp8_dtype=torch.float8_e4m3fn, granularity="tensor", block_size=DEFAULT_BLOCK,
                  device="cpu", scratch_elems=None, scale_dtype: str = "float32"):
-        if scale_dtype not in ("float32", "weight"):
-            raise OptionsError(f"scale_dtype must be 'float32' or 'weight', got {scale_dtype!r}")
+        if scale_dtype not in SCALE_DTYPES:
+            raise OptionsError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
         self.scale_dtype = scale_dtype
         self.fp8_dtype = check_fp8_dtype(fp8_dtype)
         self.scheme = as_scheme(granularity, block_size)
@@ -191,7 +193,8 @@ class Quantizer:
         return _BITS[x.dtype]
 
     def scale(self, amax, weight_dtype: torch.dtype) -> torch.Tensor:
-        """``scale_from_amax`` under this quantizer's ``scale_dtype`` for a ``weight_dtype`` weight."""
+        """``scale_from_amax`` under this quantizer's ``scale_dtype`` for a ``weight_dtype`` weight:
+        a tensor of ``scale_dtype_of(self.scale_dtype, weight_dtype)``."""
         return scale_from_amax(amax, self.fp8_dtype, weight_dtype if self.scale_dtype == "weight" else None)
 
     @torch.no_grad()
@@ -242,6 +245,11 @@ class Quantizer:
         for idx, m in mats:
             self.quantize_2d_into(m, scale[idx], q[idx])
         return q, scale
+
+
+def scale_dtype_of(scale_dtype: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a ``weight_dtype`` weight's scale under ``scale_dtype`` ("float32" | "weight")."""
+    return torch.float32 if scale_dtype == "float32" else weight_dtype
 
 
 def _scratch_as(buf, dtype) -> torch.Tensor:

@@ -21,11 +21,11 @@ from .errors import CheckpointError, HeaderError, NonFiniteError
 from .fp8 import Granularity
 from .result import Loaded, QuantizedTensor
 
-__all__ = ["fp8_pairs", "paired", "unscaled_fp8", "SCALE_DTYPES"]
+__all__ = ["fp8_pairs", "paired", "unscaled_fp8", "SCALE_HEADER_DTYPES"]
 
 SUFFIXES = ("_scale", "_scale_inv")
 # compressed-tensors stores scales in the weight's dtype: F32, BF16 or F16
-SCALE_DTYPES = frozenset(n for n in WIDE_FLOATS if BITS[n] <= 32)
+SCALE_HEADER_DTYPES = frozenset(n for n in WIDE_FLOATS if BITS[n] <= 32)
 
 
 def _block(bs, where: str) -> tuple[int, int]:
@@ -110,7 +110,7 @@ def fp8_pairs(ckpt: Checkpoint, config: dict | None = None, block_size=(128, 128
             continue
         for suffix in SUFFIXES:
             s = ckpt.get(w.name + suffix)
-            if s is not None and s.dtype in SCALE_DTYPES:
+            if s is not None and s.dtype in SCALE_HEADER_DTYPES:
                 out[w.name] = (s.name, *_granularity(w, s, declared[w.shard], block_size))
                 break
     return out

@@ -162,10 +162,10 @@ class ShardReader:
         if upto <= self._released:
             return
         lo, hi = _ceil(self._released), upto if upto < self.size else _ceil(self.size)
-        for _ in range(20):   # pages still being read ahead (locked for I/O) are skipped: once done, again
-            ShardReader.release(self, lo, hi)
+        for _ in range(20 if self.drop_page_cache else 0):   # pages still being read ahead (locked
+            ShardReader.release(self, lo, hi)                  # for I/O) are skipped: once done, again
             left = [count_cached(self._fd, a, b - a) for a, b in self.cached.read_in(lo, hi)]
-            if not self.drop_page_cache or None in left or not any(left):
+            if None in left or not any(left):
                 break
             time.sleep(0.01)
         self._released = min(upto, self.size)
