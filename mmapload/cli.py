@@ -60,7 +60,8 @@ def _add_load_options(p: argparse.ArgumentParser, device: str = "cpu", progress:
                    help="FP8 format (e4m3)" if e5m2 else "FP8 format: e4m3, the one both checkpoint formats store")
     p.add_argument("--scale-dtype", default="float32", choices=SCALE_DTYPES, help="scales in float32 "
                    "(default), or in the weight's dtype as compressed-tensors / llm-compressor compute them "
-                   "(weight: bf16 scales for a bf16 model, output byte-equal to llm-compressor's)")
+                   "(weight: bf16 scales for a bf16 model; convert's channel and block outputs measured "
+                   "byte-equal to model_free_ptq's FP8_DYNAMIC / FP8_BLOCK)")
     p.add_argument("--skip", action="append", default=[], help="tensor name pattern kept unquantized "
                    "(glob, or a substring; repeat the option for more)")
     p.add_argument("--ignore", action="append", default=[], help="module kept unquantized: a name, "
@@ -120,7 +121,7 @@ _FLAG_OF = {"ring_bytes": "--ring-bytes", "fp8_dtype": "--fp8", "granularity": "
             "targets": "--targets", "policy": "--policy", "fp8_weight_scale": "--fp8-weight-scale",
             "drop_page_cache": "--keep-page-cache", "io": "--io", "read_threads": "--read-threads",
             "tp_plan": "--tp-plan JSON", "tp_timeout": "--tp-timeout", "tp_size": "--tp-size / torchrun",
-            "device": "--device", "overwrite": "--overwrite"}
+            "device": "--device"}   # overwrite: its messages name --overwrite themselves
 
 
 def _error_text(e: MmapLoadError) -> str:
@@ -165,7 +166,7 @@ def _convert(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = convert(a.src, a.dst, device=a.device, overwrite=a.overwrite, format=a.format, **_load_kwargs(a))
     n = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"wrote {out}: {n / 2**20:,.1f} MiB of FP8 safetensors in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out}: {n / 2**20:,.1f} MiB of safetensors in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -250,7 +251,9 @@ def _main(argv: list[str] | None) -> int:
                        "ring + the largest tensor)")
     p.add_argument("src", help="a .safetensors file or a checkpoint folder")
     p.add_argument("dst", help="output folder; must not exist or be empty unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace dst (only once the new output is complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace dst if it is a checkpoint (a "
+                   ".safetensors file, or a folder with shards, an index or config.json) or a symlink, only once "
+                   "the new output is complete; anything else is refused")
     p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp8"],
                    help="checkpoint layout: compressed-tensors (default) or vLLM / DeepSeek 'fp8'")
     _add_load_options(p, e5m2=False)

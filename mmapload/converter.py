@@ -62,9 +62,10 @@ def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
     if overwrite:
         if dst.is_symlink() or _holds_checkpoint(dst):
             return   # a link is replaced itself, never what it points to
-        raise OptionsError(f"destination {dst} exists and holds no checkpoint (no *.safetensors, "
-                           f"{INDEX_NAME} or config.json at its top); overwrite=True replaces only a "
-                           "checkpoint, so as not to delete other data: remove it yourself, or choose another path")
+        raise OptionsError(f"destination {dst} exists and holds no checkpoint (it is not a .safetensors file, "
+                           f"nor a folder with a *.safetensors, {INDEX_NAME} or config.json at its top); overwrite=True "
+                           "(--overwrite) replaces only a checkpoint, so as not to delete other data: remove it "
+                           "yourself, or choose another path")
     raise OptionsError(f"destination {dst} already exists and is not an empty directory; pass "
                        "overwrite=True (mmapload convert --overwrite) to replace it, or choose another path")
 
